@@ -1,0 +1,101 @@
+"""ReLU-family activations: the ``prosparse::fatrelu`` op, the :class:`FATReLU` module, and the
+``hidden_act="fatrelu"`` entry of transformers' ``ACT2FN`` so saved models reload.
+
+FATReLU (ProSparse, Song et al. 2024, Sec. 3.3, Eq. 3): ``FATReLU_t(x) = x if x >= t else 0``.
+``t = 0`` equals ReLU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.library.custom_op("prosparse::fatrelu", mutates_args=())
+def fatrelu(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """FATReLU: ``x`` where ``x >= threshold``, else 0 (paper Eq. 3); shape and dtype of ``x``.
+
+    A ``torch.library`` custom op, so torch.export keeps it as one node and the graph passes see
+    the threshold as an argument. Its gradient is ``grad * (x >= threshold)``.
+    """
+    return torch.where(x >= threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+@fatrelu.register_fake
+def _fatrelu_fake(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _fatrelu_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, threshold = inputs
+    ctx.save_for_backward(x)
+    ctx.threshold = threshold
+
+
+def _fatrelu_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+    (x,) = ctx.saved_tensors
+    return grad * (x >= ctx.threshold).to(grad.dtype), None
+
+
+fatrelu.register_autograd(_fatrelu_backward, setup_context=_fatrelu_setup)
+
+
+class FATReLU(nn.Module):
+    """FATReLU activation module, ``x if x >= threshold else 0`` (paper Eq. 3).
+
+    The threshold is a persistent buffer, so ``save_pretrained`` writes it into the safetensors
+    file and ``from_pretrained`` restores per-layer thresholds exactly.
+
+    Args:
+        threshold: t >= 0 (float, in the units of the gate pre-activation).
+
+    Raises:
+        ValueError: ``threshold`` is negative or not finite.
+    """
+
+    def __init__(self, threshold: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(check_threshold(threshold)))
+
+    @property
+    def t(self) -> float:
+        """The threshold as a Python float."""
+        return float(self.threshold)
+
+    def set_threshold(self, threshold: float) -> None:
+        """Change the threshold in place (``threshold >= 0``)."""
+        self.threshold.fill_(check_threshold(threshold))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fatrelu(x, self.t)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.t:g}"
+
+
+def check_threshold(threshold: float) -> float:
+    """Validate a FATReLU threshold; return it as a float.
+
+    Raises:
+        ValueError: negative, NaN or infinite.
+    """
+    t = float(threshold)
+    if not (t >= 0.0 and t != float("inf")):
+        raise ValueError(
+            f"FATReLU threshold must be a finite number >= 0, got {threshold!r}; "
+            "use 0 for plain ReLU."
+        )
+    return t
+
+
+def _register_with_transformers() -> None:
+    """Make ``hidden_act="fatrelu"`` resolve in transformers' ``ACT2FN``."""
+    try:
+        from transformers import activations as hf_activations
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_activations.ACT2CLS.setdefault("fatrelu", FATReLU)
+    hf_activations.ACT2FN.setdefault("fatrelu", FATReLU)
+
+
+_register_with_transformers()

@@ -1,0 +1,433 @@
+"""FFN-site discovery: one dataflow matcher for export (ATen) and Dynamo graphs.
+
+A *gated* FFN (LLaMA, Mistral, Qwen2, Gemma) is ``down(act(gate(x)) * up(x))``; a *plain* FFN
+(BERT, GPT-2, OPT) is ``fc2(act(fc1(x)))``. Sites are found by dataflow, never by module names:
+linears (``linear``/``addmm``/``mm``/``matmul`` with a parameter weight, seen through reshapes),
+an activation region between a linear's output and the multiply (or the second linear), and the
+consumer linear whose input is ``x1``.
+
+The activation is recognised as one op (``silu``, ``gelu``, ``gelu_tanh``, ``relu``,
+``prosparse::fatrelu``) or as a decomposed formula (``sigmoid*x`` is SiLU; ``pow/tanh/mul/add``
+is tanh-GELU as in GPT-2's ``NewGELUActivation``; ``erf/mul/add`` is exact GELU).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+from .capture import canonical_op, capture_export, module_path, module_stack, node_shape
+
+ActivationKind = str  # "silu" | "gelu" | "gelu_tanh" | "relu" | "fatrelu" | "unknown(...)"
+RELU_FAMILY = ("relu", "fatrelu")
+REPLACEABLE = ("silu", "gelu", "gelu_tanh", "relu", "fatrelu")
+
+_LINEAR_OPS = {"linear", "addmm", "mm", "matmul"}
+_ACTIVATION_OPS = {
+    "silu",
+    "gelu",
+    "gelu_tanh",
+    "relu",
+    "fatrelu",
+    "sigmoid",
+    "tanh",
+    "erf",
+    "pow",
+    "mul",
+    "add",
+    "div",
+    "sub",
+    "neg",
+    "view",
+}
+_MAX_REGION = 32
+
+
+class FFNNotFoundError(ValueError):
+    """No FFN site could be found; the message lists what the graph does contain."""
+
+
+@dataclass(frozen=True)
+class SiteNodes:
+    """Graph nodes of one FFN site (valid only for the graph they were found in)."""
+
+    act_input: fx.Node  # output of the gate linear (fc1 for plain FFNs), seen through reshapes
+    act_output: fx.Node  # last node of the activation region
+    region: tuple[fx.Node, ...]  # the activation's nodes, topologically ordered
+    x1: fx.Node  # input of down_proj (fc2)
+    down: fx.Node  # the down_proj (fc2) op
+
+
+@dataclass(frozen=True)
+class FFNSite:
+    """One FFN of a model: a plain record shared by the eager, graph, compile and ONNX paths.
+
+    Attributes:
+        path: module path of the FFN, e.g. ``"model.layers.0.mlp"``.
+        kind: ``"gated"`` (``down(act(gate(x)) * up(x))``) or ``"plain"`` (``fc2(act(fc1(x)))``).
+        gate: module path of gate_proj (``None`` for plain FFNs).
+        up: module path of up_proj (fc1 for plain FFNs).
+        down: module path of down_proj (fc2 for plain FFNs); its input is x1.
+        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"fatrelu"`` or
+            ``"unknown(<ops>)"``.
+        activation_module: module path of the activation module, or ``None`` when the activation
+            is a functional call inside the FFN's forward (then it cannot be swapped eagerly).
+        threshold: FATReLU threshold t (``0.0`` for ReLU, ``None`` otherwise).
+        hidden_size: width d of the FFN input.
+        intermediate_size: width d_ff of x1.
+        nodes: graph nodes of the site (``None`` once detached from its graph).
+    """
+
+    path: str
+    kind: Literal["gated", "plain"]
+    gate: str | None
+    up: str
+    down: str
+    activation: ActivationKind
+    activation_module: str | None
+    threshold: float | None
+    hidden_size: int
+    intermediate_size: int
+    nodes: SiteNodes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def fc1(self) -> str:
+        """Alias of :attr:`up` for plain FFNs."""
+        return self.up
+
+    @property
+    def fc2(self) -> str:
+        """Alias of :attr:`down` for plain FFNs."""
+        return self.down
+
+    @property
+    def is_relu_family(self) -> bool:
+        """True if x1 has exact zeros: the activation is ReLU or FATReLU."""
+        return self.activation in RELU_FAMILY
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the record (without graph nodes)."""
+        d = asdict(self)
+        d.pop("nodes")
+        return d
+
+
+# --------------------------------------------------------------------------- graph helpers
+
+
+def _is_param(node: Any) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "get_attr":
+        return True
+    if node.op == "placeholder":
+        name = node.name.lower()
+        return "parameters" in name or "weight" in name
+    return False
+
+
+def _linear_input(node: fx.Node) -> fx.Node | None:
+    """Data input of a linear-like node, or ``None`` if ``node`` is not a parameter linear."""
+    op = canonical_op(node)
+    if op not in _LINEAR_OPS:
+        return None
+    args = node.args
+    if op == "addmm":
+        x, w = args[1], args[2]
+    else:
+        x, w = args[0], args[1] if len(args) > 1 else None
+    if not (_is_param(w) and isinstance(x, fx.Node)):
+        return None
+    return x
+
+
+def _back(node: Any) -> Any:
+    """Follow ``node`` back through shape-only ops."""
+    while isinstance(node, fx.Node) and canonical_op(node) == "view":
+        node = node.args[0]
+    return node
+
+
+def _forward(node: fx.Node) -> fx.Node:
+    """Follow ``node`` forward through single-user shape-only ops."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if canonical_op(user) != "view" or user.args[0] is not node:
+            break
+        node = user
+    return node
+
+
+def _region(end: fx.Node, starts: dict[fx.Node, fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
+    """Activation region ending at ``end`` that starts at exactly one linear output.
+
+    Returns ``(start, nodes)`` or ``None`` when ``end`` depends on anything else (another input,
+    a parameter, an op that is not elementwise arithmetic) or the region is empty or too big.
+    """
+    if end in starts:
+        return None
+    seen: set[fx.Node] = set()
+    found: set[fx.Node] = set()
+    stack = [end]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > _MAX_REGION or canonical_op(node) not in _ACTIVATION_OPS:
+            return None
+        for arg in node.all_input_nodes:
+            if arg in starts:
+                found.add(arg)
+            else:
+                stack.append(arg)
+    if len(found) != 1:
+        return None
+    # Interior nodes must not feed anything outside the region.
+    for node in seen:
+        if node is not end and any(u not in seen for u in node.users):
+            return None
+    order = {n: i for i, n in enumerate(end.graph.nodes)}
+    return found.pop(), sorted(seen, key=order.__getitem__)
+
+
+def _classify(start: fx.Node, region: list[fx.Node]) -> tuple[ActivationKind, float | None]:
+    ops = Counter(canonical_op(n) for n in region if canonical_op(n) != "view")
+    if len(ops) == 1 and sum(ops.values()) == 1:
+        (op,) = ops
+        if op == "fatrelu":
+            node = next(n for n in region if canonical_op(n) == "fatrelu")
+            t = node.args[1] if len(node.args) > 1 else node.kwargs.get("threshold", 0.0)
+            return "fatrelu", float(t)
+        if op == "relu":
+            return "relu", 0.0
+        if op in ("silu", "gelu", "gelu_tanh"):
+            return op, None
+    if ops == Counter({"sigmoid": 1, "mul": 1}):
+        sig = next(n for n in region if canonical_op(n) == "sigmoid")
+        if _back(sig.args[0]) is start or sig.args[0] is start:
+            return "silu", None
+    keys = set(ops)
+    if "tanh" in keys and "add" in keys and keys <= {"tanh", "pow", "mul", "add", "div"}:
+        return "gelu_tanh", None
+    if "erf" in keys and keys <= {"erf", "mul", "add", "div"}:
+        return "gelu", None
+    return "unknown(" + "+".join(sorted(ops)) + ")", None
+
+
+def _common_path(paths: list[str | None]) -> str | None:
+    parts = [p.split(".") for p in paths if p is not None]
+    if not parts or len(parts) != len(paths):
+        return None
+    common: list[str] = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        common.append(items[0])
+    return ".".join(common)
+
+
+def _activation_module(region: list[fx.Node], ffn_path: str) -> str | None:
+    paths = [module_path(n) for n in region if canonical_op(n) != "view"]
+    common = _common_path(paths)
+    if common is None or common == ffn_path or not common.startswith(ffn_path + "."):
+        return None
+    # the activation module must own every op of the region (all share one innermost module)
+    return common if all(p == common for p in paths) else None
+
+
+def _width(node: fx.Node) -> int:
+    shape = node_shape(node)
+    return int(shape[-1]) if shape else -1
+
+
+def find_sites_in_graph(gm: fx.GraphModule) -> list[FFNSite]:
+    """Find every FFN site in an export (ATen) or Dynamo GraphModule, in graph order.
+
+    Args:
+        gm: a GraphModule whose nodes carry ``nn_module_stack`` metadata.
+
+    Returns:
+        One :class:`FFNSite` per FFN, with :attr:`FFNSite.nodes` pointing into ``gm``.
+        An empty list when there is none (see :func:`find_ffn_sites` for the raising variant).
+    """
+    linears: dict[fx.Node, fx.Node] = {}  # linear op -> data input
+    out_to_linear: dict[fx.Node, fx.Node] = {}  # linear output (through views) -> linear op
+    for node in gm.graph.nodes:
+        x = _linear_input(node)
+        if x is not None:
+            linears[node] = x
+            out_to_linear[_forward(node)] = node
+
+    sites: list[FFNSite] = []
+    used: set[fx.Node] = set()
+    for down, x_in in linears.items():
+        x1 = _back(x_in)
+        if not isinstance(x1, fx.Node) or x1 in used:
+            continue
+        site = _match_gated(down, x1, linears, out_to_linear) or _match_plain(
+            down, x1, out_to_linear
+        )
+        if site is not None:
+            used.add(x1)
+            sites.append(site)
+    return sites
+
+
+def _match_gated(
+    down: fx.Node,
+    x1: fx.Node,
+    linears: dict[fx.Node, fx.Node],
+    out_to_linear: dict[fx.Node, fx.Node],
+) -> FFNSite | None:
+    if canonical_op(x1) != "mul" or len(x1.all_input_nodes) != 2:
+        return None
+    a_in, b_in = x1.args[0], x1.args[1]
+    for act_end, up_out in ((a_in, b_in), (b_in, a_in)):
+        if not isinstance(act_end, fx.Node) or not isinstance(up_out, fx.Node):
+            continue
+        up = out_to_linear.get(_forward(_back(up_out))) if _back(up_out) in linears else None
+        if up is None:
+            continue
+        found = _region(act_end, out_to_linear)
+        if found is None:
+            continue
+        start, region = found
+        gate = out_to_linear[start]
+        if gate is up or _back(linears[gate]) is not _back(linears[up]):
+            continue
+        kind, threshold = _classify(start, region)
+        paths = [module_path(gate), module_path(up), module_path(down)]
+        ffn_path = _common_path(paths) or ""
+        return FFNSite(
+            path=ffn_path,
+            kind="gated",
+            gate=paths[0],
+            up=paths[1] or "",
+            down=paths[2] or "",
+            activation=kind,
+            activation_module=_activation_module(region, ffn_path),
+            threshold=threshold,
+            hidden_size=_width(_back(linears[gate])),
+            intermediate_size=_width(x1),
+            nodes=SiteNodes(start, act_end, tuple(region), x1, down),
+        )
+    return None
+
+
+def _match_plain(
+    down: fx.Node, x1: fx.Node, out_to_linear: dict[fx.Node, fx.Node]
+) -> FFNSite | None:
+    found = _region(x1, out_to_linear)
+    if found is None:
+        return None
+    start, region = found
+    fc1 = out_to_linear[start]
+    kind, threshold = _classify(start, region)
+    if kind.startswith("unknown") and not any(
+        canonical_op(n) in {"silu", "gelu", "gelu_tanh", "relu", "fatrelu", "sigmoid", "tanh", "erf"}
+        for n in region
+    ):
+        return None  # pure arithmetic between two linears (a scale, a residual) is no FFN
+    paths = [module_path(fc1), module_path(down)]
+    ffn_path = _common_path(paths) or ""
+    return FFNSite(
+        path=ffn_path,
+        kind="plain",
+        gate=None,
+        up=paths[0] or "",
+        down=paths[1] or "",
+        activation=kind,
+        activation_module=_activation_module(region, ffn_path),
+        threshold=threshold,
+        hidden_size=_width(_back(fc1.args[1] if canonical_op(fc1) == "addmm" else fc1.args[0])),
+        intermediate_size=_width(x1),
+        nodes=SiteNodes(start, x1, tuple(region), x1, down),
+    )
+
+
+def describe_graph(gm: fx.GraphModule) -> str:
+    """One-line summary of the linears and activations in a graph, for error messages."""
+    linear_paths = sorted({module_path(n) or n.name for n in gm.graph.nodes if _linear_input(n)})
+    acts = Counter(
+        canonical_op(n)
+        for n in gm.graph.nodes
+        if canonical_op(n) in {"silu", "gelu", "gelu_tanh", "relu", "fatrelu", "sigmoid", "tanh"}
+    )
+    shown = ", ".join(linear_paths[:8]) + (" ..." if len(linear_paths) > 8 else "")
+    return (
+        f"{len(linear_paths)} linear layer(s) [{shown or 'none'}] and activations "
+        f"{dict(acts) or 'none'}"
+    )
+
+
+def find_ffn_sites(
+    model: nn.Module | fx.GraphModule, example_inputs: Any = None, *, require: bool = True
+) -> list[FFNSite]:
+    """Find the FFNs of a model by dataflow (no per-architecture tables of module names).
+
+    Args:
+        model: an ``nn.Module`` (captured with ``torch.export``, non-strict) or a GraphModule
+            from ``torch.export`` or Dynamo (matched as it is).
+        example_inputs: positional tuple or keyword dict for the capture. ``None``: for a Hugging
+            Face model, ``input_ids`` of shape ``[1, 8]`` built from its config.
+        require: raise when no FFN is found (default) instead of returning ``[]``.
+
+    Returns:
+        One :class:`FFNSite` per FFN in execution order.
+
+    Raises:
+        FFNNotFoundError: no FFN site was found (the message lists the linears and activations
+            the graph does have).
+        ValueError: no example inputs given and none can be built from the model's config.
+    """
+    if isinstance(model, fx.GraphModule) and _has_module_stack(model):
+        gm = model
+    else:
+        gm = capture_export(model, example_inputs)
+    sites = find_sites_in_graph(gm)
+    if require and not sites:
+        raise FFNNotFoundError(
+            f"no FFN found in {type(model).__name__}: the graph has {describe_graph(gm)}. "
+            "An FFN is two linears on the same input, an activation, a multiply and a third "
+            "linear (gated), or a linear, an activation and a linear (plain)."
+        )
+    return sites
+
+
+def _has_module_stack(gm: fx.GraphModule) -> bool:
+    return any(module_stack(n) for n in gm.graph.nodes)
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` with an error that names the site when it fails.
+
+    Raises:
+        LookupError: ``path`` is not a submodule of ``model``.
+    """
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise LookupError(
+            f"module {path!r} of an FFN site is not in {type(model).__name__}; were the sites "
+            "found on a different model?"
+        ) from exc
+
+
+def check_no_unknown(sites: list[FFNSite], allowed: tuple[str, ...] = REPLACEABLE) -> None:
+    """Raise if a site's activation is not one of ``allowed``, listing every site found.
+
+    Raises:
+        ValueError: some site has an activation we cannot replace.
+    """
+    bad = [s for s in sites if s.activation not in allowed]
+    if bad:
+        listing = "; ".join(f"{s.path}: {s.activation}" for s in sites)
+        raise ValueError(
+            f"{len(bad)} FFN site(s) have an activation that cannot be replaced "
+            f"(supported: {', '.join(allowed)}). Sites found: {listing}"
+        )

@@ -1,0 +1,77 @@
+"""Tiny random-initialised Hugging Face models of the six families the passes must handle."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+HIDDEN = 32
+FFN = 64
+LAYERS = 2
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=FFN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def tiny(family: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of ``family`` in eval mode (float32)."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**_COMMON))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**_COMMON))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**_COMMON))
+    elif family == "gemma3":
+        model = Gemma3ForCausalLM(
+            Gemma3TextConfig(**_COMMON, head_dim=8, hidden_activation="gelu_pytorch_tanh")
+        )
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=VOCAB, n_embd=HIDDEN, n_inner=FFN, n_layer=LAYERS, n_head=4,
+                n_positions=128, bos_token_id=1, eos_token_id=2,
+            )
+        )
+    elif family == "bert":
+        model = BertModel(
+            BertConfig(
+                vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
+                num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=128,
+            )
+        )
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma3", "gpt2", "bert"]
+GATED = {"llama", "qwen2", "mistral", "gemma3"}
+EXPECTED_ACT = {
+    "llama": "silu", "qwen2": "silu", "mistral": "silu", "gemma3": "gelu_tanh",
+    "gpt2": "gelu_tanh", "bert": "gelu",
+}
