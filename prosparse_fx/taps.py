@@ -1,0 +1,75 @@
+"""Activation taps: where x1 (the down_proj input) is observed, in eager and graph form.
+
+Eager form: forward pre-hooks on each site's down_proj (fc2) module, used by the regularizer,
+the sparsity measurement and threshold calibration. Hooks are traced by Dynamo, so they work
+under ``torch.compile(fullgraph=True)``. The graph form is
+:class:`prosparse_fx.passes.activation_taps.InsertActivationTapsPass`; both compute the L1 of x1
+with :func:`activation_l1`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .ffn import FFNSite, resolve_module
+
+L1Norm = Literal["mean", "token_l1"]
+L1_NORMS: tuple[str, ...] = ("mean", "token_l1")
+
+
+def activation_l1(x1: torch.Tensor, norm: L1Norm = "mean") -> torch.Tensor:
+    """L1 of one layer's x1 as a 0-dim tensor (the per-layer term of ProSparse's penalty, Sec. 3.2).
+
+    The paper does not state its normalisation. Ours:
+
+    * ``"mean"`` (default): mean of ``|x1|`` over all elements (tokens and neurons), so lambda
+      does not depend on the FFN width or the batch size;
+    * ``"token_l1"``: the L1 norm over the d_ff neurons, averaged over tokens (``d_ff`` times
+      ``"mean"``).
+
+    Args:
+        x1: ``[..., d_ff]`` float tensor, the input of down_proj.
+        norm: ``"mean"`` or ``"token_l1"``.
+
+    Raises:
+        ValueError: unknown ``norm``.
+    """
+    if norm == "mean":
+        return x1.abs().mean()
+    if norm == "token_l1":
+        return x1.abs().sum(-1).mean()
+    raise ValueError(f"unknown L1 normalisation {norm!r}; choose one of {', '.join(L1_NORMS)}")
+
+
+@contextmanager
+def tap_inputs(
+    model: nn.Module, paths: Sequence[str], fn: Callable[[int, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call ``fn(i, x)`` with the first input of module ``paths[i]`` on every forward.
+
+    Raises:
+        LookupError: a path is not a submodule of ``model``.
+    """
+    handles = []
+    try:
+        for i, path in enumerate(paths):
+            module = resolve_module(model, path)
+
+            def hook(_mod: nn.Module, args: tuple, _i: int = i) -> None:
+                fn(_i, args[0])
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def down_paths(sites: Sequence[FFNSite]) -> list[str]:
+    """Module paths of the down_proj (fc2) of each site: where x1 enters."""
+    return [s.down for s in sites]

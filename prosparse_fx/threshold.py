@@ -1,0 +1,138 @@
+"""Activation threshold shifting (ProSparse Sec. 3.3, Table 9): FATReLU thresholds for all
+layers at once, per layer calibrated to a target sparsity, and the threshold sweep."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .activations import check_threshold
+from .ffn import FFNSite
+from .measure import evaluate
+from .relufy import relufy_
+from .taps import tap_inputs
+
+_SAMPLES_PER_LAYER = 1 << 21
+
+
+def shift_thresholds_(
+    model: nn.Module, thresholds: float | Sequence[float], sites: Sequence[FFNSite]
+) -> list[FFNSite]:
+    """Set the FATReLU threshold of every FFN site (one float, or one per site), in place.
+
+    Equivalent to ``relufy_(model, "fatrelu", thresholds, sites=sites)``.
+    """
+    return relufy_(model, "fatrelu", thresholds, sites=sites)
+
+
+def _activation_paths(sites: Sequence[FFNSite]) -> list[str]:
+    missing = [s.path for s in sites if s.activation_module is None]
+    if missing:
+        raise ValueError(
+            f"sites {missing} have no activation module to observe; relufy_ the model first"
+        )
+    return [s.activation_module or "" for s in sites]
+
+
+@torch.no_grad()
+def calibrate_thresholds(
+    model: nn.Module,
+    windows: torch.Tensor,
+    target_sparsity: float,
+    sites: Sequence[FFNSite],
+    *,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> list[float]:
+    """Per-layer FATReLU thresholds that reach ``target_sparsity`` on calibration text.
+
+    x1 is zero exactly where the gate pre-activation is below t, so layer l's threshold is the
+    ``target_sparsity`` quantile of its gate pre-activations on the calibration windows, clipped
+    at 0 (a layer already sparser than the target with ReLU keeps t = 0). Lower layers are
+    denser (paper Sec. 4.4), so they get larger thresholds.
+
+    Args:
+        model: a ReLU/FATReLU model (see :func:`prosparse_fx.relufy_`).
+        windows: ``[N, T]`` int64 calibration token windows (not the evaluation text).
+        target_sparsity: in [0, 1).
+        sites: FFN sites of ``model``.
+        batch_size: windows per forward.
+        seed: seed of the subsample drawn from each layer (at most 2M values per layer).
+
+    Returns:
+        One threshold >= 0 per site.
+
+    Raises:
+        ValueError: ``target_sparsity`` outside [0, 1), or a site without an activation module.
+    """
+    if not 0.0 <= target_sparsity < 1.0:
+        raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity!r}")
+    paths = _activation_paths(sites)
+    gen = torch.Generator().manual_seed(seed)
+    samples: list[list[torch.Tensor]] = [[] for _ in sites]
+
+    def record(i: int, pre: torch.Tensor) -> None:
+        flat = pre.detach().float().flatten().cpu()
+        if flat.numel() > _SAMPLES_PER_LAYER // 8:
+            idx = torch.randint(0, flat.numel(), (_SAMPLES_PER_LAYER // 8,), generator=gen)
+            flat = flat[idx]
+        samples[i].append(flat)
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with tap_inputs(model, paths, record):
+            for batch in windows.split(batch_size):
+                model(input_ids=batch.to(device))
+    finally:
+        model.train(was_training)
+    thresholds = []
+    for values in samples:
+        v = torch.cat(values)
+        k = min(max(int(round(target_sparsity * v.numel())), 1), v.numel())
+        thresholds.append(max(float(v.kthvalue(k).values), 0.0))
+    return thresholds
+
+
+def threshold_sweep(
+    model: nn.Module,
+    windows: torch.Tensor,
+    thresholds: Sequence[float],
+    sites: Sequence[FFNSite],
+    *,
+    batch_size: int = 4,
+) -> list[dict[str, Any]]:
+    """Sparsity and perplexity of the model at each global FATReLU threshold (paper Table 9).
+
+    The model's thresholds are restored afterwards.
+
+    Args:
+        model: a ReLU/FATReLU causal LM.
+        windows: ``[N, T]`` int64 token windows to measure on.
+        thresholds: values of t >= 0 to try.
+        sites: FFN sites of ``model``.
+
+    Returns:
+        ``[{"threshold": t, "sparsity": s, "perplexity": p, "per_layer_sparsity": [...]}, ...]``.
+    """
+    original = [s.threshold or 0.0 for s in sites]
+    rows = []
+    try:
+        for t in thresholds:
+            current = shift_thresholds_(model, check_threshold(t), sites)
+            ev = evaluate(model, windows, sites=current, batch_size=batch_size)
+            rows.append(
+                {
+                    "threshold": float(t),
+                    "sparsity": ev.sparsity.sparsity,
+                    "perplexity": ev.perplexity,
+                    "per_layer_sparsity": ev.sparsity.per_layer,
+                }
+            )
+    finally:
+        shift_thresholds_(model, original, sites)
+    return rows

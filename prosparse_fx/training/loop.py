@@ -1,0 +1,94 @@
+"""The small training loop the CLI runs: LM loss plus the progressive L1 penalty (ProSparse
+Sec. 3.2), AdamW, gradient clipping, one optimizer step per batch of token windows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .regularizer import ActivationRegularizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; ``step`` is the step where it happened."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"loss became {value} at step {step}; stopping")
+        self.step = step
+
+
+@dataclass
+class StepLog:
+    """What one optimizer step did (units: lambda dimensionless, losses in nats, sparsity 0..1)."""
+
+    step: int
+    stage: int
+    lam: float
+    lm_loss: float
+    l1: float
+    sparsity: float
+
+
+def batches_forever(windows: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Endless ``[batch_size, T]`` batches: epochs over the windows, each in a fresh order."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(windows.shape[0], generator=gen)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield windows[order[i : i + batch_size]]
+
+
+def train(
+    model: nn.Module,
+    regularizer: ActivationRegularizer,
+    batches: Iterator[torch.Tensor],
+    *,
+    start_step: int,
+    end_step: int,
+    optimizer: torch.optim.Optimizer,
+    stage_of: Callable[[int], int],
+    max_grad_norm: float = 1.0,
+    progress: tqdm | None = None,
+) -> list[StepLog]:
+    """Run optimizer steps ``start_step + 1 .. end_step``; return one :class:`StepLog` each.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (the step's update is not applied).
+    """
+    model.train()
+    device = next(model.parameters()).device
+    logs = []
+    for step in range(start_step + 1, end_step + 1):
+        batch = next(batches).to(device)
+        out = model(input_ids=batch, labels=batch)
+        penalty = regularizer.penalty(step)
+        loss = out.loss + penalty
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(step, value)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        log = StepLog(
+            step=step,
+            stage=stage_of(step),
+            lam=regularizer.last_lambda,
+            lm_loss=float(out.loss.detach()),
+            l1=sum(regularizer.last_l1),
+            sparsity=regularizer.sparsity,
+        )
+        logs.append(log)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(
+                stage=log.stage, lam=f"{log.lam:.3g}", lm=f"{log.lm_loss:.3f}",
+                l1=f"{log.l1:.3g}", sparsity=f"{log.sparsity:.3f}",
+            )
+    return logs
