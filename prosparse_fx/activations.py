@@ -16,9 +16,10 @@ def fatrelu(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """FATReLU: ``x`` where ``x >= threshold``, else 0 (paper Eq. 3); shape and dtype of ``x``.
 
     A ``torch.library`` custom op, so torch.export keeps it as one node and the graph passes see
-    the threshold as an argument. Its gradient is ``grad * (x >= threshold)``.
+    the threshold as an argument. Its gradient is ``grad * (x >= threshold)``. NaN stays NaN.
     """
-    return torch.where(x >= threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    # written as "zero where x < t" so NaN propagates as in ReLU, never becomes a silent zero
+    return torch.where(x < threshold, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
 @fatrelu.register_fake
@@ -43,8 +44,12 @@ fatrelu.register_autograd(_fatrelu_backward, setup_context=_fatrelu_setup)
 class FATReLU(nn.Module):
     """FATReLU activation module, ``x if x >= threshold else 0`` (paper Eq. 3).
 
-    The threshold is a persistent buffer, so ``save_pretrained`` writes it into the safetensors
-    file and ``from_pretrained`` restores per-layer thresholds exactly.
+    The threshold is kept twice: as a persistent buffer, so ``save_pretrained`` writes it into
+    the safetensors file and ``from_pretrained`` restores per-layer thresholds exactly, and as a
+    Python float that the forward passes to ``prosparse::fatrelu`` (so torch.export and
+    torch.compile see a constant, not a data-dependent value). The float follows the buffer on
+    :meth:`set_threshold`, ``load_state_dict``, ``train()``/``eval()`` (``from_pretrained`` ends
+    with ``eval()``) and on any eager forward after the buffer was replaced or changed in place.
 
     Args:
         threshold: t >= 0 (float, in the units of the gate pre-activation).
@@ -56,21 +61,45 @@ class FATReLU(nn.Module):
     def __init__(self, threshold: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("threshold", torch.tensor(check_threshold(threshold)))
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.threshold.is_meta:  # being built by from_pretrained; weights come later
+            self._t, self._synced = 0.0, None
+            return
+        self._t = check_threshold(float(self.threshold))
+        self._synced = (id(self.threshold), self.threshold._version)
 
     @property
     def t(self) -> float:
         """The threshold as a Python float."""
-        return float(self.threshold)
+        return self._t
 
     def set_threshold(self, threshold: float) -> None:
         """Change the threshold in place (``threshold >= 0``)."""
-        self.threshold.fill_(check_threshold(threshold))
+        with torch.no_grad():
+            self.threshold.fill_(check_threshold(threshold))
+        self._sync()
+
+    def train(self, mode: bool = True) -> FATReLU:
+        super().train(mode)
+        self._sync()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fatrelu(x, self.t)
+        if not torch.compiler.is_compiling() and self._synced != (
+            id(self.threshold),
+            self.threshold._version,
+        ):
+            self._sync()
+        return fatrelu(x, self._t)
 
     def extra_repr(self) -> str:
-        return f"threshold={self.t:g}"
+        return f"threshold={self._t:g}"
 
 
 def check_threshold(threshold: float) -> float:

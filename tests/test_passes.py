@@ -1,0 +1,124 @@
+"""Graph passes on export and Dynamo graphs: activation substitution and activation taps."""
+
+import pytest
+import torch
+
+from prosparse_fx import ActivationRegularizer, relufy_
+from prosparse_fx.capture import capture_dynamo, capture_export, canonical_op
+from prosparse_fx.ffn import find_sites_in_graph
+from prosparse_fx.passes import InsertActivationTapsPass, SubstituteActivationPass
+from prosparse_fx.taps import activation_l1
+from tests.models import FAMILIES, tiny
+
+
+def _logits(out):
+    if isinstance(out, tuple):
+        out = out[0]
+    if hasattr(out, "logits"):
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out
+
+
+def _capture(model, dialect, ids):
+    inputs = {"input_ids": ids}
+    if "use_cache" in model.forward.__code__.co_varnames or hasattr(model.config, "use_cache"):
+        inputs["use_cache"] = False
+    if dialect == "export":
+        return capture_export(model, inputs), inputs
+    return capture_dynamo(model, inputs), inputs
+
+
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activation", ["relu", "fatrelu"])
+def test_substitute_on_export_graph_matches_eager(family, activation, ids) -> None:
+    model = tiny(family)
+    gm, inputs = _capture(model, "export", ids)
+    result = SubstituteActivationPass(activation, 0.05)(gm)
+    assert result.modified
+    ops = {canonical_op(n) for n in result.graph_module.graph.nodes}
+    assert not ops & {"silu", "gelu", "gelu_tanh", "erf"}  # (BERT's pooler keeps its tanh)
+    relufy_(model, activation, 0.05)
+    with torch.no_grad():
+        want = _logits(model(**inputs))
+        got = _logits(result.graph_module(**inputs))
+    assert (got - want).abs().max() < 1e-5
+    # idempotent: a second run changes nothing
+    assert not SubstituteActivationPass(activation, 0.05)(result.graph_module).modified
+    sites = find_sites_in_graph(result.graph_module)
+    assert all(s.activation == activation for s in sites)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_substitute_on_dynamo_graph_inside_backend(family, ids) -> None:
+    """The pass runs on the graph a torch.compile backend receives; outputs match eager ReLU."""
+    model = tiny(family)
+    ref = tiny(family)
+    relufy_(ref)
+    modified = []
+
+    def backend(gm, example_inputs):
+        modified.append(SubstituteActivationPass("relu")(gm).modified)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    kwargs = {"use_cache": False} if family != "bert" else {}
+    with torch.no_grad():
+        got = _logits(compiled(input_ids=ids, **kwargs))
+        want = _logits(ref(input_ids=ids, **kwargs))
+    torch._dynamo.reset()
+    assert modified == [True]
+    assert (got - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dialect", ["export", "dynamo"])
+def test_activation_taps_match_eager_regularizer(dialect, ids) -> None:
+    model = tiny("llama")
+    relufy_(model)
+    reg = ActivationRegularizer(model, 1.0)
+    with torch.no_grad():
+        want_logits = model(input_ids=ids, use_cache=False).logits
+    want = [float(reg.l1()) for _ in [0]][0]
+    per_layer = reg.last_l1
+    reg.remove()
+
+    if dialect == "export":
+        gm = capture_export(model, {"input_ids": ids, "use_cache": False})
+        assert InsertActivationTapsPass()(gm).modified
+        out, taps = gm(input_ids=ids, use_cache=False)
+        assert (out.logits - want_logits).abs().max() < 1e-5
+        assert gm.meta["prosparse_taps"]["sites"][0] == "model.layers.0.mlp"
+        assert not InsertActivationTapsPass()(gm).modified
+    else:
+        captured = {}
+
+        def backend(gm, example_inputs):
+            InsertActivationTapsPass()(gm)
+            n = gm.meta["prosparse_taps"]["n_outputs"]
+
+            def run(*args):
+                res = gm(*args)
+                captured["taps"] = res[n:]
+                return res[:n]
+
+            return run
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, use_cache=False)
+        torch._dynamo.reset()
+        taps = captured["taps"]
+    assert [float(t) for t in taps] == pytest.approx(per_layer, rel=1e-5)
+    assert sum(float(t) for t in taps) == pytest.approx(want, rel=1e-5)
+
+
+def test_activation_l1_norms() -> None:
+    x1 = torch.tensor([[[1.0, -2.0, 0.0, 3.0]], [[0.0, 0.0, -1.0, 1.0]]])  # [2, 1, 4]
+    assert float(activation_l1(x1, "mean")) == pytest.approx(8 / 8)
+    assert float(activation_l1(x1, "token_l1")) == pytest.approx((6 + 2) / 2)
+    with pytest.raises(ValueError, match="mean, token_l1"):
+        activation_l1(x1, "l2")  # type: ignore[arg-type]
