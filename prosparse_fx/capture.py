@@ -144,7 +144,7 @@ def _gelu_approximation(node: fx.Node) -> str:
 
 
 def dialect_of(gm: fx.GraphModule) -> Dialect:
-    """``"aten"`` if the graph's ops are ATen overloads (torch.export), else ``"torch"`` (Dynamo)."""
+    """``"aten"`` if the ops are ATen overloads (torch.export), else ``"torch"`` (Dynamo)."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             return "aten"

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,24 +26,26 @@ def _fail(message: str) -> None:
 def sparsify(
     out: Annotated[Path, typer.Option("--out", help="Output folder (model, report.json, plots).")],
     model: Annotated[
-        Optional[Path], typer.Option(help="HF model folder or .gguf file [default: SmolLM2-135M]")
+        Path | None, typer.Option(help="HF model folder or .gguf file [default: SmolLM2-135M]")
     ] = None,
     data: Annotated[
-        Optional[Path],
-        typer.Option(help="Text: .txt/.md, .jsonl, MediaWiki .xml(.bz2), or a folder "
-                     "[default: Wikipedia sample]"),
+        Path | None,
+        typer.Option(
+            help="Text: .txt/.md, .jsonl, MediaWiki .xml(.bz2), or a folder "
+            "[default: Wikipedia sample]"
+        ),
     ] = None,
     max_steps: Annotated[
-        Optional[int], typer.Option(help="Scale the stage boundaries to end at this step.")
+        int | None, typer.Option(help="Scale the stage boundaries to end at this step.")
     ] = None,
     config: Annotated[
-        Optional[Path], typer.Option(help="JSON/TOML file of SparsifyConfig fields.")
+        Path | None, typer.Option(help="JSON/TOML file of SparsifyConfig fields.")
     ] = None,
-    preset: Annotated[str, typer.Option(help="'default' (<15 min on 2 CPU cores) or 'long'.")]
-    = "default",
+    preset: Annotated[
+        str, typer.Option(help="'default' (<15 min on 2 CPU cores) or 'long'.")
+    ] = "default",
     overwrite: Annotated[bool, typer.Option(help="Allow a non-empty --out.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="torch device [default: cuda if any]")]
-    = None,
+    device: Annotated[str | None, typer.Option(help="torch device [default: cuda if any]")] = None,
 ) -> None:
     """Run ProSparse on a model: ReLU substitution, progressive L1 training, threshold shift."""
     from .pipeline import PRESETS, SparsifyConfig, run_sparsify
@@ -55,9 +57,7 @@ def sparsify(
         base = dict(PRESETS[preset])
         if max_steps is not None:
             base["max_steps"] = max_steps
-        cfg = (
-            SparsifyConfig.from_file(config, **base) if config else SparsifyConfig.from_dict(base)
-        )
+        cfg = SparsifyConfig.from_file(config, **base) if config else SparsifyConfig.from_dict(base)
         if max_steps is not None:
             cfg.max_steps = max_steps
             cfg.validate()
@@ -80,8 +80,10 @@ def sparsify(
 @app.command()
 def measure(
     model: Annotated[Path, typer.Argument(help="HF model folder or .gguf file.")],
-    data: Annotated[Optional[Path], typer.Option(help="Text to measure on [default: Wikipedia "
-                                                 "sample, held-out split]")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Text to measure on [default: Wikipedia sample, held-out split]"),
+    ] = None,
     windows: Annotated[int, typer.Option(help="Windows to evaluate.")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

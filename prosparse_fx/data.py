@@ -122,7 +122,7 @@ def load_documents(path: str | Path | None = None) -> list[str]:
             docs = _read_plain(p)
         else:
             raise InputError(
-                f"unknown data format {p.name!r}: use .txt/.md, .jsonl (one {{\"text\": ...}} per "
+                f'unknown data format {p.name!r}: use .txt/.md, .jsonl (one {{"text": ...}} per '
                 "line), a MediaWiki .xml(.bz2) dump, or a folder"
             )
     except (OSError, UnicodeDecodeError, ET.ParseError) as exc:

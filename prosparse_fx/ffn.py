@@ -17,7 +17,6 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-import torch
 from torch import fx, nn
 
 from .capture import canonical_op, capture_export, module_path, module_stack, node_shape
@@ -327,7 +326,8 @@ def _match_plain(
     fc1 = out_to_linear[start]
     kind, threshold = _classify(start, region)
     if kind.startswith("unknown") and not any(
-        canonical_op(n) in {"silu", "gelu", "gelu_tanh", "relu", "fatrelu", "sigmoid", "tanh", "erf"}
+        canonical_op(n)
+        in {"silu", "gelu", "gelu_tanh", "relu", "fatrelu", "sigmoid", "tanh", "erf"}
         for n in region
     ):
         return None  # pure arithmetic between two linears (a scale, a residual) is no FFN

@@ -283,7 +283,9 @@ def run_sparsify(
             f"training text gives {train_windows.shape[0]} windows of {config.seq_len} tokens, "
             f"fewer than one batch of {needed}; give more text"
         )
-    held_out = _spread(token_windows(tokenizer, split.held_out, config.seq_len), config.eval_windows)
+    held_out = _spread(
+        token_windows(tokenizer, split.held_out, config.seq_len), config.eval_windows
+    )
     calib = _spread(token_windows(tokenizer, split.calib, config.seq_len), config.calib_windows)
     try:
         sites = find_ffn_sites(model)
@@ -318,8 +320,19 @@ def run_sparsify(
     relu0 = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
     report["relu_no_training"] = _eval_dict(relu0)
 
-    history, stage_ends = _train_stages(model, tokenizer, sites, schedule, config, train_windows,
-                                        held_out, out_dir, report, show_progress, device)
+    history, stage_ends = _train_stages(
+        model,
+        tokenizer,
+        sites,
+        schedule,
+        config,
+        train_windows,
+        held_out,
+        out_dir,
+        report,
+        show_progress,
+        device,
+    )
     report["history"] = history
     report["stage_ends"] = stage_ends
 
@@ -388,8 +401,13 @@ def _train_stages(
                 if end > step:
                     try:
                         logs = train(
-                            model, reg, batches, start_step=step, end_step=end,
-                            optimizer=_Stepper(optimizer, lr_sched), stage_of=schedule.stage,
+                            model,
+                            reg,
+                            batches,
+                            start_step=step,
+                            end_step=end,
+                            optimizer=_Stepper(optimizer, lr_sched),
+                            stage_of=schedule.stage,
                             progress=bar,
                         )
                     except NonFiniteLossError:

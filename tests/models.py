@@ -53,15 +53,25 @@ def tiny(family: str, seed: int = 0) -> torch.nn.Module:
     elif family == "gpt2":
         model = GPT2LMHeadModel(
             GPT2Config(
-                vocab_size=VOCAB, n_embd=HIDDEN, n_inner=FFN, n_layer=LAYERS, n_head=4,
-                n_positions=128, bos_token_id=1, eos_token_id=2,
+                vocab_size=VOCAB,
+                n_embd=HIDDEN,
+                n_inner=FFN,
+                n_layer=LAYERS,
+                n_head=4,
+                n_positions=128,
+                bos_token_id=1,
+                eos_token_id=2,
             )
         )
     elif family == "bert":
         model = BertModel(
             BertConfig(
-                vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
-                num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=128,
+                vocab_size=VOCAB,
+                hidden_size=HIDDEN,
+                intermediate_size=FFN,
+                num_hidden_layers=LAYERS,
+                num_attention_heads=4,
+                max_position_embeddings=128,
             )
         )
     else:
@@ -72,6 +82,10 @@ def tiny(family: str, seed: int = 0) -> torch.nn.Module:
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3", "gpt2", "bert"]
 GATED = {"llama", "qwen2", "mistral", "gemma3"}
 EXPECTED_ACT = {
-    "llama": "silu", "qwen2": "silu", "mistral": "silu", "gemma3": "gelu_tanh",
-    "gpt2": "gelu_tanh", "bert": "gelu",
+    "llama": "silu",
+    "qwen2": "silu",
+    "mistral": "silu",
+    "gemma3": "gelu_tanh",
+    "gpt2": "gelu_tanh",
+    "bert": "gelu",
 }

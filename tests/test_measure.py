@@ -28,16 +28,16 @@ def test_sparsity_by_hand(windows) -> None:
     sites = find_ffn_sites(model)
     x1s = {i: [] for i in range(len(sites))}
     handles = [
-        model.get_submodule(s.down).register_forward_pre_hook(
-            lambda m, a, i=i: x1s[i].append(a[0])
-        )
+        model.get_submodule(s.down).register_forward_pre_hook(lambda m, a, i=i: x1s[i].append(a[0]))
         for i, s in enumerate(sites)
     ]
     report = measure_sparsity(model, windows, sites=sites, batch_size=4)
     for h in handles:
         h.remove()
-    expected = [float(torch.cat([(x == 0).float().mean(-1).flatten() for x in x1s[i]]).mean())
-                for i in range(len(sites))]
+    expected = [
+        float(torch.cat([(x == 0).float().mean(-1).flatten() for x in x1s[i]]).mean())
+        for i in range(len(sites))
+    ]
     assert report.per_layer == pytest.approx(expected)
     assert report.sparsity == pytest.approx(sum(expected) / len(expected))
     assert report.tokens == windows.numel()

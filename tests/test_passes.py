@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prosparse_fx import ActivationRegularizer, relufy_
-from prosparse_fx.capture import capture_dynamo, capture_export, canonical_op
+from prosparse_fx.capture import canonical_op, capture_dynamo, capture_export
 from prosparse_fx.ffn import find_sites_in_graph
 from prosparse_fx.passes import InsertActivationTapsPass, SubstituteActivationPass
 from prosparse_fx.taps import activation_l1
@@ -28,8 +28,6 @@ def _capture(model, dialect, ids):
     if dialect == "export":
         return capture_export(model, inputs), inputs
     return capture_dynamo(model, inputs), inputs
-
-
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,8 +11,12 @@ from prosparse_fx import FATReLU, find_ffn_sites, relufy_
 from tests.models import FAMILIES, tiny
 
 ACT_KEY = {
-    "llama": "hidden_act", "qwen2": "hidden_act", "mistral": "hidden_act",
-    "gemma3": "hidden_activation", "gpt2": "activation_function", "bert": "hidden_act",
+    "llama": "hidden_act",
+    "qwen2": "hidden_act",
+    "mistral": "hidden_act",
+    "gemma3": "hidden_activation",
+    "gpt2": "activation_function",
+    "bert": "hidden_act",
 }
 
 

@@ -34,7 +34,9 @@ class StepLog:
     sparsity: float
 
 
-def batches_forever(windows: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+def batches_forever(
+    windows: torch.Tensor, batch_size: int, seed: int = 0
+) -> Iterator[torch.Tensor]:
     """Endless ``[batch_size, T]`` batches: epochs over the windows, each in a fresh order."""
     gen = torch.Generator().manual_seed(seed)
     while True:
@@ -88,7 +90,10 @@ def train(
         if progress is not None:
             progress.update(1)
             progress.set_postfix(
-                stage=log.stage, lam=f"{log.lam:.3g}", lm=f"{log.lm_loss:.3f}",
-                l1=f"{log.l1:.3g}", sparsity=f"{log.sparsity:.3f}",
+                stage=log.stage,
+                lam=f"{log.lam:.3g}",
+                lm=f"{log.lm_loss:.3f}",
+                l1=f"{log.l1:.3g}",
+                sparsity=f"{log.sparsity:.3f}",
             )
     return logs

