@@ -1,5 +1,9 @@
 import os
 
+# Triton decides at import whether it interprets: without a GPU, its kernels run on CPU tensors
+# under the interpreter (small shapes only).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

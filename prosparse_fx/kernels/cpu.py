@@ -1,0 +1,140 @@
+"""CPU implementation of the sparse-FFN ops: the gate (or fc1) dense, then up_proj and
+down_proj over the active neurons only (for several tokens, the union of their active sets),
+read in cache-sized chunks of rows through reused buffers. Above a crossover active fraction it
+runs dense, so it is never meaningfully slower than dense (ProSparse App. D, exact acceleration).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .reference import fatrelu_ref
+
+# Active fraction above which the dense path is faster (measured in benchmarks/bench_ffn.py on
+# the project's 2-core machine at LLaMA-7B widths; override with PROSPARSE_CPU_CROSSOVER or
+# set_cpu_crossover()).
+DEFAULT_CROSSOVER = 0.5
+_CHUNK_BYTES = 256 * 1024
+
+_state = {"crossover": float(os.environ.get("PROSPARSE_CPU_CROSSOVER", DEFAULT_CROSSOVER))}
+_local = threading.local()
+
+
+def set_cpu_crossover(active_fraction: float) -> None:
+    """Run dense when more than ``active_fraction`` (0..1) of the neurons are active.
+
+    Raises:
+        ValueError: ``active_fraction`` outside [0, 1].
+    """
+    if not 0.0 <= active_fraction <= 1.0:
+        raise ValueError(f"crossover must be an active fraction in [0, 1], got {active_fraction}")
+    _state["crossover"] = float(active_fraction)
+
+
+def get_cpu_crossover() -> float:
+    """The active fraction above which the CPU implementation runs dense."""
+    return _state["crossover"]
+
+
+def _buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused ``[rows, cols]`` scratch buffer (one per thread, dtype and width)."""
+    cache = getattr(_local, "buffers", None)
+    if cache is None:
+        cache = _local.buffers = {}
+    key = (dtype, cols)
+    buf = cache.get(key)
+    if buf is None or buf.shape[0] < rows:
+        buf = cache[key] = torch.empty((rows, cols), dtype=dtype)
+    return buf[:rows]
+
+
+def _chunk_rows(cols: int, dtype: torch.dtype) -> int:
+    return max(8, _CHUNK_BYTES // (cols * torch.finfo(dtype).bits // 8))
+
+
+def _rows_times(x2: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x2 @ w[idx].T`` as ``[n, k]``, gathering ``w``'s rows chunk by chunk."""
+    n, k = x2.shape[0], idx.numel()
+    out_t = torch.empty((k, n), dtype=x2.dtype)
+    step = _chunk_rows(w.shape[1], w.dtype)
+    buf = _buffer(min(step, k), w.shape[1], w.dtype)
+    for start in range(0, k, step):
+        chunk = idx[start : start + step]
+        rows = buf[: chunk.numel()]
+        torch.index_select(w, 0, chunk, out=rows)
+        torch.mm(rows, x2.T, out=out_t[start : start + chunk.numel()])
+    return out_t.T
+
+
+def _times_rows(x1: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x1 @ w_t[idx]`` as ``[n, d_out]``; x1 is ``[n, k]``."""
+    if x1.shape[0] == 1 and w_t.dtype == torch.float32:
+        # a weighted sum of the active rows, read once, no copy
+        return F.embedding_bag(idx[None], w_t, per_sample_weights=x1, mode="sum")
+    n, d_out = x1.shape[0], w_t.shape[1]
+    y = torch.zeros((n, d_out), dtype=x1.dtype)
+    step = _chunk_rows(d_out, w_t.dtype)
+    buf = _buffer(min(step, idx.numel()), d_out, w_t.dtype)
+    for start in range(0, idx.numel(), step):
+        chunk = idx[start : start + step]
+        rows = buf[: chunk.numel()]
+        torch.index_select(w_t, 0, chunk, out=rows)
+        y.addmm_(x1[:, start : start + chunk.numel()], rows)
+    return y
+
+
+def _active(h: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keep`` ``[n, d_ff]`` (not below t; NaN counts as active) and the union's indices."""
+    keep = ~(h < threshold)
+    return keep, keep.any(0).nonzero().squeeze(1)
+
+
+def gated_ffn(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    """CPU ``sparse_gated_ffn`` (inputs already checked by the op)."""
+    d_ff, d = w_gate.shape
+    x2 = x.reshape(-1, d)
+    gate = x2 @ w_gate.T
+    keep, idx = _active(gate, threshold)
+    if idx.numel() > _state["crossover"] * d_ff:
+        y = (fatrelu_ref(gate, threshold) * (x2 @ w_up.T)) @ w_down_t
+    elif idx.numel() == 0:
+        y = x2.new_zeros((x2.shape[0], w_down_t.shape[1]))
+    else:
+        a = torch.where(keep[:, idx], gate[:, idx], 0)
+        x1 = a * _rows_times(x2, w_up, idx)
+        y = _times_rows(x1, w_down_t, idx)
+    return y.reshape(*x.shape[:-1], w_down_t.shape[1])
+
+
+def plain_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2_t: torch.Tensor,
+    b2: torch.Tensor | None,
+    threshold: float,
+) -> torch.Tensor:
+    """CPU ``sparse_plain_ffn`` (inputs already checked by the op)."""
+    d_ff, d = w1.shape
+    x2 = x.reshape(-1, d)
+    h = torch.addmm(b1, x2, w1.T) if b1 is not None else x2 @ w1.T
+    keep, idx = _active(h, threshold)
+    if idx.numel() > _state["crossover"] * d_ff:
+        y = fatrelu_ref(h, threshold) @ w2_t
+    elif idx.numel() == 0:
+        y = x2.new_zeros((x2.shape[0], w2_t.shape[1]))
+    else:
+        y = _times_rows(torch.where(keep[:, idx], h[:, idx], 0), w2_t, idx)
+    if b2 is not None:
+        y = y + b2
+    return y.reshape(*x.shape[:-1], w2_t.shape[1])

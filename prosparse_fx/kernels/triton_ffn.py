@@ -1,0 +1,247 @@
+"""CUDA implementation of the sparse-FFN ops in Triton (ProSparse App. D, exact acceleration).
+
+Two kernels, for 1 to 16 tokens, any widths, fp32/fp16/bf16:
+
+(a) ``_gate_up_kernel``: for a block of neurons j, the gate ``g_j = x . w_gate[j]`` (dense) and,
+    only for rows where some token has ``g_j >= t``, ``u_j = x . w_up[j]``; it writes
+    ``x1 = g * u`` where ``g >= t`` else 0. Rows of ``w_up`` whose neuron is inactive for every
+    token are never read (masked loads), and a block with no active neuron skips its up loop.
+(b) ``_down_kernel``: ``y = x1 @ w_down_t``, split over output columns and over neurons; rows of
+    ``w_down_t`` whose x1 entries are all zero are never read. Partial sums meet by atomic adds
+    in float32.
+
+More than 16 tokens run dense (cuBLAS through torch). With ``TRITON_INTERPRET=1`` the kernels
+run on CPU tensors (slowly) for tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import gated_ffn_reference, plain_ffn_reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is the optional [gpu] extra
+    triton = None
+    tl = None
+
+MAX_TOKENS = 16
+
+
+def available() -> bool:
+    """True if Triton is installed (and a GPU or the interpreter can run it)."""
+    return triton is not None and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, wg_ptr, wu_ptr, b_ptr, x1_ptr,
+        M, D, DFF, threshold,
+        stride_xm, stride_wg, stride_wu, stride_x1m,
+        HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < DFF
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < D
+            xk = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+            )
+            wg = tl.load(
+                wg_ptr + offs_n[:, None] * stride_wg + offs_k[None, :],
+                mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+            )
+            if IEEE:
+                acc_g += tl.dot(
+                    xk.to(tl.float32), tl.trans(wg.to(tl.float32)), input_precision="ieee"
+                )
+            else:
+                acc_g += tl.dot(xk, tl.trans(wg))
+        if HAS_BIAS:
+            acc_g += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if ROUND:
+            # round the gate to the input dtype, as the dense model does
+            acc_g = acc_g.to(x_ptr.dtype.element_ty).to(tl.float32)
+        keep = (acc_g >= threshold) | (acc_g != acc_g)  # NaN stays active
+        keep = keep & m_mask[:, None]
+        row_active = tl.max(keep.to(tl.int32), axis=0) > 0
+        if HAS_UP:
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if tl.max(row_active.to(tl.int32), axis=0) > 0:
+                for k0 in range(0, D, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    k_mask = offs_k < D
+                    xk = tl.load(
+                        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                    )
+                    wu = tl.load(
+                        wu_ptr + offs_n[:, None] * stride_wu + offs_k[None, :],
+                        mask=(row_active & n_mask)[:, None] & k_mask[None, :], other=0.0,
+                    )
+                    if IEEE:
+                        acc_u += tl.dot(
+                            xk.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee"
+                        )
+                    else:
+                        acc_u += tl.dot(xk, tl.trans(wu))
+            if ROUND:
+                acc_u = acc_u.to(x_ptr.dtype.element_ty).to(tl.float32)
+            x1 = tl.where(keep, acc_g * acc_u, 0.0)
+        else:
+            x1 = tl.where(keep, acc_g, 0.0)
+        tl.store(
+            x1_ptr + offs_m[:, None] * stride_x1m + offs_n[None, :],
+            x1.to(x1_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
+
+    @triton.jit
+    def _down_kernel(
+        x1_ptr, w_ptr, y_ptr,
+        M, DFF, DOUT, J_PER_SPLIT,
+        stride_x1m, stride_w, stride_ym,
+        IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pid_d = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_mask = offs_m < M
+        d_mask = offs_d < DOUT
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        j_begin = pid_s * J_PER_SPLIT
+        j_end = tl.minimum(j_begin + J_PER_SPLIT, DFF)
+        for j0 in range(j_begin, j_end, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            j_mask = offs_j < j_end
+            a = tl.load(
+                x1_ptr + offs_m[:, None] * stride_x1m + offs_j[None, :],
+                mask=m_mask[:, None] & j_mask[None, :], other=0.0,
+            )
+            active = tl.max((a != 0).to(tl.int32), axis=0) > 0
+            if tl.max(active.to(tl.int32), axis=0) > 0:
+                w = tl.load(
+                    w_ptr + offs_j[:, None] * stride_w + offs_d[None, :],
+                    mask=(active & j_mask)[:, None] & d_mask[None, :], other=0.0,
+                )
+                if IEEE:
+                    acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(a.to(w.dtype), w)
+        tl.atomic_add(
+            y_ptr + offs_m[:, None] * stride_ym + offs_d[None, :],
+            acc,
+            mask=m_mask[:, None] & d_mask[None, :],
+        )
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    """fp32 inputs multiply in full fp32 (no TF32); the interpreter's half-precision dot is
+    unreliable, so it multiplies upcast values too."""
+    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _launch_gate_up(
+    x2: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    threshold: float,
+) -> torch.Tensor:
+    m, d = x2.shape
+    d_ff = w_gate.shape[0]
+    ieee = _dot_in_fp32(x2.dtype)
+    x1 = torch.empty((m, d_ff), dtype=x2.dtype, device=x2.device)
+    block_n = 32 if d_ff >= 4096 else 16
+    block_k = min(128, _pow2_at_least(d, 16))
+    grid = (triton.cdiv(d_ff, block_n),)
+    _gate_up_kernel[grid](
+        x2, w_gate, w_up if w_up is not None else w_gate, bias if bias is not None else w_gate,
+        x1, m, d, d_ff, float(threshold),
+        x2.stride(0), w_gate.stride(0), (w_up if w_up is not None else w_gate).stride(0),
+        x1.stride(0),
+        HAS_UP=w_up is not None, HAS_BIAS=bias is not None, IEEE=ieee,
+        ROUND=x2.dtype != torch.float32,
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return x1
+
+
+def _launch_down(x1: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    m, d_ff = x1.shape
+    d_out = w_t.shape[1]
+    y = torch.zeros((m, d_out), dtype=torch.float32, device=x1.device)
+    block_d = min(128, _pow2_at_least(d_out, 16))
+    block_j = 64 if d_ff >= 1024 else 16
+    col_blocks = triton.cdiv(d_out, block_d)
+    sms = torch.cuda.get_device_properties(x1.device).multi_processor_count if x1.is_cuda else 4
+    splits = max(1, min(triton.cdiv(4 * sms, col_blocks), triton.cdiv(d_ff, block_j)))
+    j_per_split = triton.cdiv(triton.cdiv(d_ff, splits), block_j) * block_j
+    splits = triton.cdiv(d_ff, j_per_split)
+    _down_kernel[(col_blocks, splits)](
+        x1, w_t, y, m, d_ff, d_out, j_per_split,
+        x1.stride(0), w_t.stride(0), y.stride(0),
+        IEEE=_dot_in_fp32(x1.dtype),
+        BLOCK_M=16, BLOCK_J=block_j, BLOCK_D=block_d,
+    )  # fmt: skip
+    return y
+
+
+def gated_ffn(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    """Triton ``sparse_gated_ffn`` (inputs already checked by the op)."""
+    d = w_gate.shape[1]
+    x2 = x.reshape(-1, d)
+    if x2.shape[0] > MAX_TOKENS or x2.shape[0] == 0:
+        return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold)
+    x2 = x2.contiguous()
+    x1 = _launch_gate_up(x2, w_gate.contiguous(), w_up.contiguous(), None, threshold)
+    y = _launch_down(x1, w_down_t.contiguous()).to(x.dtype)
+    return y.reshape(*x.shape[:-1], w_down_t.shape[1])
+
+
+def plain_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2_t: torch.Tensor,
+    b2: torch.Tensor | None,
+    threshold: float,
+) -> torch.Tensor:
+    """Triton ``sparse_plain_ffn`` (inputs already checked by the op)."""
+    d = w1.shape[1]
+    x2 = x.reshape(-1, d)
+    if x2.shape[0] > MAX_TOKENS or x2.shape[0] == 0:
+        return plain_ffn_reference(x, w1, b1, w2_t, b2, threshold)
+    x2 = x2.contiguous()
+    x1 = _launch_gate_up(x2, w1.contiguous(), None, b1, threshold)
+    y = _launch_down(x1, w2_t.contiguous()).to(x.dtype)
+    if b2 is not None:
+        y = y + b2
+    return y.reshape(*x.shape[:-1], w2_t.shape[1])
