@@ -41,11 +41,16 @@ def _fatrelu_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
 fatrelu.register_autograd(_fatrelu_backward, setup_context=_fatrelu_setup)
 
 
+def _to_bits(t: float) -> torch.Tensor:
+    return torch.tensor(t, dtype=torch.float64).view(torch.int64)
+
+
 class FATReLU(nn.Module):
     """FATReLU activation module, ``x if x >= threshold else 0`` (paper Eq. 3).
 
-    The threshold is kept twice: as a persistent buffer, so ``save_pretrained`` writes it into
-    the safetensors file and ``from_pretrained`` restores per-layer thresholds exactly, and as a
+    The threshold is kept twice: as a persistent buffer ``threshold_bits`` (the float64 bit
+    pattern as int64, so ``model.to(dtype)`` never rounds it), which ``save_pretrained`` writes
+    into the safetensors file and ``from_pretrained`` restores exactly, per layer; and as a
     Python float that the forward passes to ``prosparse::fatrelu`` (so torch.export and
     torch.compile see a constant, not a data-dependent value). The float follows the buffer on
     :meth:`set_threshold`, ``load_state_dict``, ``train()``/``eval()`` (``from_pretrained`` ends
@@ -60,15 +65,16 @@ class FATReLU(nn.Module):
 
     def __init__(self, threshold: float = 0.0) -> None:
         super().__init__()
-        self.register_buffer("threshold", torch.tensor(check_threshold(threshold)))
+        self.register_buffer("threshold_bits", _to_bits(check_threshold(threshold)))
         self._sync()
 
     def _sync(self) -> None:
-        if self.threshold.is_meta:  # being built by from_pretrained; weights come later
+        bits = self.threshold_bits
+        if bits.is_meta:  # being built by from_pretrained; weights come later
             self._t, self._synced = 0.0, None
             return
-        self._t = check_threshold(float(self.threshold))
-        self._synced = (id(self.threshold), self.threshold._version)
+        self._t = check_threshold(float(bits.cpu().view(torch.float64)))
+        self._synced = (id(bits), bits._version)
 
     @property
     def t(self) -> float:
@@ -78,7 +84,7 @@ class FATReLU(nn.Module):
     def set_threshold(self, threshold: float) -> None:
         """Change the threshold in place (``threshold >= 0``)."""
         with torch.no_grad():
-            self.threshold.fill_(check_threshold(threshold))
+            self.threshold_bits.copy_(_to_bits(check_threshold(threshold)))
         self._sync()
 
     def train(self, mode: bool = True) -> FATReLU:
@@ -92,8 +98,8 @@ class FATReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling() and self._synced != (
-            id(self.threshold),
-            self.threshold._version,
+            id(self.threshold_bits),
+            self.threshold_bits._version,
         ):
             self._sync()
         return fatrelu(x, self._t)

@@ -322,3 +322,8 @@ def append_graph_outputs(gm: fx.GraphModule, extra: list[fx.Node]) -> int:
         codegen.pytree_info = pytree_info._replace(out_spec=new_spec)
     gm.recompile()
     return n_before
+
+
+def transpose_target(dialect: Dialect) -> Any:
+    """The callable to insert for a 2-D transpose in a graph of the given dialect."""
+    return torch.ops.aten.t.default if dialect == "aten" else torch.t

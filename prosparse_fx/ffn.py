@@ -59,6 +59,8 @@ class SiteNodes:
     region: tuple[fx.Node, ...]  # the activation's nodes, topologically ordered
     x1: fx.Node  # input of down_proj (fc2)
     down: fx.Node  # the down_proj (fc2) op
+    up: fx.Node  # the up_proj op (fc1 for plain FFNs)
+    gate: fx.Node | None = None  # the gate_proj op (None for plain FFNs)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,19 @@ def _is_param(node: Any) -> bool:
     return False
 
 
+def linear_operands(node: fx.Node) -> tuple[Any, Any, Any, bool]:
+    """``(x, weight, bias, transposed)`` of a linear-like node; ``transposed`` is True when the
+    weight is stored ``[in, out]`` (``addmm``/``mm``/``matmul``, e.g. GPT-2's ``Conv1D``)."""
+    op = canonical_op(node)
+    args = node.args
+    if op == "addmm":
+        return args[1], args[2], args[0], True
+    if op == "linear":
+        bias = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        return args[0], args[1], bias, False
+    return args[0], args[1], None, True
+
+
 def _linear_input(node: fx.Node) -> fx.Node | None:
     """Data input of a linear-like node, or ``None`` if ``node`` is not a parameter linear."""
     op = canonical_op(node)
@@ -142,14 +157,14 @@ def _linear_input(node: fx.Node) -> fx.Node | None:
     return x
 
 
-def _back(node: Any) -> Any:
+def back_through_views(node: Any) -> Any:
     """Follow ``node`` back through shape-only ops."""
     while isinstance(node, fx.Node) and canonical_op(node) == "view":
         node = node.args[0]
     return node
 
 
-def _forward(node: fx.Node) -> fx.Node:
+def forward_through_views(node: fx.Node) -> fx.Node:
     """Follow ``node`` forward through single-user shape-only ops."""
     while len(node.users) == 1:
         (user,) = node.users
@@ -206,7 +221,7 @@ def _classify(start: fx.Node, region: list[fx.Node]) -> tuple[ActivationKind, fl
             return op, None
     if ops == Counter({"sigmoid": 1, "mul": 1}):
         sig = next(n for n in region if canonical_op(n) == "sigmoid")
-        if _back(sig.args[0]) is start or sig.args[0] is start:
+        if back_through_views(sig.args[0]) is start or sig.args[0] is start:
             return "silu", None
     keys = set(ops)
     if "tanh" in keys and "add" in keys and keys <= {"tanh", "pow", "mul", "add", "div"}:
@@ -258,12 +273,12 @@ def find_sites_in_graph(gm: fx.GraphModule) -> list[FFNSite]:
         x = _linear_input(node)
         if x is not None:
             linears[node] = x
-            out_to_linear[_forward(node)] = node
+            out_to_linear[forward_through_views(node)] = node
 
     sites: list[FFNSite] = []
     used: set[fx.Node] = set()
     for down, x_in in linears.items():
-        x1 = _back(x_in)
+        x1 = back_through_views(x_in)
         if not isinstance(x1, fx.Node) or x1 in used:
             continue
         site = _match_gated(down, x1, linears, out_to_linear) or _match_plain(
@@ -287,7 +302,7 @@ def _match_gated(
     for act_end, up_out in ((a_in, b_in), (b_in, a_in)):
         if not isinstance(act_end, fx.Node) or not isinstance(up_out, fx.Node):
             continue
-        up = out_to_linear.get(_forward(_back(up_out))) if _back(up_out) in linears else None
+        up = out_to_linear.get(forward_through_views(back_through_views(up_out))) if back_through_views(up_out) in linears else None
         if up is None:
             continue
         found = _region(act_end, out_to_linear)
@@ -295,7 +310,7 @@ def _match_gated(
             continue
         start, region = found
         gate = out_to_linear[start]
-        if gate is up or _back(linears[gate]) is not _back(linears[up]):
+        if gate is up or back_through_views(linears[gate]) is not back_through_views(linears[up]):
             continue
         kind, threshold = _classify(start, region)
         paths = [module_path(gate), module_path(up), module_path(down)]
@@ -309,9 +324,9 @@ def _match_gated(
             activation=kind,
             activation_module=_activation_module(region, ffn_path),
             threshold=threshold,
-            hidden_size=_width(_back(linears[gate])),
+            hidden_size=_width(back_through_views(linears[gate])),
             intermediate_size=_width(x1),
-            nodes=SiteNodes(start, act_end, tuple(region), x1, down),
+            nodes=SiteNodes(start, act_end, tuple(region), x1, down, up, gate),
         )
     return None
 
@@ -342,9 +357,9 @@ def _match_plain(
         activation=kind,
         activation_module=_activation_module(region, ffn_path),
         threshold=threshold,
-        hidden_size=_width(_back(fc1.args[1] if canonical_op(fc1) == "addmm" else fc1.args[0])),
+        hidden_size=_width(back_through_views(fc1.args[1] if canonical_op(fc1) == "addmm" else fc1.args[0])),
         intermediate_size=_width(x1),
-        nodes=SiteNodes(start, x1, tuple(region), x1, down),
+        nodes=SiteNodes(start, x1, tuple(region), x1, down, fc1),
     )
 
 

@@ -3,6 +3,7 @@
 and lint and recompile the graph after changing it."""
 
 from .activation_taps import InsertActivationTapsPass
+from .sparse_ffn import SparseFFNRewritePass
 from .substitute_activation import SubstituteActivationPass
 
-__all__ = ["InsertActivationTapsPass", "SubstituteActivationPass"]
+__all__ = ["InsertActivationTapsPass", "SparseFFNRewritePass", "SubstituteActivationPass"]

@@ -1,0 +1,110 @@
+"""Sparse-FFN rewrite on a graph: each ReLU/FATReLU FFN site becomes one call of
+``prosparse::sparse_gated_ffn`` or ``prosparse::sparse_plain_ffn`` (ProSparse App. D)."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .. import kernels  # noqa: F401  (registers the ops)
+from ..capture import dialect_of, transpose_target
+from ..ffn import (
+    FFNSite,
+    back_through_views,
+    find_sites_in_graph,
+    forward_through_views,
+    linear_operands,
+)
+from ..sparse_modules import check_relu_family
+
+
+def _attr_owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
+    owner_path, _, name = target.rpartition(".")
+    return (gm.get_submodule(owner_path) if owner_path else gm), name
+
+
+def _transposed_weight(
+    gm: fx.GraphModule, graph: fx.Graph, weight: fx.Node, want_t: bool, name: str
+) -> tuple[fx.Node, str | None]:
+    """A node holding ``weight`` as ``[in, out]`` when ``want_t`` else ``[out, in]``.
+
+    A ``get_attr`` weight is replaced by a transposed copy made once (the original is dropped
+    when nothing else reads it); a placeholder weight (Dynamo) gets a transpose node.
+    Returns the node and the replaced attribute's target (or ``None``).
+    """
+    if weight.op == "get_attr":
+        owner, attr = _attr_owner(gm, str(weight.target))
+        tensor = getattr(owner, attr)
+        new_name = f"_prosparse_{name}"
+        setattr(gm, new_name, nn.Parameter(tensor.detach().T.contiguous(), requires_grad=False))
+        return graph.get_attr(new_name), str(weight.target)
+    return graph.call_function(transpose_target(dialect_of(gm)), (weight,)), None
+
+
+class SparseFFNRewritePass(PassBase):
+    """Replace each ReLU/FATReLU FFN site by one sparse-FFN op node.
+
+    Gated sites become ``sparse_gated_ffn(x, w_gate, w_up, w_down_t, t)``; plain sites
+    ``sparse_plain_ffn(x, w1, b1, w2_t, b2, t)``. ``w_down_t`` (``w2_t``) is the transpose of the
+    down weight, made once; the original weight attribute is removed when nothing else reads it.
+    Idempotent (a rewritten graph has no FFN sites left).
+
+    Raises (when called):
+        NotSparseError: a site's activation is SiLU/GELU: relufy and train first.
+    """
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        sites = find_sites_in_graph(graph_module)
+        check_relu_family(sites)
+        graph = graph_module.graph
+        replaced: list[str] = []
+        for i, site in enumerate(sites):
+            replaced += self._rewrite(graph_module, graph, site, i)
+        if not sites:
+            return PassResult(graph_module, False)
+        graph.eliminate_dead_code()
+        used = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+        for target in replaced:
+            if target not in used:
+                owner, attr = _attr_owner(graph_module, target)
+                delattr(owner, attr)
+        graph.lint()
+        graph_module.recompile()
+        return PassResult(graph_module, True)
+
+    @staticmethod
+    def _rewrite(gm: fx.GraphModule, graph: fx.Graph, site: FFNSite, i: int) -> list[str]:
+        nodes = site.nodes
+        assert nodes is not None
+        out = forward_through_views(nodes.down)
+        x_lin, w_down, b_down, down_t = linear_operands(nodes.down)
+        replaced = []
+        with graph.inserting_before(nodes.down):
+            w_down_t, old = (
+                (w_down, None)
+                if down_t
+                else _transposed_weight(gm, graph, w_down, True, f"w_down_t_{i}")
+            )
+            if old:
+                replaced.append(old)
+            t = float(site.threshold or 0.0)
+            if site.kind == "gated":
+                assert nodes.gate is not None
+                x, w_gate, _, gate_t = linear_operands(nodes.gate)
+                _, w_up, _, up_t = linear_operands(nodes.up)
+                if gate_t:
+                    w_gate, _ = _transposed_weight(gm, graph, w_gate, False, f"w_gate_{i}")
+                if up_t:
+                    w_up, _ = _transposed_weight(gm, graph, w_up, False, f"w_up_{i}")
+                args = (back_through_views(x), w_gate, w_up, w_down_t, t)
+                new = graph.call_function(torch.ops.prosparse.sparse_gated_ffn.default, args)
+            else:
+                x, w1, b1, fc1_t = linear_operands(nodes.up)
+                if fc1_t:
+                    w1, _ = _transposed_weight(gm, graph, w1, False, f"w1_{i}")
+                args = (back_through_views(x), w1, b1, w_down_t, b_down, t)
+                new = graph.call_function(torch.ops.prosparse.sparse_plain_ffn.default, args)
+        new.meta.update({k: v for k, v in out.meta.items() if k in ("val", "nn_module_stack")})
+        out.replace_all_uses_with(new)
+        return replaced

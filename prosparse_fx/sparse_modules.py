@@ -1,0 +1,168 @@
+"""Eager sparse-FFN rewrite for ``nn.Module`` users: ``sparsify_ffn_`` swaps each ReLU/FATReLU
+FFN for a module that calls ``torch.ops.prosparse.sparse_gated_ffn`` / ``sparse_plain_ffn``, so
+``generate()`` runs on the sparse kernels (ProSparse App. D)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import kernels  # noqa: F401  (registers the ops)
+from .ffn import RELU_FAMILY, FFNSite, find_ffn_sites, resolve_module
+
+
+class NotSparseError(ValueError):
+    """An FFN's activation has no exact zeros (SiLU/GELU): relufy and train it first."""
+
+
+def check_relu_family(sites: Sequence[FFNSite]) -> None:
+    """Raise :class:`NotSparseError` listing the sites whose activation is not ReLU/FATReLU."""
+    bad = [s for s in sites if s.activation not in RELU_FAMILY]
+    if bad:
+        raise NotSparseError(
+            f"{len(bad)} FFN site(s) have activation {sorted({s.activation for s in bad})}, whose "
+            f"zeros are not exact ({', '.join(s.path for s in bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''}). Relufy the model (prosparse_fx.relufy_) and "
+            "train it (prosparse-fx sparsify) first."
+        )
+
+
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [out, in], bias)`` of an ``nn.Linear`` or a GPT-2 style ``Conv1D``."""
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        return weight, module.bias
+    if type(module).__name__ == "Conv1D":  # weight is [in, out]
+        return weight.T, getattr(module, "bias", None)
+    raise TypeError(f"cannot read a linear weight from {type(module).__name__}")
+
+
+class SparseGatedFFN(nn.Module):
+    """A gated FFN computed by ``prosparse::sparse_gated_ffn``.
+
+    Holds ``w_gate``/``w_up`` (the original parameters) and ``w_down_t`` (``[d_ff, d]``, the
+    transpose of down_proj.weight, made once; the original down weight is dropped).
+
+    Args:
+        gate, up, down: the FFN's linears.
+        threshold: FATReLU t >= 0 of the gate.
+    """
+
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, threshold: float) -> None:
+        super().__init__()
+        w_gate, b_gate = _linear_weight(gate)
+        w_up, b_up = _linear_weight(up)
+        w_down, b_down = _linear_weight(down)
+        if any(b is not None for b in (b_gate, b_up, b_down)):
+            raise NotImplementedError("gated FFNs with biases are not supported by the sparse op")
+        self.w_gate = nn.Parameter(w_gate.detach(), requires_grad=False)
+        self.w_up = nn.Parameter(w_up.detach(), requires_grad=False)
+        self.w_down_t = nn.Parameter(w_down.detach().T.contiguous(), requires_grad=False)
+        self.threshold = float(threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.prosparse.sparse_gated_ffn(
+            x, self.w_gate, self.w_up, self.w_down_t, self.threshold
+        )
+
+    def extra_repr(self) -> str:
+        d_ff, d = self.w_gate.shape
+        return f"d={d}, d_ff={d_ff}, threshold={self.threshold:g}"
+
+
+class SparsePlainFFN(nn.Module):
+    """A plain FFN ``FATReLU_t(x @ w1.T + b1) @ w2_t + b2`` computed by
+    ``prosparse::sparse_plain_ffn``; replaces fc2, while fc1 and the activation become identities.
+    """
+
+    def __init__(self, fc1: nn.Module, fc2: nn.Module, threshold: float) -> None:
+        super().__init__()
+        w1, b1 = _linear_weight(fc1)
+        w2, b2 = _linear_weight(fc2)
+        self.w1 = nn.Parameter(w1.detach().contiguous(), requires_grad=False)
+        self.b1 = None if b1 is None else nn.Parameter(b1.detach(), requires_grad=False)
+        self.w2_t = nn.Parameter(w2.detach().T.contiguous(), requires_grad=False)
+        self.b2 = None if b2 is None else nn.Parameter(b2.detach(), requires_grad=False)
+        self.threshold = float(threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.prosparse.sparse_plain_ffn(
+            x, self.w1, self.b1, self.w2_t, self.b2, self.threshold
+        )
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def _leaf(path: str, base: str) -> str:
+    return path[len(base) + 1 :] if path.startswith(base + ".") else path
+
+
+def sparsify_ffn_(
+    model: nn.Module, *, sites: Sequence[FFNSite] | None = None, example_inputs: Any = None
+) -> list[FFNSite]:
+    """Rewrite every ReLU/FATReLU FFN of ``model`` to the sparse-FFN ops, in place.
+
+    Gated FFNs: the FFN module (``site.path``, whose children must be exactly gate/up/down and
+    the activation) becomes a :class:`SparseGatedFFN`. Plain FFNs: fc2 becomes a
+    :class:`SparsePlainFFN`, fc1 and the activation become ``nn.Identity``. The rewritten model
+    is for inference (``generate()`` works); save the model before rewriting it.
+
+    Args:
+        model: a relufied (and trained) model.
+        sites: its FFN sites (found by capture when ``None``).
+        example_inputs: inputs for the capture when ``sites`` is ``None``.
+
+    Returns:
+        The sites that were rewritten.
+
+    Raises:
+        NotSparseError: a site's activation is SiLU/GELU (relufy and train first).
+        ValueError: a site whose module layout cannot be swapped (nothing is changed).
+    """
+    sites = list(sites) if sites is not None else find_ffn_sites(model, example_inputs)
+    check_relu_family(sites)
+    plans = []
+    for site in sites:
+        if site.activation_module is None:
+            raise ValueError(f"{site.path}: the activation is a function call; cannot rewrite")
+        if site.kind == "gated":
+            ffn = resolve_module(model, site.path)
+            expected = {
+                _leaf(p, site.path) for p in (site.gate, site.up, site.down, site.activation_module)
+            }
+            children = {name for name, _ in ffn.named_children()}
+            if children != expected:
+                raise ValueError(
+                    f"{site.path} has children {sorted(children)}, expected exactly "
+                    f"{sorted(expected)}; its forward may do more than the FFN"
+                )
+            module: nn.Module = SparseGatedFFN(
+                resolve_module(model, site.gate or ""),
+                resolve_module(model, site.up),
+                resolve_module(model, site.down),
+                site.threshold or 0.0,
+            )
+            plans.append([(site.path, module)])
+        else:
+            module = SparsePlainFFN(
+                resolve_module(model, site.up),
+                resolve_module(model, site.down),
+                site.threshold or 0.0,
+            )
+            plans.append(
+                [
+                    (site.down, module),
+                    (site.up, nn.Identity()),
+                    (site.activation_module, nn.Identity()),
+                ]
+            )
+    for plan in plans:
+        for path, module in plan:
+            _set(model, path, module.to(next(model.parameters()).device))
+    return sites
