@@ -302,7 +302,11 @@ def _match_gated(
     for act_end, up_out in ((a_in, b_in), (b_in, a_in)):
         if not isinstance(act_end, fx.Node) or not isinstance(up_out, fx.Node):
             continue
-        up = out_to_linear.get(forward_through_views(back_through_views(up_out))) if back_through_views(up_out) in linears else None
+        up = (
+            out_to_linear.get(forward_through_views(back_through_views(up_out)))
+            if back_through_views(up_out) in linears
+            else None
+        )
         if up is None:
             continue
         found = _region(act_end, out_to_linear)
@@ -357,7 +361,9 @@ def _match_plain(
         activation=kind,
         activation_module=_activation_module(region, ffn_path),
         threshold=threshold,
-        hidden_size=_width(back_through_views(fc1.args[1] if canonical_op(fc1) == "addmm" else fc1.args[0])),
+        hidden_size=_width(
+            back_through_views(fc1.args[1] if canonical_op(fc1) == "addmm" else fc1.args[0])
+        ),
         intermediate_size=_width(x1),
         nodes=SiteNodes(start, x1, tuple(region), x1, down, fc1),
     )

@@ -25,7 +25,9 @@ def _check_common(x: torch.Tensor, threshold: float, named: dict[str, torch.Tens
         raise ValueError("x must have shape [..., d], got a 0-dim tensor")
     for name, t in named.items():
         if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype"
+            )
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them together")
 
@@ -48,7 +50,9 @@ def check_gated(
         raise ValueError(f"w_gate must be 2-D [d_ff, d], got shape {list(w_gate.shape)}")
     d_ff, d = w_gate.shape
     if x.shape[-1] != d:
-        raise ValueError(f"x must have shape [..., {d}] to match w_gate [d_ff, d], got {list(x.shape)}")
+        raise ValueError(
+            f"x must have shape [..., {d}] to match w_gate [d_ff, d], got {list(x.shape)}"
+        )
     _expect("w_up", w_up, (d_ff, d), "d_ff x d, like w_gate")
     if w_down_t.dim() != 2 or w_down_t.shape[0] != d_ff:
         raise ValueError(

@@ -60,11 +60,13 @@ if triton is not None:
             k_mask = offs_k < D
             xk = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
             )
             wg = tl.load(
                 wg_ptr + offs_n[:, None] * stride_wg + offs_k[None, :],
-                mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                mask=n_mask[:, None] & k_mask[None, :],
+                other=0.0,
             )
             if IEEE:
                 acc_g += tl.dot(
@@ -88,11 +90,13 @@ if triton is not None:
                     k_mask = offs_k < D
                     xk = tl.load(
                         x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                        mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0,
                     )
                     wu = tl.load(
                         wu_ptr + offs_n[:, None] * stride_wu + offs_k[None, :],
-                        mask=(row_active & n_mask)[:, None] & k_mask[None, :], other=0.0,
+                        mask=(row_active & n_mask)[:, None] & k_mask[None, :],
+                        other=0.0,
                     )
                     if IEEE:
                         acc_u += tl.dot(
@@ -133,13 +137,15 @@ if triton is not None:
             j_mask = offs_j < j_end
             a = tl.load(
                 x1_ptr + offs_m[:, None] * stride_x1m + offs_j[None, :],
-                mask=m_mask[:, None] & j_mask[None, :], other=0.0,
+                mask=m_mask[:, None] & j_mask[None, :],
+                other=0.0,
             )
             active = tl.max((a != 0).to(tl.int32), axis=0) > 0
             if tl.max(active.to(tl.int32), axis=0) > 0:
                 w = tl.load(
                     w_ptr + offs_j[:, None] * stride_w + offs_d[None, :],
-                    mask=(active & j_mask)[:, None] & d_mask[None, :], other=0.0,
+                    mask=(active & j_mask)[:, None] & d_mask[None, :],
+                    other=0.0,
                 )
                 if IEEE:
                     acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")

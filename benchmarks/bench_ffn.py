@@ -1,0 +1,207 @@
+"""Sparse gated FFN vs dense, one FFN at LLaMA-2-7B, LLaMA-2-13B and SmolLM2 widths.
+
+For each width, token count (1, 4, 16), sparsity (0..99%) and active-set mode (shared by all
+tokens, or drawn independently per token) it times the dense reference (three matmuls, torch)
+and ``torch.ops.prosparse.sparse_gated_ffn`` interleaved in one run, median of ``--repeats``
+runs after warm-up, weights rotated over copies bigger than the caches. Prints a table, writes
+JSON and a plot (speedup vs sparsity), and records the machine.
+
+    python benchmarks/bench_ffn.py --device cpu            # fp32
+    python benchmarks/bench_ffn.py --device cuda           # bf16, Triton kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, time_interleaved, write_json  # noqa: E402
+
+from prosparse_fx.kernels import gated_ffn_reference, sparse_gated_ffn  # noqa: E402
+
+WIDTHS = {"llama2-7b": (4096, 11008), "llama2-13b": (5120, 13824), "smollm2": (576, 1536)}
+CACHE_BYTES = 256 * 2**20  # rotate weight copies until they exceed this
+
+
+def exact_bound(s: float) -> float:
+    """One token, gate dense: dense reads 3 matrices, sparse 1 + 2(1 - s)."""
+    return 3.0 / (1.0 + 2.0 * (1.0 - s))
+
+
+def make_case(d, d_ff, tokens, sparsity, mode, dtype, device, copies, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weights = []
+    for _ in range(copies):
+        w_gate = torch.randn(d_ff, d, generator=g) * d**-0.5
+        w_up = torch.randn(d_ff, d, generator=g) * d**-0.5
+        w_down_t = torch.randn(d_ff, d, generator=g) * d_ff**-0.5
+        if mode == "shared":
+            # positive x; active rows get positive gate weights, the rest negative ones
+            active = torch.randperm(d_ff, generator=g)[: round((1 - sparsity) * d_ff)]
+            sign = -torch.ones(d_ff, 1)
+            sign[active] = 1.0
+            w_gate = w_gate.abs() * sign
+        weights.append(tuple(w.to(dtype).to(device) for w in (w_gate, w_up, w_down_t)))
+    if mode == "shared":
+        x = torch.rand(tokens, d, generator=g).to(dtype).to(device) + 0.01
+        threshold = 0.0
+    else:
+        x = torch.randn(tokens, d, generator=g).to(dtype).to(device)
+        gate = (x.float() @ weights[0][0].float().T).flatten()
+        k = min(max(int(sparsity * gate.numel()), 1), gate.numel())
+        threshold = max(float(gate.kthvalue(k).values), 0.0) if sparsity > 0 else 0.0
+    gate = x.float() @ weights[0][0].float().T
+    measured = (
+        float((gate < threshold).float().mean())
+        if threshold > 0
+        else float((gate <= 0).float().mean())
+    )
+    return x, weights, threshold, measured
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS))
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16])
+    p.add_argument("--sparsity", nargs="+", type=float, default=[0, 0.5, 0.8, 0.9, 0.95, 0.99])
+    p.add_argument("--modes", nargs="+", default=["shared", "independent"])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--tag", default=None, help="file name stem (default: ffn_<device>)")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="CUDA only: time CUDA-graph replays (no Python or launch overhead), as decoders run",
+    )
+    args = p.parse_args()
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    )
+    rows = []
+    header = (
+        f"{'width':11s} {'tok':>3s} {'mode':11s} {'sparsity':>8s} {'dense ms':>9s} "
+        f"{'ours ms':>8s} {'speedup':>7s} {'bound':>6s} {'/bound':>6s}"
+    )
+    print(header)
+    for width in args.widths:
+        d, d_ff = WIDTHS[width]
+        per_copy = 3 * d * d_ff * torch.finfo(dtype).bits // 8
+        copies = max(1, -(-CACHE_BYTES // per_copy))
+        for tokens in args.tokens:
+            for mode in args.modes:
+                if tokens == 1 and mode == "independent" and "shared" in args.modes:
+                    pass  # one token: both modes are one active set, still measured
+                for s in args.sparsity:
+                    x, weights, t, measured = make_case(
+                        d, d_ff, tokens, s, mode, dtype, args.device, copies
+                    )
+                    it = {"i": 0}
+
+                    def nxt():
+                        it["i"] = (it["i"] + 1) % copies
+                        return weights[it["i"]]
+
+                    fns = {
+                        "dense": lambda: gated_ffn_reference(x, *nxt(), t),
+                        "ours": lambda: sparse_gated_ffn(x, *nxt(), t),
+                    }
+                    if args.cuda_graph:
+                        fns = {
+                            "dense": graphed(gated_ffn_reference, x, weights, t),
+                            "ours": graphed(sparse_gated_ffn, x, weights, t),
+                        }
+                    ms = time_interleaved(fns, args.device, args.repeats)
+                    if args.cuda_graph:
+                        ms = {k: v / copies for k, v in ms.items()}
+                    bound = exact_bound(measured)
+                    row = {
+                        "width": width,
+                        "d": d,
+                        "d_ff": d_ff,
+                        "tokens": tokens,
+                        "mode": mode,
+                        "target_sparsity": s,
+                        "sparsity": measured,
+                        "dense_ms": ms["dense"],
+                        "ours_ms": ms["ours"],
+                        "speedup": ms["dense"] / ms["ours"],
+                        "bound_1tok": bound,
+                        "ours_over_bound": ms["dense"] / ms["ours"] / bound,
+                    }
+                    rows.append(row)
+                    print(
+                        f"{width:11s} {tokens:3d} {mode:11s} {measured:8.3f} "
+                        f"{ms['dense']:9.3f} {ms['ours']:8.3f} {row['speedup']:7.2f} "
+                        f"{bound:6.2f} {row['ours_over_bound']:6.2f}",
+                        flush=True,
+                    )
+    tag = args.tag or f"ffn_{args.device.split(':')[0]}" + ("_graph" if args.cuda_graph else "")
+    result = {
+        "machine": machine(),
+        "dtype": str(dtype),
+        "repeats": args.repeats,
+        "cuda_graph": args.cuda_graph,
+        "rows": rows,
+    }
+    write_json(args.out / f"{tag}.json", result)
+    plot(rows, args.out / f"{tag}.png", f"sparse gated FFN vs dense ({args.device}, {dtype})")
+    print(f"wrote {args.out / (tag + '.json')}")
+
+
+def graphed(fn, x, weights, t):
+    """A CUDA graph that runs ``fn`` once per weight copy; returns its replay."""
+    for w in weights:  # warm up (Triton compiles, allocator settles) outside the capture
+        fn(x, *w, t)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(x, *w, t)
+    return graph.replay
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted({r["width"] for r in rows})
+    fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 4), squeeze=False)
+    for ax, width in zip(axes[0], widths):
+        for tokens, mode in sorted({(r["tokens"], r["mode"]) for r in rows}):
+            sel = [
+                r
+                for r in rows
+                if r["width"] == width and r["tokens"] == tokens and r["mode"] == mode
+            ]
+            ax.plot(
+                [r["sparsity"] for r in sel],
+                [r["speedup"] for r in sel],
+                marker="o",
+                ms=3,
+                label=f"{tokens} tok, {mode}",
+            )
+        xs = [i / 100 for i in range(0, 100)]
+        ax.plot(xs, [exact_bound(s) for s in xs], "k--", lw=0.8, label="bound, 1 token")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_title(width)
+        ax.set_xlabel("activation sparsity")
+        ax.set_ylabel("speedup over dense")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
