@@ -103,15 +103,9 @@ def main() -> None:
                     x, weights, t, measured = make_case(
                         d, d_ff, tokens, s, mode, dtype, args.device, copies
                     )
-                    it = {"i": 0}
-
-                    def nxt():
-                        it["i"] = (it["i"] + 1) % copies
-                        return weights[it["i"]]
-
                     fns = {
-                        "dense": lambda: gated_ffn_reference(x, *nxt(), t),
-                        "ours": lambda: sparse_gated_ffn(x, *nxt(), t),
+                        "dense": rotating(gated_ffn_reference, x, weights, t),
+                        "ours": rotating(sparse_gated_ffn, x, weights, t),
                     }
                     if args.cuda_graph:
                         fns = {
@@ -154,6 +148,17 @@ def main() -> None:
     write_json(args.out / f"{tag}.json", result)
     plot(rows, args.out / f"{tag}.png", f"sparse gated FFN vs dense ({args.device}, {dtype})")
     print(f"wrote {args.out / (tag + '.json')}")
+
+
+def rotating(fn, x, weights, t):
+    """A call of ``fn`` on the next weight copy each time (so weights come from memory)."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(weights)
+        return fn(x, *weights[state["i"]], t)
+
+    return call
 
 
 def graphed(fn, x, weights, t):
