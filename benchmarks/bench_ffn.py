@@ -13,6 +13,7 @@ JSON and a plot (speedup vs sparsity), and records the machine.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -32,35 +33,54 @@ def exact_bound(s: float) -> float:
     return 3.0 / (1.0 + 2.0 * (1.0 - s))
 
 
+_BASE: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+
+
+def _base_weights(d, d_ff, dtype, device, copies):
+    """Random weights per width, made once on the device (copies for rotation)."""
+    key = (d, d_ff, dtype, device, copies)
+    if key not in _BASE:
+        _BASE.clear()
+        g = torch.Generator(device=device).manual_seed(0)
+        _BASE[key] = [
+            (
+                torch.randn(d_ff, d, generator=g, device=device) * d**-0.5,
+                torch.randn(d_ff, d, generator=g, device=device).to(dtype) * d**-0.5,
+                torch.randn(d_ff, d, generator=g, device=device).to(dtype) * d_ff**-0.5,
+            )
+            for _ in range(copies)
+        ]
+    return _BASE[key]
+
+
 def make_case(d, d_ff, tokens, sparsity, mode, dtype, device, copies, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    """Inputs, rotating weight copies and threshold with the requested activation sparsity.
+
+    shared: x > 0 and the gate rows of inactive neurons negative, so all tokens share one active
+    set (t = 0); independent: random gate values and t at their ``sparsity`` quantile, so each
+    token draws its own active set.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
     weights = []
-    for _ in range(copies):
-        w_gate = torch.randn(d_ff, d, generator=g) * d**-0.5
-        w_up = torch.randn(d_ff, d, generator=g) * d**-0.5
-        w_down_t = torch.randn(d_ff, d, generator=g) * d_ff**-0.5
+    for w_gate, w_up, w_down_t in _base_weights(d, d_ff, dtype, device, copies):
         if mode == "shared":
-            # positive x; active rows get positive gate weights, the rest negative ones
-            active = torch.randperm(d_ff, generator=g)[: round((1 - sparsity) * d_ff)]
-            sign = -torch.ones(d_ff, 1)
+            n_active = round((1 - sparsity) * d_ff)
+            active = torch.randperm(d_ff, generator=g, device=device)[:n_active]
+            sign = -torch.ones(d_ff, 1, device=device)
             sign[active] = 1.0
             w_gate = w_gate.abs() * sign
-        weights.append(tuple(w.to(dtype).to(device) for w in (w_gate, w_up, w_down_t)))
+        weights.append((w_gate.to(dtype), w_up, w_down_t))
     if mode == "shared":
-        x = torch.rand(tokens, d, generator=g).to(dtype).to(device) + 0.01
+        x = (torch.rand(tokens, d, generator=g, device=device) + 0.01).to(dtype)
         threshold = 0.0
     else:
-        x = torch.randn(tokens, d, generator=g).to(dtype).to(device)
+        x = torch.randn(tokens, d, generator=g, device=device).to(dtype)
         gate = (x.float() @ weights[0][0].float().T).flatten()
         k = min(max(int(sparsity * gate.numel()), 1), gate.numel())
         threshold = max(float(gate.kthvalue(k).values), 0.0) if sparsity > 0 else 0.0
     gate = x.float() @ weights[0][0].float().T
-    measured = (
-        float((gate < threshold).float().mean())
-        if threshold > 0
-        else float((gate <= 0).float().mean())
-    )
-    return x, weights, threshold, measured
+    inactive = gate < threshold if threshold > 0 else gate <= 0
+    return x, weights, threshold, float(inactive.float().mean())
 
 
 def main() -> None:
@@ -79,7 +99,13 @@ def main() -> None:
         action="store_true",
         help="CUDA only: time CUDA-graph replays (no Python or launch overhead), as decoders run",
     )
+    p.add_argument("--tuning", type=Path, default=None, help="tune_triton.py JSON to apply")
     args = p.parse_args()
+    if args.tuning is not None and args.tuning.exists():
+        from prosparse_fx.kernels import triton_ffn
+
+        triton_ffn.TUNING.update(json.loads(args.tuning.read_text())["best"])
+        print("tuning:", triton_ffn.TUNING)
     dtype = (
         getattr(torch, args.dtype)
         if args.dtype

@@ -31,6 +31,13 @@ except ImportError:  # pragma: no cover - triton is the optional [gpu] extra
 
 MAX_TOKENS = 16
 
+# Launch parameters, chosen by benchmarks/tune_triton.py on an H200 (bf16, LLaMA-7B widths).
+# Keys: gate_up (block_n, block_k, num_warps), down (block_j, block_d, num_warps, ctas_per_sm).
+TUNING: dict[str, dict[str, int]] = {
+    "gate_up": {"block_n": 32, "block_k": 128, "num_warps": 4},
+    "down": {"block_j": 64, "block_d": 128, "num_warps": 4, "ctas_per_sm": 4},
+}
+
 
 def available() -> bool:
     """True if Triton is installed (and a GPU or the interpreter can run it)."""
@@ -158,6 +165,18 @@ if triton is not None:
         )
 
 
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
     """fp32 inputs multiply in full fp32 (no TF32); the interpreter's half-precision dot is
     unreliable, so it multiplies upcast values too."""
@@ -179,8 +198,9 @@ def _launch_gate_up(
     d_ff = w_gate.shape[0]
     ieee = _dot_in_fp32(x2.dtype)
     x1 = torch.empty((m, d_ff), dtype=x2.dtype, device=x2.device)
-    block_n = 32 if d_ff >= 4096 else 16
-    block_k = min(128, _pow2_at_least(d, 16))
+    cfg = TUNING["gate_up"]
+    block_n = min(cfg["block_n"], _pow2_at_least(d_ff, 16))
+    block_k = min(cfg["block_k"], _pow2_at_least(d, 16))
     grid = (triton.cdiv(d_ff, block_n),)
     _gate_up_kernel[grid](
         x2, w_gate, w_up if w_up is not None else w_gate, bias if bias is not None else w_gate,
@@ -189,7 +209,7 @@ def _launch_gate_up(
         x1.stride(0),
         HAS_UP=w_up is not None, HAS_BIAS=bias is not None, IEEE=ieee,
         ROUND=x2.dtype != torch.float32,
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"],
     )  # fmt: skip
     return x1
 
@@ -198,18 +218,21 @@ def _launch_down(x1: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     m, d_ff = x1.shape
     d_out = w_t.shape[1]
     y = torch.zeros((m, d_out), dtype=torch.float32, device=x1.device)
-    block_d = min(128, _pow2_at_least(d_out, 16))
-    block_j = 64 if d_ff >= 1024 else 16
+    cfg = TUNING["down"]
+    block_d = min(cfg["block_d"], _pow2_at_least(d_out, 16))
+    block_j = min(cfg["block_j"], _pow2_at_least(d_ff, 16))
     col_blocks = triton.cdiv(d_out, block_d)
-    sms = torch.cuda.get_device_properties(x1.device).multi_processor_count if x1.is_cuda else 4
-    splits = max(1, min(triton.cdiv(4 * sms, col_blocks), triton.cdiv(d_ff, block_j)))
+    sms = _sm_count(x1.device)
+    splits = max(
+        1, min(triton.cdiv(cfg["ctas_per_sm"] * sms, col_blocks), triton.cdiv(d_ff, block_j))
+    )
     j_per_split = triton.cdiv(triton.cdiv(d_ff, splits), block_j) * block_j
     splits = triton.cdiv(d_ff, j_per_split)
     _down_kernel[(col_blocks, splits)](
         x1, w_t, y, m, d_ff, d_out, j_per_split,
         x1.stride(0), w_t.stride(0), y.stride(0),
         IEEE=_dot_in_fp32(x1.dtype),
-        BLOCK_M=16, BLOCK_J=block_j, BLOCK_D=block_d,
+        BLOCK_M=16, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=cfg["num_warps"],
     )  # fmt: skip
     return y
 
