@@ -36,7 +36,7 @@ def main() -> None:
     ]
     default = {k: dict(v) for k, v in triton_ffn.TUNING.items()}
     results = []
-    for kernel, grid in (("gate_up", gate_grid), ("down", down_grid)):
+    for kernel, grid in (("up", gate_grid), ("down", down_grid)):
         best = None
         for cfg in grid:
             triton_ffn.TUNING[kernel] = cfg

@@ -1,11 +1,12 @@
 """CUDA implementation of the sparse-FFN ops in Triton (ProSparse App. D, exact acceleration).
 
-Two kernels, for 1 to 16 tokens, any widths, fp32/fp16/bf16:
+The gate is one dense matmul (cuBLAS: it is read whole anyway; a Triton GEMV measured slower on
+an H200), then two kernels, for 1 to 16 tokens, any widths, fp32/fp16/bf16:
 
-(a) ``_gate_up_kernel``: for a block of neurons j, the gate ``g_j = x . w_gate[j]`` (dense) and,
-    only for rows where some token has ``g_j >= t``, ``u_j = x . w_up[j]``; it writes
-    ``x1 = g * u`` where ``g >= t`` else 0. Rows of ``w_up`` whose neuron is inactive for every
-    token are never read (masked loads), and a block with no active neuron skips its up loop.
+(a) ``_up_kernel``: fused threshold and sparse up: neuron j gives
+    ``g_j >= t ? g_j * dot(x, w_up[j]) : 0`` (ProSparse App. D). Rows of ``w_up`` whose neuron
+    is inactive for every token are never read (masked loads), and a block with no active neuron
+    skips its loop. It also zeroes the down kernel's accumulator.
 (b) ``_down_kernel``: ``y = x1 @ w_down_t``, split over output columns and over neurons; rows of
     ``w_down_t`` whose x1 entries are all zero are never read. Partial sums meet by atomic adds
     in float32.
@@ -32,10 +33,10 @@ except ImportError:  # pragma: no cover - triton is the optional [gpu] extra
 MAX_TOKENS = 16
 
 # Launch parameters, chosen by benchmarks/tune_triton.py on an H200 (bf16, LLaMA-7B widths).
-# Keys: gate_up (block_n, block_k, num_warps), down (block_j, block_d, num_warps, ctas_per_sm).
+# Keys: up (block_n, block_k, num_warps), down (block_j, block_d, num_warps, ctas_per_sm).
 TUNING: dict[str, dict[str, int]] = {
-    "gate_up": {"block_n": 32, "block_k": 128, "num_warps": 4},
-    "down": {"block_j": 64, "block_d": 128, "num_warps": 4, "ctas_per_sm": 4},
+    "up": {"block_n": 32, "block_k": 128, "num_warps": 4},
+    "down": {"block_j": 32, "block_d": 256, "num_warps": 4, "ctas_per_sm": 4},
 }
 
 
@@ -49,73 +50,57 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _gate_up_kernel(
-        x_ptr, wg_ptr, wu_ptr, b_ptr, x1_ptr,
-        M, D, DFF, threshold,
-        stride_xm, stride_wg, stride_wu, stride_x1m,
-        HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr,
+    def _up_kernel(
+        x_ptr, g_ptr, wu_ptr, x1_ptr, y_ptr,
+        M, D, DFF, threshold, Y_NUMEL, Y_PER_CTA,
+        stride_xm, stride_gm, stride_wu, stride_x1m,
+        IEEE: tl.constexpr, ROUND: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_Z: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
+        # zero this CTA's share of the down kernel's float32 accumulator (saves a launch)
+        z_begin = pid * Y_PER_CTA
+        for z0 in range(z_begin, z_begin + Y_PER_CTA, BLOCK_Z):
+            offs_z = z0 + tl.arange(0, BLOCK_Z)
+            z_mask = (offs_z < z_begin + Y_PER_CTA) & (offs_z < Y_NUMEL)
+            tl.store(y_ptr + offs_z, tl.zeros((BLOCK_Z,), dtype=tl.float32), mask=z_mask)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < DFF
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < D
-            xk = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            wg = tl.load(
-                wg_ptr + offs_n[:, None] * stride_wg + offs_k[None, :],
-                mask=n_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            if IEEE:
-                acc_g += tl.dot(
-                    xk.to(tl.float32), tl.trans(wg.to(tl.float32)), input_precision="ieee"
-                )
-            else:
-                acc_g += tl.dot(xk, tl.trans(wg))
-        if HAS_BIAS:
-            acc_g += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if ROUND:
-            # round the gate to the input dtype, as the dense model does
-            acc_g = acc_g.to(x_ptr.dtype.element_ty).to(tl.float32)
-        keep = (acc_g >= threshold) | (acc_g != acc_g)  # NaN stays active
-        keep = keep & m_mask[:, None]
+        g = tl.load(
+            g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
+            mask=m_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        keep = ((g >= threshold) | (g != g)) & m_mask[:, None] & n_mask[None, :]  # NaN active
         row_active = tl.max(keep.to(tl.int32), axis=0) > 0
-        if HAS_UP:
-            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if tl.max(row_active.to(tl.int32), axis=0) > 0:
-                for k0 in range(0, D, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    k_mask = offs_k < D
-                    xk = tl.load(
-                        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0,
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if tl.max(row_active.to(tl.int32), axis=0) > 0:  # a block with no active neuron is done
+            for k0 in range(0, D, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < D
+                xk = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                # rows of inactive neurons are never read
+                wu = tl.load(
+                    wu_ptr + offs_n[:, None] * stride_wu + offs_k[None, :],
+                    mask=row_active[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                if IEEE:
+                    acc += tl.dot(
+                        xk.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee"
                     )
-                    wu = tl.load(
-                        wu_ptr + offs_n[:, None] * stride_wu + offs_k[None, :],
-                        mask=(row_active & n_mask)[:, None] & k_mask[None, :],
-                        other=0.0,
-                    )
-                    if IEEE:
-                        acc_u += tl.dot(
-                            xk.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee"
-                        )
-                    else:
-                        acc_u += tl.dot(xk, tl.trans(wu))
-            if ROUND:
-                acc_u = acc_u.to(x_ptr.dtype.element_ty).to(tl.float32)
-            x1 = tl.where(keep, acc_g * acc_u, 0.0)
-        else:
-            x1 = tl.where(keep, acc_g, 0.0)
+                else:
+                    acc += tl.dot(xk, tl.trans(wu))
+        if ROUND:  # round up_proj's output to the input dtype, as the dense model does
+            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+        x1 = tl.where(keep, g * acc, 0.0)
         tl.store(
             x1_ptr + offs_m[:, None] * stride_x1m + offs_n[None, :],
             x1.to(x1_ptr.dtype.element_ty),
@@ -125,9 +110,9 @@ if triton is not None:
     @triton.jit
     def _down_kernel(
         x1_ptr, w_ptr, y_ptr,
-        M, DFF, DOUT, J_PER_SPLIT,
+        M, DFF, DOUT, J_PER_SPLIT, threshold,
         stride_x1m, stride_w, stride_ym,
-        IEEE: tl.constexpr,
+        APPLY_THRESHOLD: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         pid_d = tl.program_id(0)
@@ -147,8 +132,11 @@ if triton is not None:
                 mask=m_mask[:, None] & j_mask[None, :],
                 other=0.0,
             )
+            if APPLY_THRESHOLD:  # plain FFN: x1 = FATReLU_t(h), NaN kept
+                a = tl.where((a >= threshold) | (a != a), a, 0.0)
             active = tl.max((a != 0).to(tl.int32), axis=0) > 0
             if tl.max(active.to(tl.int32), axis=0) > 0:
+                # rows of w whose x1 entries are all zero are never read
                 w = tl.load(
                     w_ptr + offs_j[:, None] * stride_w + offs_d[None, :],
                     mask=(active & j_mask)[:, None] & d_mask[None, :],
@@ -187,51 +175,45 @@ def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _launch_gate_up(
-    x2: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    threshold: float,
-) -> torch.Tensor:
+def _launch_up(x2: torch.Tensor, gate: torch.Tensor, w_up: torch.Tensor, threshold: float,
+               y: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """x1 = FATReLU_t(gate) * (x2 @ w_up.T), reading only active rows of w_up; zeroes ``y``."""
     m, d = x2.shape
-    d_ff = w_gate.shape[0]
-    ieee = _dot_in_fp32(x2.dtype)
+    d_ff = w_up.shape[0]
     x1 = torch.empty((m, d_ff), dtype=x2.dtype, device=x2.device)
-    cfg = TUNING["gate_up"]
+    cfg = TUNING["up"]
     block_n = min(cfg["block_n"], _pow2_at_least(d_ff, 16))
     block_k = min(cfg["block_k"], _pow2_at_least(d, 16))
-    grid = (triton.cdiv(d_ff, block_n),)
-    _gate_up_kernel[grid](
-        x2, w_gate, w_up if w_up is not None else w_gate, bias if bias is not None else w_gate,
-        x1, m, d, d_ff, float(threshold),
-        x2.stride(0), w_gate.stride(0), (w_up if w_up is not None else w_gate).stride(0),
-        x1.stride(0),
-        HAS_UP=w_up is not None, HAS_BIAS=bias is not None, IEEE=ieee,
-        ROUND=x2.dtype != torch.float32,
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"],
+    n_ctas = triton.cdiv(d_ff, block_n)
+    _up_kernel[(n_ctas,)](
+        x2, gate, w_up, x1, y,
+        m, d, d_ff, float(threshold), y.numel(), triton.cdiv(y.numel(), n_ctas),
+        x2.stride(0), gate.stride(0), w_up.stride(0), x1.stride(0),
+        IEEE=_dot_in_fp32(x2.dtype), ROUND=x2.dtype != torch.float32,
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_Z=256, num_warps=cfg["num_warps"],
     )  # fmt: skip
     return x1
 
 
-def _launch_down(x1: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+def _launch_down(
+    x1: torch.Tensor, w_t: torch.Tensor, y: torch.Tensor, threshold: float | None = None
+) -> torch.Tensor:
+    """``y += x1 @ w_t`` (float32 ``y``), reading only rows of w_t with a nonzero x1 entry;
+    with ``threshold``, x1 is first passed through FATReLU_t."""
     m, d_ff = x1.shape
     d_out = w_t.shape[1]
-    y = torch.zeros((m, d_out), dtype=torch.float32, device=x1.device)
     cfg = TUNING["down"]
     block_d = min(cfg["block_d"], _pow2_at_least(d_out, 16))
     block_j = min(cfg["block_j"], _pow2_at_least(d_ff, 16))
     col_blocks = triton.cdiv(d_out, block_d)
-    sms = _sm_count(x1.device)
-    splits = max(
-        1, min(triton.cdiv(cfg["ctas_per_sm"] * sms, col_blocks), triton.cdiv(d_ff, block_j))
-    )
+    splits = max(1, min(triton.cdiv(cfg["ctas_per_sm"] * _sm_count(x1.device), col_blocks),
+                        triton.cdiv(d_ff, block_j)))  # fmt: skip
     j_per_split = triton.cdiv(triton.cdiv(d_ff, splits), block_j) * block_j
     splits = triton.cdiv(d_ff, j_per_split)
     _down_kernel[(col_blocks, splits)](
-        x1, w_t, y, m, d_ff, d_out, j_per_split,
+        x1, w_t, y, m, d_ff, d_out, j_per_split, float(threshold or 0.0),
         x1.stride(0), w_t.stride(0), y.stride(0),
-        IEEE=_dot_in_fp32(x1.dtype),
+        APPLY_THRESHOLD=threshold is not None, IEEE=_dot_in_fp32(x1.dtype),
         BLOCK_M=16, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=cfg["num_warps"],
     )  # fmt: skip
     return y
@@ -250,8 +232,10 @@ def gated_ffn(
     if x2.shape[0] > MAX_TOKENS or x2.shape[0] == 0:
         return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold)
     x2 = x2.contiguous()
-    x1 = _launch_gate_up(x2, w_gate.contiguous(), w_up.contiguous(), None, threshold)
-    y = _launch_down(x1, w_down_t.contiguous()).to(x.dtype)
+    gate = x2 @ w_gate.T  # dense, cuBLAS: the gate is read whole anyway
+    y = torch.empty((x2.shape[0], w_down_t.shape[1]), dtype=torch.float32, device=x.device)
+    x1 = _launch_up(x2, gate, w_up.contiguous(), threshold, y)
+    y = _launch_down(x1, w_down_t.contiguous(), y).to(x.dtype)
     return y.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 
@@ -268,9 +252,9 @@ def plain_ffn(
     x2 = x.reshape(-1, d)
     if x2.shape[0] > MAX_TOKENS or x2.shape[0] == 0:
         return plain_ffn_reference(x, w1, b1, w2_t, b2, threshold)
-    x2 = x2.contiguous()
-    x1 = _launch_gate_up(x2, w1.contiguous(), None, b1, threshold)
-    y = _launch_down(x1, w2_t.contiguous()).to(x.dtype)
+    h = torch.addmm(b1, x2, w1.T) if b1 is not None else x2 @ w1.T  # dense fc1, cuBLAS
+    y = torch.zeros((x2.shape[0], w2_t.shape[1]), dtype=torch.float32, device=x.device)
+    y = _launch_down(h, w2_t.contiguous(), y, threshold).to(x.dtype)
     if b2 is not None:
         y = y + b2
     return y.reshape(*x.shape[:-1], w2_t.shape[1])
