@@ -26,17 +26,13 @@ def main() -> None:
     d, d_ff = 4096, 11008
     cases = [(tok, s) for tok in (1, 16) for s in (0.0, 0.9)]
     built = {c: make_case(d, d_ff, c[0], c[1], "shared", torch.bfloat16, "cuda", 1) for c in cases}
-    gate_grid = [
-        {"block_n": n, "block_k": k, "num_warps": w}
-        for n, k, w in itertools.product((16, 32, 64), (64, 128, 256), (4,))
-    ]
-    down_grid = [
-        {"block_j": j, "block_d": dd, "num_warps": w, "ctas_per_sm": c}
-        for j, dd, w, c in itertools.product((32, 64, 128), (64, 128, 256), (4,), (2, 4, 8))
+    gated_grid = [
+        {"block_n": n, "block_k": k, "block_d": dd, "num_warps": w}
+        for n, k, dd, w in itertools.product((16, 32, 64), (128, 256), (128, 256), (4, 8))
     ]
     default = {k: dict(v) for k, v in triton_ffn.TUNING.items()}
     results = []
-    for kernel, grid in (("up", gate_grid), ("down", down_grid)):
+    for kernel, grid in (("gated", gated_grid),):
         best = None
         for cfg in grid:
             triton_ffn.TUNING[kernel] = cfg

@@ -1,15 +1,16 @@
 """CUDA implementation of the sparse-FFN ops in Triton (ProSparse App. D, exact acceleration).
 
 The gate is one dense matmul (cuBLAS: it is read whole anyway; a Triton GEMV measured slower on
-an H200), then two kernels, for 1 to 16 tokens, any widths, fp32/fp16/bf16:
+an H200). Then, for 1 to 16 tokens, any widths, fp32/fp16/bf16, one kernel per block of neurons
+(``_gated_kernel``): (a) fused threshold and sparse up, neuron j gives
+``g_j >= t ? g_j * dot(x, w_up[j]) : 0`` (ProSparse App. D), and (b) sparse down, the block's x1
+times its rows of ``w_down_t``, added into a float32 ``y`` by atomics. Rows of ``w_up`` and
+``w_down_t`` whose neuron is inactive for every token are never read (masked loads), and a block
+with no active neuron does nothing. (A separate down kernel that split neurons per output-column
+block measured slower: its loop waits on x1 before each weight load.)
 
-(a) ``_up_kernel``: fused threshold and sparse up: neuron j gives
-    ``g_j >= t ? g_j * dot(x, w_up[j]) : 0`` (ProSparse App. D). Rows of ``w_up`` whose neuron
-    is inactive for every token are never read (masked loads), and a block with no active neuron
-    skips its loop. It also zeroes the down kernel's accumulator.
-(b) ``_down_kernel``: ``y = x1 @ w_down_t``, split over output columns and over neurons; rows of
-    ``w_down_t`` whose x1 entries are all zero are never read. Partial sums meet by atomic adds
-    in float32.
+Plain FFNs: fc1 dense (cuBLAS), then ``_down_kernel``: FATReLU_t(h) @ w2_t, split over output
+columns and neurons, reading only rows with a nonzero activation.
 
 More than 16 tokens run dense (cuBLAS through torch). With ``TRITON_INTERPRET=1`` the kernels
 run on CPU tensors (slowly) for tests.
@@ -33,9 +34,10 @@ except ImportError:  # pragma: no cover - triton is the optional [gpu] extra
 MAX_TOKENS = 16
 
 # Launch parameters, chosen by benchmarks/tune_triton.py on an H200 (bf16, LLaMA-7B widths).
-# Keys: up (block_n, block_k, num_warps), down (block_j, block_d, num_warps, ctas_per_sm).
+# Keys: gated (block_n, block_k, block_d, num_warps), down (block_j, block_d, num_warps,
+# ctas_per_sm; the plain FFN's kernel).
 TUNING: dict[str, dict[str, int]] = {
-    "up": {"block_n": 32, "block_k": 128, "num_warps": 4},
+    "gated": {"block_n": 32, "block_k": 128, "block_d": 256, "num_warps": 4},
     "down": {"block_j": 32, "block_d": 256, "num_warps": 4, "ctas_per_sm": 4},
 }
 
@@ -50,21 +52,15 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _up_kernel(
-        x_ptr, g_ptr, wu_ptr, x1_ptr, y_ptr,
-        M, D, DFF, threshold, Y_NUMEL, Y_PER_CTA,
-        stride_xm, stride_gm, stride_wu, stride_x1m,
+    def _gated_kernel(
+        x_ptr, g_ptr, wu_ptr, wd_ptr, y_ptr,
+        M, D, DFF, DOUT, threshold,
+        stride_xm, stride_gm, stride_wu, stride_wd, stride_ym,
         IEEE: tl.constexpr, ROUND: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_Z: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
-        # zero this CTA's share of the down kernel's float32 accumulator (saves a launch)
-        z_begin = pid * Y_PER_CTA
-        for z0 in range(z_begin, z_begin + Y_PER_CTA, BLOCK_Z):
-            offs_z = z0 + tl.arange(0, BLOCK_Z)
-            z_mask = (offs_z < z_begin + Y_PER_CTA) & (offs_z < Y_NUMEL)
-            tl.store(y_ptr + offs_z, tl.zeros((BLOCK_Z,), dtype=tl.float32), mask=z_mask)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
@@ -76,8 +72,9 @@ if triton is not None:
         ).to(tl.float32)
         keep = ((g >= threshold) | (g != g)) & m_mask[:, None] & n_mask[None, :]  # NaN active
         row_active = tl.max(keep.to(tl.int32), axis=0) > 0
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if tl.max(row_active.to(tl.int32), axis=0) > 0:  # a block with no active neuron is done
+            # (a) sparse up, fused with the threshold: rows of inactive neurons are never read
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, D, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < D
@@ -86,7 +83,6 @@ if triton is not None:
                     mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0,
                 )
-                # rows of inactive neurons are never read
                 wu = tl.load(
                     wu_ptr + offs_n[:, None] * stride_wu + offs_k[None, :],
                     mask=row_active[:, None] & k_mask[None, :],
@@ -98,14 +94,29 @@ if triton is not None:
                     )
                 else:
                     acc += tl.dot(xk, tl.trans(wu))
-        if ROUND:  # round up_proj's output to the input dtype, as the dense model does
-            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-        x1 = tl.where(keep, g * acc, 0.0)
-        tl.store(
-            x1_ptr + offs_m[:, None] * stride_x1m + offs_n[None, :],
-            x1.to(x1_ptr.dtype.element_ty),
-            mask=m_mask[:, None] & n_mask[None, :],
-        )
+            if ROUND:  # up_proj's output and x1 are in the input dtype in the dense model
+                acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+            x1 = tl.where(keep, g * acc, 0.0)
+            if ROUND:
+                x1 = x1.to(x_ptr.dtype.element_ty).to(tl.float32)
+            # (b) sparse down: this block's x1 times its rows of w_down_t, into y
+            for d0 in range(0, DOUT, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = offs_d < DOUT
+                w = tl.load(
+                    wd_ptr + offs_n[:, None] * stride_wd + offs_d[None, :],
+                    mask=row_active[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
+                if IEEE:
+                    part = tl.dot(x1, w.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(x1.to(w.dtype), w)
+                tl.atomic_add(
+                    y_ptr + offs_m[:, None] * stride_ym + offs_d[None, :],
+                    part,
+                    mask=m_mask[:, None] & d_mask[None, :],
+                )
 
     @triton.jit
     def _down_kernel(
@@ -175,24 +186,27 @@ def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _launch_up(x2: torch.Tensor, gate: torch.Tensor, w_up: torch.Tensor, threshold: float,
-               y: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """x1 = FATReLU_t(gate) * (x2 @ w_up.T), reading only active rows of w_up; zeroes ``y``."""
+def _launch_gated(
+    x2: torch.Tensor, gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:  # fmt: skip
+    """``y = (FATReLU_t(gate) * (x2 @ w_up.T)) @ w_down_t`` in float32, one kernel."""
     m, d = x2.shape
-    d_ff = w_up.shape[0]
-    x1 = torch.empty((m, d_ff), dtype=x2.dtype, device=x2.device)
-    cfg = TUNING["up"]
+    d_ff, d_out = w_down_t.shape
+    y = torch.zeros((m, d_out), dtype=torch.float32, device=x2.device)
+    cfg = TUNING["gated"]
     block_n = min(cfg["block_n"], _pow2_at_least(d_ff, 16))
     block_k = min(cfg["block_k"], _pow2_at_least(d, 16))
-    n_ctas = triton.cdiv(d_ff, block_n)
-    _up_kernel[(n_ctas,)](
-        x2, gate, w_up, x1, y,
-        m, d, d_ff, float(threshold), y.numel(), triton.cdiv(y.numel(), n_ctas),
-        x2.stride(0), gate.stride(0), w_up.stride(0), x1.stride(0),
+    block_d = min(cfg["block_d"], _pow2_at_least(d_out, 16))
+    _gated_kernel[(triton.cdiv(d_ff, block_n),)](
+        x2, gate, w_up, w_down_t, y,
+        m, d, d_ff, d_out, float(threshold),
+        x2.stride(0), gate.stride(0), w_up.stride(0), w_down_t.stride(0), y.stride(0),
         IEEE=_dot_in_fp32(x2.dtype), ROUND=x2.dtype != torch.float32,
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_Z=256, num_warps=cfg["num_warps"],
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+        num_warps=cfg["num_warps"],
     )  # fmt: skip
-    return x1
+    return y
 
 
 def _launch_down(
@@ -233,9 +247,7 @@ def gated_ffn(
         return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold)
     x2 = x2.contiguous()
     gate = x2 @ w_gate.T  # dense, cuBLAS: the gate is read whole anyway
-    y = torch.empty((x2.shape[0], w_down_t.shape[1]), dtype=torch.float32, device=x.device)
-    x1 = _launch_up(x2, gate, w_up.contiguous(), threshold, y)
-    y = _launch_down(x1, w_down_t.contiguous(), y).to(x.dtype)
+    y = _launch_gated(x2, gate, w_up.contiguous(), w_down_t.contiguous(), threshold).to(x.dtype)
     return y.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 
