@@ -28,7 +28,7 @@ def main() -> None:
     built = {c: make_case(d, d_ff, c[0], c[1], "shared", torch.bfloat16, "cuda", 1) for c in cases}
     gated_grid = [
         {"block_n": n, "block_k": k, "block_d": dd, "num_warps": w}
-        for n, k, dd, w in itertools.product((16, 32, 64), (128, 256), (128, 256), (4, 8))
+        for n, k, dd, w in itertools.product((32, 64, 128), (256, 512), (128, 256), (4, 8))
     ]
     default = {k: dict(v) for k, v in triton_ffn.TUNING.items()}
     results = []
