@@ -4,7 +4,7 @@
 # replays and eager launches). Results go to $OUT (default benchmarks/results/gpu), 7 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/gpu}
+OUT=${OUT:-benchmarks/results/h200}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 {

@@ -39,7 +39,7 @@ MAX_TOKENS = 16
 # block_n neurons per program; the up kernel splits d into block_k slices, the down kernel
 # d_out into block_d slices.
 TUNING: dict[str, dict[str, int]] = {
-    "gated": {"block_n": 64, "block_k": 256, "block_d": 256, "num_warps": 4},
+    "gated": {"block_n": 64, "block_k": 512, "block_d": 256, "num_warps": 4},
 }
 
 
