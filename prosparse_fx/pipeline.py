@@ -68,7 +68,7 @@ class SparsifyConfig:
     """
 
     stages: list[list[float]] = field(
-        default_factory=lambda: [[0.0, 150], [0.5, 180], [2.0, 260], [2.0, 300]]
+        default_factory=lambda: [[0.0, 140], [0.05, 165], [0.12, 240], [0.12, 280]]
     )
     max_steps: int | None = None
     seq_len: int = 128
@@ -81,7 +81,7 @@ class SparsifyConfig:
     threshold: float = 0.3
     target_sparsity: float = 0.85
     sweep_thresholds: list[float] = field(
-        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     )
     eval_windows: int = 16
     calib_windows: int = 16
@@ -148,7 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The long version for a GPU or a patient CPU: 10x the steps, 4x the tokens per step.
     "long": {
-        "stages": [[0.0, 1500], [0.5, 1800], [2.0, 2600], [2.0, 3000]],
+        "stages": [[0.0, 1400], [0.05, 1650], [0.12, 2400], [0.12, 2800]],
         "batch_size": 8,
         "seq_len": 256,
         "eval_windows": 64,
