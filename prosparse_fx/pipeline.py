@@ -80,9 +80,7 @@ class SparsifyConfig:
     threshold_mode: Literal["fixed", "target", "none"] = "fixed"
     threshold: float = 0.3
     target_sparsity: float = 0.85
-    sweep_thresholds: list[float] = field(
-        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
-    )
+    sweep_thresholds: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
     eval_windows: int = 16
     calib_windows: int = 16
     seed: int = 0

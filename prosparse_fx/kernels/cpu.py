@@ -1,7 +1,9 @@
 """CPU implementation of the sparse-FFN ops: the gate (or fc1) dense, then up_proj and
 down_proj over the active neurons only (for several tokens, the union of their active sets),
-read in cache-sized chunks of rows through reused buffers. Above a crossover active fraction it
-runs dense, so it is never meaningfully slower than dense (ProSparse App. D, exact acceleration).
+each active row read once in place by a small C++ helper (:mod:`.cpu_ext`), or, without a
+compiler, gathered in cache-sized chunks of rows through reused buffers. Above a crossover
+active fraction it runs dense, so it is never meaningfully slower than dense (ProSparse App. D,
+exact acceleration).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from . import cpu_ext
 from .reference import fatrelu_ref
 
 # Active fraction above which the dense path is faster (measured in benchmarks/bench_ffn.py on
@@ -56,8 +59,18 @@ def _chunk_rows(cols: int, dtype: torch.dtype) -> int:
     return max(8, _CHUNK_BYTES // (cols * torch.finfo(dtype).bits // 8))
 
 
+def _use_ext(*tensors: torch.Tensor) -> object | None:
+    if all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return cpu_ext.get()
+    return None
+
+
 def _rows_times(x2: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x2 @ w[idx].T`` as ``[n, k]``, gathering ``w``'s rows chunk by chunk."""
+    """``x2 @ w[idx].T`` as ``[n, k]``: in place by the C++ helper, else gathering ``w``'s rows
+    chunk by chunk."""
+    ext = _use_ext(x2, w)
+    if ext is not None:
+        return ext.gather_gemv(w, idx, x2)
     n, k = x2.shape[0], idx.numel()
     out_t = torch.empty((k, n), dtype=x2.dtype)
     step = _chunk_rows(w.shape[1], w.dtype)
@@ -72,9 +85,16 @@ def _rows_times(x2: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.T
 
 def _times_rows(x1: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x1 @ w_t[idx]`` as ``[n, d_out]``; x1 is ``[n, k]``."""
+    ext = _use_ext(x1, w_t)
+    if ext is not None:
+        return ext.gather_axpy(w_t, idx, x1.contiguous())
     if x1.shape[0] == 1 and w_t.dtype == torch.float32:
-        # a weighted sum of the active rows, read once, no copy
-        return F.embedding_bag(idx[None], w_t, per_sample_weights=x1, mode="sum")
+        # a weighted sum of the active rows, read once, no copy; one bag per thread
+        k, bags = idx.numel(), max(torch.get_num_threads(), 1)
+        offsets = torch.arange(0, k, -(-k // bags))
+        return F.embedding_bag(idx, w_t, offsets=offsets, per_sample_weights=x1[0], mode="sum").sum(
+            0, keepdim=True
+        )
     n, d_out = x1.shape[0], w_t.shape[1]
     y = torch.zeros((n, d_out), dtype=x1.dtype)
     step = _chunk_rows(d_out, w_t.dtype)
