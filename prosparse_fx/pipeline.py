@@ -288,6 +288,11 @@ def run_sparsify(
     try:
         sites = find_ffn_sites(model)
         check_no_unknown(sites)
+        if any(s.activation_module is None for s in sites):
+            raise ValueError(
+                "this model computes its FFN activation as a function call, with no module "
+                "to swap; sparsify needs activation modules (as in Hugging Face models)"
+            )
     except (FFNNotFoundError, ValueError) as exc:
         raise InputError(str(exc)) from exc
 
