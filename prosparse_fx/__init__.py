@@ -1,14 +1,17 @@
 """prosparse-fx: ProSparse activation sparsity for LLMs as torch.fx graph passes.
 
-Importing the package registers the ``prosparse::fatrelu`` op and ``hidden_act="fatrelu"`` in
-transformers, so FATReLU models saved with ``save_pretrained`` reload with ``from_pretrained``.
+Importing the package registers the ``prosparse::`` ops (``fatrelu``, ``sparse_gated_ffn``,
+``sparse_plain_ffn``) and ``hidden_act="fatrelu"`` in transformers, so FATReLU models saved with
+``save_pretrained`` reload with ``from_pretrained``.
 """
 
+from . import kernels  # noqa: F401  (registers torch.ops.prosparse.sparse_*_ffn)
 from .activations import FATReLU, fatrelu
 from .errors import InputError
 from .ffn import FFNNotFoundError, FFNSite, find_ffn_sites
 from .measure import Evaluation, SparsityReport, evaluate, measure_sparsity, perplexity
 from .relufy import relufy_
+from .sparse_modules import NotSparseError, sparsify_ffn_
 from .taps import activation_l1
 from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
 from .training import ActivationRegularizer, ConstantSchedule, ProSparseSchedule
@@ -23,6 +26,7 @@ __all__ = [
     "FFNNotFoundError",
     "FFNSite",
     "InputError",
+    "NotSparseError",
     "ProSparseSchedule",
     "SparsityReport",
     "activation_l1",
@@ -34,5 +38,6 @@ __all__ = [
     "perplexity",
     "relufy_",
     "shift_thresholds_",
+    "sparsify_ffn_",
     "threshold_sweep",
 ]

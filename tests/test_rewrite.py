@@ -1,5 +1,7 @@
 """The sparse-FFN rewrite: graph pass and eager ``sparsify_ffn_`` against the dense model."""
 
+import copy
+
 import pytest
 import torch
 
@@ -78,8 +80,7 @@ def test_silu_is_refused() -> None:
 
 def test_real_model_generate_equal(smollm2) -> None:
     model, tok = smollm2
-    model = type(model)(model.config).eval()
-    model.load_state_dict(smollm2[0].state_dict())
+    model = copy.deepcopy(model)  # the session model stays SiLU
     relufy_(model, "fatrelu", 0.3)
     ids = tok("The history of Wikipedia", return_tensors="pt").input_ids
     with torch.no_grad():
