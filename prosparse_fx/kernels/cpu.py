@@ -20,7 +20,7 @@ from .reference import fatrelu_ref
 # Active fraction above which the dense path is faster (measured in benchmarks/bench_ffn.py on
 # the project's 2-core machine at LLaMA-7B widths; override with PROSPARSE_CPU_CROSSOVER or
 # set_cpu_crossover()).
-DEFAULT_CROSSOVER = 0.5
+DEFAULT_CROSSOVER = 0.7
 _CHUNK_BYTES = 256 * 1024
 
 _state = {"crossover": float(os.environ.get("PROSPARSE_CPU_CROSSOVER", DEFAULT_CROSSOVER))}
