@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import kernels  # noqa: F401  (registers the ops)
-from .ffn import RELU_FAMILY, FFNSite, find_ffn_sites, resolve_module
+from .ffn import FFNSite, find_ffn_sites, resolve_module
 
 
 class NotSparseError(ValueError):
@@ -20,7 +20,7 @@ class NotSparseError(ValueError):
 
 def check_relu_family(sites: Sequence[FFNSite]) -> None:
     """Raise :class:`NotSparseError` listing the sites whose activation is not ReLU/FATReLU."""
-    bad = [s for s in sites if s.activation not in RELU_FAMILY]
+    bad = [s for s in sites if not s.is_relu_family]
     if bad:
         raise NotSparseError(
             f"{len(bad)} FFN site(s) have activation {sorted({s.activation for s in bad})}, whose "
