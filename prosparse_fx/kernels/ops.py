@@ -10,17 +10,15 @@ implementations let torch.export keep each op as one node and torch.compile trac
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ..activations import check_threshold
 from . import cpu
 from .reference import gated_ffn_reference, plain_ffn_reference
 
 
 def _check_common(x: torch.Tensor, threshold: float, named: dict[str, torch.Tensor]) -> None:
-    if not (threshold >= 0 and math.isfinite(threshold)):
-        raise ValueError(f"threshold must be a finite number >= 0 (0 is ReLU), got {threshold!r}")
+    check_threshold(threshold)
     if x.dim() < 1:
         raise ValueError("x must have shape [..., d], got a 0-dim tensor")
     for name, t in named.items():
