@@ -1,12 +1,15 @@
 """prosparse-fx: ProSparse activation sparsity for LLMs as torch.fx graph passes.
 
 Importing the package registers the ``prosparse::`` ops (``fatrelu``, ``sparse_gated_ffn``,
-``sparse_plain_ffn``) and ``hidden_act="fatrelu"`` in transformers, so FATReLU models saved with
+``sparse_plain_ffn``), the ``prosparse`` torch.compile backend, and ``hidden_act="fatrelu"`` in
+transformers, so FATReLU models saved with
 ``save_pretrained`` reload with ``from_pretrained``.
 """
 
 from . import kernels  # noqa: F401  (registers torch.ops.prosparse.sparse_*_ffn)
 from .activations import FATReLU, fatrelu
+from .backend import BackendOptions, prosparse_backend
+from .backend import register as _register_backend
 from .errors import InputError
 from .ffn import FFNNotFoundError, FFNSite, find_ffn_sites
 from .measure import Evaluation, SparsityReport, evaluate, measure_sparsity, perplexity
@@ -16,10 +19,13 @@ from .taps import activation_l1
 from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
 from .training import ActivationRegularizer, ConstantSchedule, ProSparseSchedule
 
+_register_backend()
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationRegularizer",
+    "BackendOptions",
     "ConstantSchedule",
     "Evaluation",
     "FATReLU",
@@ -36,6 +42,7 @@ __all__ = [
     "find_ffn_sites",
     "measure_sparsity",
     "perplexity",
+    "prosparse_backend",
     "relufy_",
     "shift_thresholds_",
     "sparsify_ffn_",

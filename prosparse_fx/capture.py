@@ -200,15 +200,14 @@ def module_path(node: fx.Node) -> str | None:
 
 
 def node_shape(node: Any) -> tuple[int, ...] | None:
-    """Static shape of a node's value from its ``meta["val"]`` / ``example_value``, if known."""
+    """Shape of a node's value from its ``meta["val"]`` / ``example_value``, if known; a symbolic
+    (dynamic) dimension is -1. SymInts are never converted to int: that would add a guard and
+    specialise a dynamic-shape graph."""
     if not isinstance(node, fx.Node):
         return None
     val = node.meta.get("val", node.meta.get("example_value"))
     if isinstance(val, torch.Tensor):
-        try:
-            return tuple(int(s) for s in val.shape)
-        except TypeError:  # symbolic size
-            return tuple(int(s) if isinstance(s, int) else -1 for s in val.shape)
+        return tuple(s if isinstance(s, int) else -1 for s in val.shape)
     return None
 
 
@@ -327,3 +326,40 @@ def append_graph_outputs(gm: fx.GraphModule, extra: list[fx.Node]) -> int:
 def transpose_target(dialect: Dialect) -> Any:
     """The callable to insert for a 2-D transpose in a graph of the given dialect."""
     return torch.ops.aten.t.default if dialect == "aten" else torch.t
+
+
+def specialize_symbolic_thresholds(gm: fx.GraphModule) -> None:
+    """Make Dynamo re-trace with constant FATReLU thresholds if this graph has symbolic ones.
+
+    Under ``torch.compile(dynamic=True)`` Dynamo turns float module attributes, such as a
+    FATReLU threshold, into symbolic inputs; the FFN analysis and the sparse ops need the
+    threshold as a constant. This asks Dynamo to specialise those floats and restart its
+    analysis (the mechanism Inductor itself uses for floats it cannot keep symbolic), so the
+    graph the passes see has constants, guarded on their values.
+
+    Raises:
+        torch._dynamo.exc.TensorifyScalarRestartAnalysis: when something was asked to be
+            specialised (caught by Dynamo, which traces again).
+    """
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    names = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or canonical_op(node) != "fatrelu" or len(node.args) < 2:
+            continue
+        t = node.args[1]
+        # a float attribute becomes a 0-dim tensor input read by ``.item()``; Dynamo names the
+        # symbol of that read, and specialises the inputs whose symbol names it is given
+        if isinstance(t, fx.Node) and t.op == "call_method" and t.target == "item":
+            source = t.args[0]
+            fake = source.meta.get("example_value") if isinstance(source, fx.Node) else None
+            memo = getattr(fake, "item_memo", None)
+            name = getattr(getattr(memo, "node", None), "_expr", None)
+            if name is not None and hasattr(name, "name"):
+                names.append(name.name)
+    names = [n for n in names if not TensorifyState.should_specialize(n)]
+    if names:
+        for name in names:
+            TensorifyState.specialize(name)
+        raise TensorifyScalarRestartAnalysis

@@ -67,10 +67,13 @@ class SparsifyConfig:
         eval_windows: held-out windows for perplexity and sparsity.
         calib_windows: calibration windows (training documents' sibling split, not held-out).
         seed: seed of the data split and order.
+        precision: training forward precision: ``"auto"`` (bf16 autocast where the device has
+            fast bf16 matmuls: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX; else fp32),
+            ``"bf16"`` or ``"fp32"``. Weights, optimizer and all evaluations stay float32.
     """
 
     stages: list[list[float]] = field(
-        default_factory=lambda: [[0.0, 140], [0.05, 165], [0.12, 240], [0.12, 280]]
+        default_factory=lambda: [[0.0, 100], [0.05, 120], [0.12, 170], [0.12, 200]]
     )
     max_steps: int | None = None
     seq_len: int = 128
@@ -86,6 +89,7 @@ class SparsifyConfig:
     eval_windows: int = 16
     calib_windows: int = 16
     seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     def schedule(self) -> ProSparseSchedule:
         """The lambda schedule, scaled to ``max_steps`` when it is set."""
@@ -155,6 +159,8 @@ class SparsifyConfig:
             )
         if self.norm not in L1_NORMS:
             raise InputError(f"norm must be one of {list(L1_NORMS)}, got {self.norm!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise InputError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if not self.threshold >= 0:
             raise InputError(f"threshold must be >= 0, got {self.threshold}")
         if not 0 <= self.target_sparsity < 1:
@@ -234,6 +240,21 @@ def check_device(device: str | None) -> str:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} asked for, but this torch has no CUDA GPU")
     return device
+
+
+def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype of training for ``precision`` on ``device`` (``None``: float32).
+
+    ``"auto"`` picks bfloat16 where bf16 matmuls are fast (CUDA GPUs that support bf16; CPUs
+    with AVX512-BF16 or AMX, as oneDNN reports them), else float32.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
 def save_model_atomic(model: Any, tokenizer: Any, target: Path) -> None:
@@ -368,6 +389,7 @@ def run_sparsify(
         "schedule": schedule.to_dict(),
         "sites": [s.to_dict() for s in sites],
         "machine": machine_info(),
+        "training_autocast": str(autocast_dtype(config.precision, device) or "none (float32)"),
     }
     log.info("baseline evaluation (%s activation)", sites[0].activation)
     baseline = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
@@ -469,6 +491,7 @@ def _train_stages(
                             optimizer=_Stepper(optimizer, lr_sched),
                             stage_of=schedule.stage,
                             progress=bar,
+                            autocast_dtype=autocast_dtype(config.precision, device),
                         )
                     except NonFiniteLossError:
                         report["status"] = "diverged"

@@ -9,9 +9,10 @@ with :func:`activation_l1`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ def activation_l1(x1: torch.Tensor, norm: L1Norm = "mean") -> torch.Tensor:
     * ``"token_l1"``: the L1 norm over the d_ff neurons, averaged over tokens (``d_ff`` times
       ``"mean"``).
 
+    The result is float32 whatever the dtype of x1 (bf16 under autocast), so the penalty keeps
+    its weight relative to the LM loss.
+
     Args:
         x1: ``[..., d_ff]`` float tensor, the input of down_proj.
         norm: ``"mean"`` or ``"token_l1"``.
@@ -40,10 +44,53 @@ def activation_l1(x1: torch.Tensor, norm: L1Norm = "mean") -> torch.Tensor:
         ValueError: unknown ``norm``.
     """
     if norm == "mean":
-        return x1.abs().mean()
+        return x1.abs().mean(dtype=torch.float32)
     if norm == "token_l1":
-        return x1.abs().sum(-1).mean()
+        return x1.abs().sum(-1, dtype=torch.float32).mean()
     raise ValueError(f"unknown L1 normalisation {norm!r}; choose one of {', '.join(L1_NORMS)}")
+
+
+def zero_fraction(x1: torch.Tensor) -> torch.Tensor:
+    """Fraction of exact zeros in x1 (0-dim float32, no gradient): the activation sparsity of
+    one layer on one forward."""
+    return (x1.detach() == 0).float().mean()
+
+
+class TapSink(Protocol):
+    """Receives the graph taps of one FFN site (see :func:`register_sink`)."""
+
+    norm: L1Norm
+
+    def receive(self, i: int, l1: torch.Tensor, zeros: torch.Tensor) -> None: ...
+
+
+# down_proj weight (by identity) -> (sink, site index); how graph taps find their regularizer.
+_SINKS: dict[int, tuple[weakref.ref, weakref.ref, int]] = {}
+
+
+def register_sink(weight: torch.Tensor, sink: TapSink, i: int) -> None:
+    """Route the graph taps of the FFN site whose down_proj weight is ``weight`` to
+    ``sink.receive(i, ...)``. Graphs compiled by the ``prosparse`` backend look sinks up by the
+    identity of that weight, so a sink follows its model, not its module paths."""
+    _SINKS[id(weight)] = (weakref.ref(weight), weakref.ref(sink), i)
+
+
+def unregister_sink(weight: torch.Tensor, sink: TapSink) -> None:
+    """Undo :func:`register_sink` (only if ``sink`` is still the one registered)."""
+    entry = _SINKS.get(id(weight))
+    if entry is not None and entry[1]() is sink:
+        del _SINKS[id(weight)]
+
+
+def sink_for(weight: torch.Tensor) -> tuple[TapSink, int] | None:
+    """The live sink and site index registered for ``weight``, or ``None``."""
+    entry = _SINKS.get(id(weight))
+    if entry is None:
+        return None
+    w, sink, i = entry[0](), entry[1](), entry[2]
+    if w is not weight or sink is None:
+        return None
+    return sink, i
 
 
 @contextmanager

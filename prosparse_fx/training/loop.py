@@ -56,8 +56,13 @@ def train(
     stage_of: Callable[[int], int],
     max_grad_norm: float = 1.0,
     progress: tqdm | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[StepLog]:
     """Run optimizer steps ``start_step + 1 .. end_step``; return one :class:`StepLog` each.
+
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under ``torch.autocast``;
+    weights, gradients and the optimizer stay float32, and the penalty is summed in float32, so
+    its weight relative to the LM loss is that of a float32 run.
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the step's update is not applied).
@@ -67,7 +72,8 @@ def train(
     logs = []
     for step in range(start_step + 1, end_step + 1):
         batch = next(batches).to(device)
-        out = model(input_ids=batch, labels=batch)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(input_ids=batch, labels=batch)
         penalty = regularizer.penalty(step)
         loss = out.loss + penalty
         value = float(loss.detach())

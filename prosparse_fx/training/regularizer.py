@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..ffn import FFNSite, find_ffn_sites
-from ..taps import L1_NORMS, L1Norm, activation_l1, down_paths, tap_inputs
+from ..ffn import FFNSite, find_ffn_sites, resolve_module
+from ..taps import (
+    L1_NORMS,
+    L1Norm,
+    activation_l1,
+    down_paths,
+    register_sink,
+    tap_inputs,
+    unregister_sink,
+    zero_fraction,
+)
+
+TAP_SOURCES = ("hooks", "graph")
 
 
 class ActivationRegularizer:
@@ -23,14 +34,28 @@ class ActivationRegularizer:
         reg = ActivationRegularizer(model, ProSparseSchedule.from_stages(stages))
         loss = model(**batch).loss + reg.penalty(step)
 
+    With ``taps="graph"`` there are no hooks: the values come from a model compiled by the
+    ``prosparse`` backend with ``options={"regularize": True}``, whose graph computes them as
+    extra outputs (:mod:`prosparse_fx.backend`); create the regularizer before the first call::
+
+        reg = ActivationRegularizer(model, schedule, taps="graph")
+        compiled = torch.compile(model, backend="prosparse",
+                                 options={"activation": "relu", "regularize": True})
+        loss = compiled(**batch).loss + reg.penalty(step)
+
+    lambda is held in a 0-dim float32 tensor updated in place, so code that compiles the penalty
+    too is not recompiled when the schedule moves lambda.
+
     Args:
         model: the (relufied) model; hooks are added to it until :meth:`remove`.
         schedule: callable ``step -> lambda`` (:class:`ProSparseSchedule`) or a constant float.
         norm: ``"mean"`` or ``"token_l1"`` (see :func:`activation_l1`).
         sites: FFN sites (found by capture when ``None``).
+        taps: ``"hooks"`` (eager forward pre-hooks on each down_proj) or ``"graph"`` (fed by
+            the ``prosparse`` compile backend).
 
     Raises:
-        ValueError: unknown ``norm``.
+        ValueError: unknown ``norm`` or ``taps``.
         FFNNotFoundError: the model has no FFN.
     """
 
@@ -41,9 +66,12 @@ class ActivationRegularizer:
         *,
         norm: L1Norm = "mean",
         sites: Sequence[FFNSite] | None = None,
+        taps: Literal["hooks", "graph"] = "hooks",
     ) -> None:
         if norm not in L1_NORMS:
             raise ValueError(f"unknown L1 normalisation {norm!r}; choose one of {L1_NORMS}")
+        if taps not in TAP_SOURCES:
+            raise ValueError(f"unknown taps source {taps!r}; choose one of {TAP_SOURCES}")
         self.sites = list(sites) if sites is not None else find_ffn_sites(model)
         self.schedule = schedule if callable(schedule) else (lambda _step, _c=float(schedule): _c)
         self.norm = norm
@@ -52,12 +80,29 @@ class ActivationRegularizer:
         self.last_lambda = 0.0
         self.last_l1: list[float] = [0.0] * len(self.sites)
         self.last_sparsity: list[float] = [0.0] * len(self.sites)
-        self._ctx = tap_inputs(model, down_paths(self.sites), self._record)
-        self._ctx.__enter__()
+        self.taps = taps
+        self._lambda = torch.zeros((), dtype=torch.float32)
+        self._weights: list[torch.Tensor] = []
+        self._ctx = None
+        if taps == "hooks":
+            self._ctx = tap_inputs(model, down_paths(self.sites), self._record)
+            self._ctx.__enter__()
+        else:
+            for i, site in enumerate(self.sites):
+                weight = resolve_module(model, site.down).weight
+                register_sink(weight, self, i)
+                self._weights.append(weight)
 
     def _record(self, i: int, x1: torch.Tensor) -> None:
-        self._l1[i].append(activation_l1(x1, self.norm))
-        self._zero[i].append((x1.detach() == 0).float().mean())
+        self.receive(i, activation_l1(x1, self.norm), zero_fraction(x1))
+
+    def receive(self, i: int, l1: torch.Tensor, zeros: torch.Tensor) -> None:
+        """Record site ``i``'s L1(x1) (0-dim, with gradient) and fraction of zeros of one forward.
+
+        Called by the hooks, or by a graph compiled by the ``prosparse`` backend.
+        """
+        self._l1[i].append(l1)
+        self._zero[i].append(zeros)
 
     def l1(self) -> torch.Tensor:
         """Sum over layers of L1(x1), averaged over the forwards since the last :meth:`penalty`.
@@ -79,7 +124,11 @@ class ActivationRegularizer:
     def penalty(self, step: int = 0) -> torch.Tensor:
         """``lambda(step) * l1()``, a 0-dim tensor with gradient; clears the recorded values."""
         self.last_lambda = float(self.schedule(step))
-        return self.last_lambda * self.l1()
+        l1 = self.l1()
+        if self._lambda.device != l1.device:
+            self._lambda = self._lambda.to(l1.device)
+        self._lambda.fill_(self.last_lambda)
+        return self._lambda * l1
 
     @property
     def sparsity(self) -> float:
@@ -92,8 +141,13 @@ class ActivationRegularizer:
             v.clear()
 
     def remove(self) -> None:
-        """Remove the hooks from the model."""
-        self._ctx.__exit__(None, None, None)
+        """Remove the hooks from the model (or stop receiving graph taps)."""
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+        for weight in self._weights:
+            unregister_sink(weight, self)
+        self._weights = []
 
     def __enter__(self) -> ActivationRegularizer:
         return self

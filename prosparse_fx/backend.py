@@ -1,0 +1,246 @@
+"""The ``prosparse`` torch.compile backend: ProSparse's graph passes on the Dynamo graph, then
+Inductor.
+
+``torch.compile(model, backend="prosparse", options={...})`` runs, on the FX graph Dynamo
+captures (before AOTAutograd derives the backward, so gradients are those of the rewritten
+forward):
+
+1. activation substitution (:class:`~prosparse_fx.passes.SubstituteActivationPass`), only when
+   ``"activation"`` asks for it: the backend never changes what a model computes on its own;
+2. regularization taps (:class:`~prosparse_fx.passes.InsertActivationTapsPass`) feeding an
+   :class:`~prosparse_fx.ActivationRegularizer` created with ``taps="graph"``;
+3. the sparse-FFN rewrite (:class:`~prosparse_fx.passes.SparseFFNRewritePass`) of ReLU/FATReLU
+   sites into ``prosparse::sparse_*_ffn`` ops, by default only in inference (no autograd);
+
+then hands the graph to Inductor. The backend is registered under the name ``prosparse`` when
+``prosparse_fx`` is imported, and as a ``torch_dynamo_backends`` entry point, so it resolves
+without the import.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from .capture import specialize_symbolic_thresholds
+from .ffn import find_sites_in_graph, linear_operands
+from .passes import InsertActivationTapsPass, SparseFFNRewritePass, SubstituteActivationPass
+from .passes.activation_taps import TAPS_META_KEY
+from .sparse_modules import check_relu_family
+from .taps import sink_for
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAME = "prosparse"
+
+_VALID: dict[str, str] = {
+    "activation": "None (leave the activations alone), 'relu' or 'fatrelu'",
+    "threshold": "FATReLU t >= 0, one float or one per FFN site (with activation='fatrelu')",
+    "regularize": "True or False: feed the ActivationRegularizer(model, ..., taps='graph')",
+    "sparse_ffn": "'auto' (in inference, when every site is ReLU/FATReLU), True or False",
+    "compiler": "'inductor' or 'eager' (run the rewritten FX graph as is, for debugging)",
+}
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The ``options`` of ``torch.compile(..., backend="prosparse", options=...)``.
+
+    Attributes:
+        activation: ``None`` (default: activations stay as they are), ``"relu"`` or
+            ``"fatrelu"`` (ProSparse Sec. 3.1; FATReLU Sec. 3.3, Eq. 3).
+        threshold: FATReLU t (>= 0), one float or one per FFN site; only with ``"fatrelu"``.
+        regularize: add L1(x1) taps for an ``ActivationRegularizer(model, ..., taps="graph")``
+            (default ``False``).
+        sparse_ffn: rewrite ReLU/FATReLU FFN sites into the sparse-FFN ops: ``"auto"``
+            (default: when compiled under ``torch.no_grad()``/inference mode, without
+            ``regularize``, and every site is ReLU-family), ``True`` (always; the ops have no
+            backward, so only for inference) or ``False``.
+        compiler: ``"inductor"`` (default) or ``"eager"``.
+    """
+
+    activation: str | None = None
+    threshold: float | tuple[float, ...] = 0.0
+    regularize: bool = False
+    sparse_ffn: bool | str = "auto"
+    compiler: str = "inductor"
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
+        """Validate a torch.compile ``options`` dict.
+
+        Raises:
+            ValueError: an unknown option name or a bad value; the message lists the valid ones.
+        """
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(_VALID))
+        if unknown:
+            raise ValueError(f"unknown prosparse backend option(s) {unknown}; {_valid_text()}")
+        opts = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items()})
+        opts._check()
+        return opts
+
+    def _check(self) -> None:
+        def bad(name: str, value: Any) -> ValueError:
+            return ValueError(
+                f"bad value {value!r} for prosparse backend option {name!r}; valid: "
+                f"{_VALID[name]}. {_valid_text()}"
+            )
+
+        if self.activation not in (None, "relu", "fatrelu"):
+            raise bad("activation", self.activation)
+        ts = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,)
+        if not ts or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
+            for t in ts
+        ):
+            raise bad("threshold", self.threshold)
+        if self.threshold != 0.0 and self.activation != "fatrelu":
+            raise bad("threshold", f"{self.threshold} without activation='fatrelu'")
+        if not isinstance(self.regularize, bool):
+            raise bad("regularize", self.regularize)
+        if self.sparse_ffn not in ("auto", True, False):
+            raise bad("sparse_ffn", self.sparse_ffn)
+        if self.compiler not in ("inductor", "eager"):
+            raise bad("compiler", self.compiler)
+
+
+def _valid_text() -> str:
+    return "valid options: " + "; ".join(f"{k}: {v}" for k, v in _VALID.items())
+
+
+_said_no_sites = False
+
+
+def _say_no_sites_once() -> None:
+    global _said_no_sites
+    if not _said_no_sites:
+        _said_no_sites = True
+        log.warning("prosparse backend: a graph has no FFN site; compiling it unchanged")
+
+
+def prosparse_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """The ``prosparse`` torch.compile backend (see the module docstring and
+    :class:`BackendOptions`).
+
+    Args:
+        gm: the Dynamo FX graph (torch-level ops, parameters as placeholders or attributes).
+        example_inputs: the graph's real inputs of the first call.
+        options: the ``options`` dict given to ``torch.compile``.
+        mode: the ``mode`` given to ``torch.compile``, passed on to Inductor.
+
+    Returns:
+        The compiled callable.
+
+    Raises:
+        ValueError: bad options (listing the valid ones); ``regularize`` with no
+            ``ActivationRegularizer(model, ..., taps="graph")`` for the model; a site whose
+            activation cannot be replaced.
+        NotSparseError: ``sparse_ffn=True`` on a site that is not ReLU-family.
+    """
+    opts = BackendOptions.parse(options)
+    specialize_symbolic_thresholds(gm)
+    sites = find_sites_in_graph(gm)
+    if not sites:
+        _say_no_sites_once()
+        return _compile(gm, example_inputs, opts, mode)
+    if opts.activation is not None:
+        threshold = list(opts.threshold) if isinstance(opts.threshold, tuple) else opts.threshold
+        SubstituteActivationPass(opts.activation, threshold)(gm)
+        sites = find_sites_in_graph(gm)
+    sinks = None
+    if opts.regularize:
+        sinks = _sinks(gm, example_inputs, sites)
+        InsertActivationTapsPass(norm=sinks[0][0].norm, zeros=True)(gm)
+    inference = not torch.is_grad_enabled()
+    if opts.sparse_ffn is True or (
+        opts.sparse_ffn == "auto"
+        and inference
+        and not opts.regularize
+        and all(s.is_relu_family for s in sites)
+    ):
+        check_relu_family(sites)
+        SparseFFNRewritePass()(gm)
+    compiled = _compile(gm, example_inputs, opts, mode)
+    if sinks is None:
+        return compiled
+    return _TapDelivery(compiled, gm.meta[TAPS_META_KEY]["n_outputs"], sinks)
+
+
+def _sinks(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], sites: Sequence[Any]
+) -> list[tuple[Any, int]]:
+    """The regularizer and site index for each graph site, found by its down_proj weight."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    found = []
+    for site in sites:
+        _, weight_node, _, _ = linear_operands(site.nodes.down)
+        weight = None
+        if weight_node.op == "placeholder":
+            weight = example_inputs[placeholders.index(weight_node)]
+        elif weight_node.op == "get_attr":
+            weight = gm.get_parameter(str(weight_node.target))
+        sink = sink_for(weight) if isinstance(weight, torch.Tensor) else None
+        if sink is None:
+            raise ValueError(
+                f"options regularize=True, but no ActivationRegularizer receives graph taps for "
+                f"FFN site {site.path}: create ActivationRegularizer(model, schedule, "
+                f"taps='graph') before the first call of the compiled model"
+            )
+        found.append(sink)
+    return found
+
+
+class _TapDelivery:
+    """Calls the compiled graph, hands its tap outputs to the regularizers and returns the
+    original outputs."""
+
+    def __init__(self, compiled: Callable[..., Any], n_outputs: int, sinks: list) -> None:
+        self.compiled = compiled
+        self.n_outputs = n_outputs
+        self.sinks = sinks
+        self._boxed_call = getattr(compiled, "_boxed_call", False)
+
+    def __call__(self, *args: Any) -> Any:
+        out = self.compiled(*args)
+        k = len(self.sinks)
+        taps = out[self.n_outputs :]
+        for j, (sink, i) in enumerate(self.sinks):
+            sink.receive(i, taps[j], taps[k + j])
+        return out[: self.n_outputs]
+
+
+def _compile(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, mode: str | None
+) -> Callable[..., Any]:
+    if opts.compiler == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = torch._inductor.list_mode_options(mode) if mode else None
+    return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+
+def register() -> None:
+    """Register the backend as ``prosparse`` (idempotent; the entry point may have done it)."""
+    from torch._dynamo.backends import registry
+
+    # an entry point discovered but not yet loaded is registered by torch itself on lookup;
+    # registering it here too would make that lookup fail as a duplicate
+    if BACKEND_NAME in registry._COMPILER_FNS or registry._BACKENDS.get(BACKEND_NAME):
+        return
+    registry.register_backend(prosparse_backend, name=BACKEND_NAME)
+
+
+__all__ = ["BACKEND_NAME", "BackendOptions", "prosparse_backend", "register"]

@@ -1,0 +1,109 @@
+"""ProSparse in ``transformers.Trainer``: the penalty through ``compute_loss_func``, lambda stepped
+and logged by a callback (ProSparse Sec. 3.2, Algorithm 1).
+
+    reg = ActivationRegularizer(model, ProSparseSchedule.from_stages(stages))
+    trainer = Trainer(model=model, args=args, train_dataset=ds)
+    ProSparseTrainerPlugin(reg).attach(trainer)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .regularizer import ActivationRegularizer
+
+
+class ProSparseTrainerPlugin(TrainerCallback):
+    """Adds ``lambda(step) * sum_layers L1(x1)`` to a ``Trainer``'s loss and logs it.
+
+    :meth:`attach` makes the plugin the Trainer's ``compute_loss_func`` (the LM loss is the
+    model's own ``loss_function``, normalised by the Trainer's ``num_items_in_batch``) and its
+    first callback, so that ``lambda``, the L1 term and the running sparsity of x1 are in the
+    logs before any ``report_to`` logger sees them (keys ``prosparse/lambda``, ``prosparse/l1``,
+    ``prosparse/sparsity``, averaged over the optimizer steps since the last log).
+
+    Weighting: lambda is read at the optimizer step being computed (``global_step + 1``). Under
+    gradient accumulation over k micro-batches each micro-batch adds ``penalty / k``, and under
+    data parallelism the Trainer's scaling of the returned loss by the number of processes is
+    undone for the penalty, so its weight relative to the LM loss is that of one full batch on
+    one process (the L1 term is a mean over tokens, as in the eager loop).
+
+    Args:
+        regularizer: an :class:`ActivationRegularizer` on the model the Trainer trains.
+
+    Raises:
+        ValueError (from :meth:`attach`): the Trainer already has a ``compute_loss_func`` or a
+            label smoother, which the plugin would silently replace.
+    """
+
+    def __init__(self, regularizer: ActivationRegularizer) -> None:
+        self.regularizer = regularizer
+        self.trainer: Trainer | None = None
+        self._step = 1
+        self._logged: list[tuple[float, float, float]] = []
+
+    def attach(self, trainer: Trainer) -> ProSparseTrainerPlugin:
+        """Install the plugin in ``trainer``; returns ``self``."""
+        if trainer.compute_loss_func is not None or trainer.label_smoother is not None:
+            raise ValueError(
+                "this Trainer already has a compute_loss_func or label smoothing; the ProSparse "
+                "plugin computes the loss itself: remove them, or add reg.penalty(step) to your "
+                "own compute_loss_func"
+            )
+        self.trainer = trainer
+        trainer.compute_loss_func = self
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    def __call__(
+        self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """The Trainer's ``compute_loss_func``: LM loss plus the scaled penalty."""
+        trainer = self.trainer
+        if trainer is None:
+            raise RuntimeError("call ProSparseTrainerPlugin.attach(trainer) before training")
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        vocab = model.config.vocab_size
+        n_items = num_items_in_batch
+        lm = model.loss_function(logits, labels, vocab_size=vocab, num_items_in_batch=n_items)
+        scale = 1.0
+        if model.training:
+            scale /= max(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1, 1)
+            if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+                scale /= max(trainer.accelerator.num_processes, 1)
+        penalty = self.regularizer.penalty(self._step)
+        if model.training:
+            self._logged.append(
+                (
+                    self.regularizer.last_lambda,
+                    sum(self.regularizer.last_l1),
+                    self.regularizer.sparsity,
+                )
+            )
+        return lm + scale * penalty
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        self._step = state.global_step + 1
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
+        if logs is None or not self._logged:
+            return
+        n = len(self._logged)
+        logs["prosparse/lambda"] = self._logged[-1][0]
+        logs["prosparse/l1"] = sum(v[1] for v in self._logged) / n
+        logs["prosparse/sparsity"] = sum(v[2] for v in self._logged) / n
+        self._logged.clear()

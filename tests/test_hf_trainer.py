@@ -1,0 +1,114 @@
+"""ProSparse in transformers.Trainer: the penalty's weight (against a hand-made step, with and
+without gradient accumulation), lambda following the schedule, and the logged values."""
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from prosparse_fx import ActivationRegularizer, ProSparseSchedule, relufy_
+from prosparse_fx.training.hf_trainer import ProSparseTrainerPlugin
+from tests.models import tiny
+
+LAM = 5.0
+LR = 0.1
+
+
+def _data(n: int = 4, length: int = 12) -> list[dict]:
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 128, (n, length), generator=gen)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def _model():
+    model = tiny("llama")
+    relufy_(model, "relu")
+    model.train()
+    return model
+
+
+def _args(tmp_path, **kw) -> TrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        optim="sgd",
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        max_grad_norm=1e9,
+        weight_decay=0.0,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _train(tmp_path, schedule, **kw):
+    model = _model()
+    reg = ActivationRegularizer(model, schedule)
+    trainer = Trainer(model=model, args=_args(tmp_path, **kw), train_dataset=_data())
+    ProSparseTrainerPlugin(reg).attach(trainer)
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "prosparse/lambda" in logs:
+                seen.append(dict(logs))
+
+    trainer.add_callback(Recorder())
+    trainer.train()
+    reg.remove()
+    return model, seen
+
+
+def _hand_step(lam: float = LAM):
+    """One SGD step on the whole batch of 4: LM loss + lam * sum of per-layer mean |x1|."""
+    model = _model()
+    reg = ActivationRegularizer(model, lam)
+    batch = torch.stack([d["input_ids"] for d in _data()])
+    loss = model(input_ids=batch, labels=batch).loss + reg.penalty(1)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= LR * p.grad
+    return model
+
+
+@pytest.mark.parametrize("batch,accum", [(4, 1), (2, 2), (1, 4)])
+def test_penalty_weight_matches_a_hand_made_step(tmp_path, batch, accum) -> None:
+    model, _ = _train(
+        tmp_path,
+        LAM,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=1,
+    )
+    expected = _hand_step()
+    for (name, p), q in zip(model.named_parameters(), expected.parameters()):
+        assert (p - q).abs().max() < 1e-5, name
+    without_penalty = dict(_hand_step(0.0).named_parameters())  # the penalty really counted
+    w = "model.layers.0.mlp.gate_proj.weight"
+    assert (dict(model.named_parameters())[w] - without_penalty[w]).abs().max() > 1e-4
+
+
+def test_lambda_follows_schedule_and_is_logged(tmp_path) -> None:
+    schedule = ProSparseSchedule.from_stages([(0.0, 1), (0.1, 2), (0.4, 4)])
+    _, seen = _train(tmp_path, schedule, per_device_train_batch_size=2, max_steps=4)
+    assert [entry["prosparse/lambda"] for entry in seen] == [schedule(s) for s in (1, 2, 3, 4)]
+    for entry in seen:
+        assert entry["prosparse/l1"] > 0
+        assert 0.3 < entry["prosparse/sparsity"] < 1.0
+
+
+def test_attach_refuses_an_existing_loss_function(tmp_path) -> None:
+    model = _model()
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=1),
+        train_dataset=_data(),
+        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
+    )
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        ProSparseTrainerPlugin(ActivationRegularizer(model, 0.1)).attach(trainer)
