@@ -24,7 +24,9 @@ def _fail(message: str) -> None:
 
 @app.command()
 def sparsify(
-    out: Annotated[Path, typer.Option("--out", help="Output folder (model, report.json, plots).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (model, report.json, plots).")
+    ] = None,
     model: Annotated[
         Path | None,
         typer.Option(
@@ -51,6 +53,10 @@ def sparsify(
     device: Annotated[
         str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the interrupted run whose output folder this is."),
+    ] = None,
 ) -> None:
     """Run ProSparse on a model: ReLU substitution, progressive L1 training, threshold shift."""
     from .pipeline import PRESETS, SparsifyConfig, run_sparsify
@@ -62,13 +68,31 @@ def sparsify(
         base = dict(PRESETS[preset])
         if max_steps is not None:
             base["max_steps"] = max_steps
+        asked = config is not None or max_steps is not None or preset != "default"
         cfg = SparsifyConfig.from_file(config, **base) if config else SparsifyConfig.from_dict(base)
         if max_steps is not None:
             cfg.max_steps = max_steps
             cfg.validate()
-        report = run_sparsify(
-            out, cfg, model_path=model, data_path=data, overwrite=overwrite, device=device
-        )
+        if resume is not None:
+            if out is not None and out.resolve() != resume.resolve():
+                raise InputError(
+                    "--resume DIR continues in DIR: drop --out or give the same folder"
+                )
+            out = resume
+            report = run_sparsify(
+                resume,
+                cfg if asked else None,
+                model_path=model,
+                data_path=data,
+                device=device,
+                resume=True,
+            )
+        elif out is None:
+            raise InputError("give --out DIR (or --resume DIR to continue an interrupted run)")
+        else:
+            report = run_sparsify(
+                out, cfg, model_path=model, data_path=data, overwrite=overwrite, device=device
+            )
     except InputError as exc:
         _fail(str(exc))
     except NonFiniteLossError as exc:

@@ -37,6 +37,7 @@ from .relufy import relufy_
 from .report import plot_per_layer, plot_training, write_json_atomic
 from .taps import L1_NORMS
 from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
+from .training.checkpoint import find_checkpoint, load_state, save_checkpoint
 from .training.loop import NonFiniteLossError, batches_forever, train
 from .training.regularizer import ActivationRegularizer
 from .training.schedule import ProSparseSchedule
@@ -70,6 +71,8 @@ class SparsifyConfig:
         precision: training forward precision: ``"auto"`` (bf16 autocast where the device has
             fast bf16 matmuls: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX; else fp32),
             ``"bf16"`` or ``"fp32"``. Weights, optimizer and all evaluations stay float32.
+        checkpoint_every: optimizer steps between training checkpoints in ``out/checkpoint``
+            (also written at each stage end); a killed run loses at most this many steps.
     """
 
     stages: list[list[float]] = field(
@@ -83,13 +86,16 @@ class SparsifyConfig:
     weight_decay: float = 0.0
     norm: Literal["mean", "token_l1"] = "mean"
     threshold_mode: Literal["fixed", "target", "none"] = "fixed"
-    threshold: float = 0.3
+    threshold: float = 0.35
     target_sparsity: float = 0.85
-    sweep_thresholds: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    sweep_thresholds: list[float] = field(
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.5]
+    )
     eval_windows: int = 16
     calib_windows: int = 16
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    checkpoint_every: int = 50
 
     def schedule(self) -> ProSparseSchedule:
         """The lambda schedule, scaled to ``max_steps`` when it is set."""
@@ -159,6 +165,10 @@ class SparsifyConfig:
             )
         if self.norm not in L1_NORMS:
             raise InputError(f"norm must be one of {list(L1_NORMS)}, got {self.norm!r}")
+        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 1:
+            raise InputError(
+                f"checkpoint_every must be a whole number >= 1, got {self.checkpoint_every!r}"
+            )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise InputError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if not self.threshold >= 0:
@@ -298,7 +308,7 @@ def machine_info() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
@@ -312,8 +322,13 @@ def run_sparsify(
     overwrite: bool = False,
     device: str | None = None,
     show_progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ProSparse end to end and write the model, ``report.json`` and plots to ``out``.
+
+    Training checkpoints (model, optimizer, LR schedule, step, RNG, data position) go to
+    ``out/checkpoint`` every ``config.checkpoint_every`` steps and at each stage end; with
+    ``resume=True`` the run continues from there with the same losses an uninterrupted run has.
 
     Args:
         out: output folder (must be empty or missing unless ``overwrite``; inputs are never
@@ -324,30 +339,44 @@ def run_sparsify(
         overwrite: allow a non-empty ``out``.
         device: torch device (default: CUDA if available, else CPU).
         show_progress: show a progress bar.
+        resume: continue the interrupted run in ``out``; ``config``, ``model_path`` and
+            ``data_path`` default to the run's own and must match it when given.
 
     Returns:
         The report (also written to ``out/report.json``).
 
     Raises:
-        InputError: bad model, data, config or output folder (raised before training starts).
+        InputError: bad model, data, config or output folder (raised before training starts);
+            with ``resume``, no checkpoint in ``out`` or a config, model or data that differs
+            from the checkpoint's (the message names what differs).
         NonFiniteLossError: the loss became NaN/inf; ``out/checkpoint`` holds the last good
             model and ``report.json`` says ``"status": "diverged"``.
     """
+    resume_state = None
+    if resume:
+        resume_state, config, model_path, data_path = _resume_inputs(
+            out, config, model_path, data_path
+        )
     config = config or SparsifyConfig()
     config.validate()
     schedule = config.schedule()
     device = check_device(device)
     model_file = check_model_path(model_path)
     data_file = Path(data_path) if data_path is not None else None
-    out_dir = check_output_dir(
-        out, overwrite, [model_file] + ([data_file] if data_file is not None else [])
-    )
+    if resume_state is None:
+        out_dir = check_output_dir(
+            out, overwrite, [model_file] + ([data_file] if data_file is not None else [])
+        )
+    else:
+        out_dir = Path(out)
     docs = load_documents(data_path)
     started = time.time()
     torch.manual_seed(config.seed)
 
     split = split_documents(docs, seed=config.seed)
-    model, tokenizer = load_model(model_file)
+    model, tokenizer = load_model(
+        model_file if resume_state is None else resume_state["checkpoint_dir"]
+    )
     model.to(device)
     needed = max(config.batch_size, 1)
     train_windows = token_windows(tokenizer, split.train, config.seq_len)
@@ -372,33 +401,37 @@ def run_sparsify(
         raise InputError(str(exc)) from exc
 
     out_dir.mkdir(parents=True, exist_ok=True)  # all inputs are checked: now write
-    report: dict[str, Any] = {
-        "status": "running",
-        "model": str(model_file),
-        "data": str(data_file) if data_file else "enwiki sample (gensim test data)",
-        "data_split": {
-            "train_documents": len(split.train),
-            "calib_documents": len(split.calib),
-            "held_out_documents": len(split.held_out),
-            "train_windows": int(train_windows.shape[0]),
-            "held_out_windows": int(held_out.shape[0]),
-            "calib_windows": int(calib.shape[0]),
-            "seq_len": config.seq_len,
-        },
-        "config": dataclasses.asdict(config),
-        "schedule": schedule.to_dict(),
-        "sites": [s.to_dict() for s in sites],
-        "machine": machine_info(),
-        "training_autocast": str(autocast_dtype(config.precision, device) or "none (float32)"),
-    }
-    log.info("baseline evaluation (%s activation)", sites[0].activation)
-    baseline = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
-    report["baseline_perplexity"] = baseline.perplexity
-    report["baseline"] = _eval_dict(baseline)
+    if resume_state is not None:
+        report = resume_state["report"]
+        report["resumed_at_step"] = resume_state["step"]
+    else:
+        report: dict[str, Any] = {
+            "status": "running",
+            "model": str(model_file),
+            "data": str(data_file) if data_file else "enwiki sample (gensim test data)",
+            "data_split": {
+                "train_documents": len(split.train),
+                "calib_documents": len(split.calib),
+                "held_out_documents": len(split.held_out),
+                "train_windows": int(train_windows.shape[0]),
+                "held_out_windows": int(held_out.shape[0]),
+                "calib_windows": int(calib.shape[0]),
+                "seq_len": config.seq_len,
+            },
+            "config": dataclasses.asdict(config),
+            "schedule": schedule.to_dict(),
+            "sites": [s.to_dict() for s in sites],
+            "machine": machine_info(),
+            "training_autocast": str(autocast_dtype(config.precision, device) or "float32"),
+        }
+        log.info("baseline evaluation (%s activation)", sites[0].activation)
+        baseline = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+        report["baseline_perplexity"] = baseline.perplexity
+        report["baseline"] = _eval_dict(baseline)
 
-    sites = relufy_(model, "relu", sites=sites)
-    relu0 = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
-    report["relu_no_training"] = _eval_dict(relu0)
+        sites = relufy_(model, "relu", sites=sites)
+        relu0 = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+        report["relu_no_training"] = _eval_dict(relu0)
 
     history, stage_ends = _train_stages(
         model,
@@ -412,6 +445,7 @@ def run_sparsify(
         report,
         show_progress,
         device,
+        resume_state,
     )
     report["history"] = history
     report["stage_ends"] = stage_ends
@@ -441,7 +475,7 @@ def run_sparsify(
             "sparsity": final.sparsity.sparsity,
             "perplexity": final.perplexity,
             "per_layer_sparsity": final.sparsity.per_layer,
-            "perplexity_ratio": final.perplexity / baseline.perplexity,
+            "perplexity_ratio": final.perplexity / report["baseline_perplexity"],
             "seconds": time.time() - started,
         }
     )
@@ -464,6 +498,7 @@ def _train_stages(
     report: dict[str, Any],
     show_progress: bool,
     device: str,
+    resume_state: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -476,18 +511,49 @@ def _train_stages(
     history: list[dict[str, Any]] = []
     stage_ends: list[dict[str, Any]] = []
     step = 0
-    bar = tqdm(total=schedule.total_steps, desc="sparsify", disable=not show_progress)
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        lr_sched.load_state_dict(resume_state["lr_schedule"])
+        batches.load_state_dict(resume_state["data"])
+        torch.set_rng_state(resume_state["rng"])
+        history = json.loads(resume_state["history"])
+        stage_ends = json.loads(resume_state["stage_ends"])
+        step = resume_state["step"]
+
+    def checkpoint() -> None:
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "lr_schedule": lr_sched.state_dict(),
+            "data": batches.state_dict(),
+            "rng": torch.get_rng_state(),
+            # JSON text: the checkpoint loads with torch.load(weights_only=True)
+            "history": json.dumps(history),
+            "stage_ends": json.dumps(stage_ends),
+            "report": json.dumps(report),
+        }
+        save_checkpoint(
+            out_dir / "checkpoint",
+            lambda folder: save_model_atomic(model, tokenizer, folder),
+            state,
+        )
+
+    bar = tqdm(total=schedule.total_steps, initial=step, desc="sparsify", disable=not show_progress)
+    every = config.checkpoint_every
     try:
         with ActivationRegularizer(model, schedule, norm=config.norm, sites=sites) as reg:
             for stage, end in enumerate(schedule.ends):
-                if end > step:
+                if stage < len(stage_ends):
+                    continue  # measured before the run was interrupted
+                while step < end:
+                    chunk_end = min(end, (step // every + 1) * every)
                     try:
                         logs = train(
                             model,
                             reg,
                             batches,
                             start_step=step,
-                            end_step=end,
+                            end_step=chunk_end,
                             optimizer=_Stepper(optimizer, lr_sched),
                             stage_of=schedule.stage,
                             progress=bar,
@@ -500,7 +566,9 @@ def _train_stages(
                         write_json_atomic(out_dir / "report.json", report)
                         raise
                     history.extend(dataclasses.asdict(entry) for entry in logs)
-                    step = end
+                    step = chunk_end
+                    if step < end:
+                        checkpoint()
                 ev = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
                 reg.clear()
                 stage_ends.append(
@@ -510,10 +578,62 @@ def _train_stages(
                     f"stage {stage} ends at step {end}: lambda {schedule(end):.3g}, held-out "
                     f"perplexity {ev.perplexity:.2f}, sparsity {ev.sparsity.sparsity:.4f}"
                 )
-                save_model_atomic(model, tokenizer, out_dir / "checkpoint")
+                checkpoint()
     finally:
         bar.close()
     return history, stage_ends
+
+
+def _resume_inputs(
+    out: str | Path,
+    config: SparsifyConfig | None,
+    model_path: str | Path | None,
+    data_path: str | Path | None,
+) -> tuple[dict[str, Any], SparsifyConfig, str | Path | None, str | Path | None]:
+    """The checkpoint state of the run in ``out`` and its config, model and data paths.
+
+    Raises:
+        InputError: no checkpoint; or a given config, model or data that differs from the
+            run's (naming the fields and both values).
+    """
+    folder = find_checkpoint(Path(out) / "checkpoint")
+    if folder is None:
+        raise InputError(
+            f"nothing to resume in {out}: no {out}/checkpoint with a training state (runs "
+            "write one every checkpoint_every steps)"
+        )
+    try:
+        state = load_state(folder)
+    except Exception as exc:  # noqa: BLE001  (a torn or foreign file)
+        raise InputError(f"cannot read the checkpoint in {folder}: {exc}") from exc
+    state["checkpoint_dir"] = folder
+    try:
+        report = state["report"] = json.loads(state["report"])
+        stored = SparsifyConfig.from_dict(report["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{folder} is not a prosparse-fx sparsify checkpoint ({exc})") from exc
+    if config is not None:
+        mine, theirs = dataclasses.asdict(config), dataclasses.asdict(stored)
+        diff = [
+            f"{k}: checkpoint {theirs[k]!r}, now {mine[k]!r}" for k in mine if mine[k] != theirs[k]
+        ]
+        if diff:
+            raise InputError(
+                f"--resume {out}: the config differs from the interrupted run's "
+                f"({'; '.join(diff)}); resume without --config/--max-steps/--preset, or start "
+                "a new run"
+            )
+    for name, given, recorded in (
+        ("model", model_path, report["model"]),
+        ("data", data_path, report["data"]),
+    ):
+        if given is not None and str(Path(given).resolve()) != str(Path(recorded).resolve()):
+            raise InputError(
+                f"--resume {out}: the {name} differs from the interrupted run's "
+                f"(checkpoint {recorded}, now {given})"
+            )
+    data = None if report["data"].startswith("enwiki sample") else report["data"]
+    return state, stored, report["model"], data
 
 
 class _Stepper:

@@ -211,6 +211,8 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_model_dir, tex
         ({"batch_size": 2.5}, "batch_size must be a whole number"),
         ({"seed": "x"}, "seed must be a whole number"),
         ({"lr": float("inf")}, "lr must be a finite number"),
+        ({"precision": "fp8"}, "precision must be 'auto', 'bf16' or 'fp32'"),
+        ({"checkpoint_every": 0}, "checkpoint_every must be a whole number >= 1"),
     ],
 )
 def test_bad_config_values_exit_2_and_create_nothing(tmp_path, config, message) -> None:
@@ -226,3 +228,69 @@ def test_bad_config_values_exit_2_and_create_nothing(tmp_path, config, message) 
 def test_bad_device_exits_2(tmp_path) -> None:
     result = runner.invoke(app, ["sparsify", "--device", "nonsense", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "unknown device" in result.output
+
+
+def _run_args(model, data, config, out):
+    return ["sparsify", "--model", str(model), "--data", str(data), "--config", str(config)] + (
+        ["--out", str(out)] if out else []
+    )
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, tiny_model_dir, text_file, monkeypatch):
+    """Interrupt after 5 of 8 steps (checkpoints every 2), resume: the loss curve, the stage-end
+    measurements and the final model equal those of an uninterrupted run."""
+    import prosparse_fx.training.loop as loop
+
+    config = _config(tmp_path, stages=[[0.0, 3], [0.5, 5], [1.0, 8]], checkpoint_every=2)
+    whole = tmp_path / "whole"
+    assert runner.invoke(app, _run_args(tiny_model_dir, text_file, config, whole)).exit_code == 0
+
+    part = tmp_path / "part"
+    real_train = loop.train
+
+    def interrupted_train(*args, **kw):
+        if kw["end_step"] > 5:
+            raise KeyboardInterrupt  # killed during step 6; the last checkpoint is at step 5
+        return real_train(*args, **kw)
+
+    monkeypatch.setattr("prosparse_fx.pipeline.train", interrupted_train)
+    result = runner.invoke(app, _run_args(tiny_model_dir, text_file, config, part))
+    assert result.exit_code == 130  # typer turns KeyboardInterrupt into exit 130
+    assert not (part / "report.json").exists()
+    monkeypatch.setattr("prosparse_fx.pipeline.train", real_train)
+
+    result = runner.invoke(app, ["sparsify", "--resume", str(part)])
+    assert result.exit_code == 0, result.output
+    a = json.loads((whole / "report.json").read_text())
+    b = json.loads((part / "report.json").read_text())
+    assert b["resumed_at_step"] == 5
+    assert [h["step"] for h in b["history"]] == list(range(1, 9))
+    for ha, hb in zip(a["history"], b["history"]):
+        assert hb["lm_loss"] == pytest.approx(ha["lm_loss"], abs=1e-6)
+        assert hb["l1"] == pytest.approx(ha["l1"], abs=1e-6)
+        assert hb["lam"] == ha["lam"]
+    for sa, sb in zip(a["stage_ends"], b["stage_ends"]):
+        assert sb["perplexity"] == pytest.approx(sa["perplexity"], rel=1e-6)
+    assert b["sparsity"] == pytest.approx(a["sparsity"], abs=1e-6)
+    assert not (part / "checkpoint").exists()
+
+
+def test_resume_refuses_a_different_config_or_nothing(tmp_path, tiny_model_dir, text_file) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["sparsify", "--resume", str(empty)])
+    assert result.exit_code == 2 and "nothing to resume" in result.output
+
+    from prosparse_fx.training.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    out.mkdir()
+    report = {"config": {**FAST, "seed": 0}, "model": str(tiny_model_dir), "data": str(text_file)}
+    state = {"report": json.dumps(report), "step": 1}
+    save_checkpoint(out / "checkpoint", lambda folder: None, state)
+    other = _config(tmp_path, seed=3)
+    result = runner.invoke(app, ["sparsify", "--resume", str(out), "--config", str(other)])
+    assert result.exit_code == 2
+    assert "config differs" in result.output and "seed: checkpoint 0, now 3" in result.output
+    result = runner.invoke(app, ["sparsify", "--resume", str(out), "--model", str(text_file)])
+    assert result.exit_code == 2 and "the model differs" in result.output

@@ -76,3 +76,21 @@ def test_regularizer_under_compile_fullgraph(ids) -> None:
 def test_bad_norm() -> None:
     with pytest.raises(ValueError, match="normalisation"):
         ActivationRegularizer(tiny("llama"), norm="l2")  # type: ignore[arg-type]
+
+
+def test_l1_is_float32_under_bf16_autocast(ids) -> None:
+    """Under autocast x1 is bfloat16; the L1 term is still summed in float32, so the penalty's
+    weight against the (float32) LM loss is that of a float32 run on the same x1."""
+    model = tiny("llama")
+    relufy_(model)
+    reg = ActivationRegularizer(model, 0.5)
+    seen = []
+    mlp = model.model.layers[0].mlp
+    h = mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    h.remove()
+    penalty = reg.penalty(1)
+    assert seen[0].dtype == torch.bfloat16
+    assert penalty.dtype == torch.float32 and loss.dtype == torch.float32
+    assert reg.last_l1[0] == pytest.approx(float(seen[0].double().abs().mean()), rel=1e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,15 +35,49 @@ class StepLog:
     sparsity: float
 
 
-def batches_forever(
-    windows: torch.Tensor, batch_size: int, seed: int = 0
-) -> Iterator[torch.Tensor]:
-    """Endless ``[batch_size, T]`` batches: epochs over the windows, each in a fresh order."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(windows.shape[0], generator=gen)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield windows[order[i : i + batch_size]]
+class BatchStream:
+    """Endless ``[batch_size, T]`` batches: epochs over the windows, each in a fresh order.
+
+    Its position (the order generator at the start of the epoch and the batch index in it) is
+    saved by :meth:`state_dict`, so a resumed run reads the same batches an uninterrupted one
+    would.
+    """
+
+    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+        self.windows = windows
+        self.batch_size = batch_size
+        self._gen = torch.Generator().manual_seed(seed)
+        self._epoch_state = self._gen.get_state()
+        self._order = torch.randperm(windows.shape[0], generator=self._gen)
+        self._index = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._index + self.batch_size > len(self._order):
+            self._epoch_state = self._gen.get_state()
+            self._order = torch.randperm(self.windows.shape[0], generator=self._gen)
+            self._index = 0
+        i = self._index
+        self._index += self.batch_size
+        return self.windows[self._order[i : i + self.batch_size]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position: generator state at the epoch start and the index in the epoch."""
+        return {"epoch_state": self._epoch_state.clone(), "index": self._index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a position saved by :meth:`state_dict`."""
+        self._gen.set_state(state["epoch_state"])
+        self._epoch_state = self._gen.get_state()
+        self._order = torch.randperm(self.windows.shape[0], generator=self._gen)
+        self._index = int(state["index"])
+
+
+def batches_forever(windows: torch.Tensor, batch_size: int, seed: int = 0) -> BatchStream:
+    """Endless ``[batch_size, T]`` batches (a :class:`BatchStream`)."""
+    return BatchStream(windows, batch_size, seed)
 
 
 def train(

@@ -1,0 +1,56 @@
+"""Training checkpoints of the main job: the model as a Hugging Face folder plus the training
+state (optimizer, LR schedule, step, RNG, data position, what was measured so far), replaced
+as a whole so that a kill at any moment leaves one complete checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "training_state.pt"
+
+
+def save_checkpoint(
+    target: Path, write_model: Callable[[Path], None], state: dict[str, Any]
+) -> None:
+    """Write a checkpoint folder ``target`` atomically.
+
+    ``write_model(folder)`` writes the model (``save_pretrained``) into a fresh folder beside
+    ``target``; ``state`` (tensors, numbers, strings, lists, dicts: what
+    ``torch.load(weights_only=True)`` reads) goes to ``STATE_FILE`` in it. The new folder then
+    replaces ``target`` by renames: ``target`` -> ``target.old``, new -> ``target``, and the old
+    one is removed. :func:`find_checkpoint` also accepts ``target.old`` if a kill fell between
+    the two renames.
+    """
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        write_model(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def find_checkpoint(target: Path) -> Path | None:
+    """The complete checkpoint at ``target`` (or ``target.old``), or ``None``."""
+    for candidate in (Path(target), Path(target).with_name(Path(target).name + ".old")):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """The training state of a checkpoint folder (``torch.load(weights_only=True)``)."""
+    return torch.load(Path(folder) / STATE_FILE, weights_only=True)
