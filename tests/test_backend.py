@@ -181,6 +181,31 @@ def test_inference_rewrites_into_sparse_op_with_dynamic_shapes(compiled_graphs) 
     assert not any("relu" in op and "sparse" not in op for op in ops)
 
 
+def test_static_cache_updates_survive_the_rewrite(compiled_graphs) -> None:
+    """The rewrite must not drop the in-place KV-cache writes of a static cache: the decoding
+    step after the prompt reads them."""
+    from transformers import StaticCache
+
+    model = tiny("llama")
+    relufy_(model, "fatrelu", threshold=0.02)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+
+    def run(forward):
+        cache = StaticCache(config=model.config, max_cache_len=10)
+        with torch.no_grad():
+            first = forward(input_ids=ids, past_key_values=cache, cache_position=torch.arange(6))
+            step = forward(
+                input_ids=ids[:, :1], past_key_values=cache, cache_position=torch.tensor([6])
+            )
+        return first.logits, step.logits
+
+    expected = run(model)
+    got = run(torch.compile(model, backend="prosparse", options={"compiler": "eager"}))
+    assert "prosparse.sparse_gated_ffn.default" in _ops(compiled_graphs[0])
+    for g, e in zip(got, expected):
+        assert (g - e).abs().max() < 1e-5
+
+
 def test_training_mode_keeps_dense_ffn(ids, compiled_graphs) -> None:
     model = tiny("llama")
     relufy_(model, "relu")
@@ -217,16 +242,20 @@ def test_register_is_idempotent() -> None:
 
 @pytest.mark.slow
 def test_smollm2_compiled_logits_equal_eager(smollm2, compiled_graphs) -> None:
-    """The real model relufied (FATReLU t=0.3, as the main job writes it): the ``prosparse``
-    backend (Inductor) rewrites every FFN into the sparse op and its logits equal eager's."""
+    """The real model relufied: the ``prosparse`` backend (Inductor) rewrites every FFN into the
+    sparse op and its logits equal eager's. (ReLU here: an untrained FATReLU model has gate
+    values within float rounding of t, where the function jumps by t * up; the benchmark
+    bench_compile.py measures the main job's trained FATReLU model.)"""
     base, tok = smollm2
     model = copy.deepcopy(base).eval()
-    relufy_(model, "fatrelu", threshold=0.3)
+    relufy_(model, "relu")
     ids = tok("The river flows through the old town and into the sea.", return_tensors="pt")
     compiled = torch.compile(model, backend="prosparse")
     with torch.no_grad():
         expected = model(input_ids=ids.input_ids, use_cache=False).logits
         got = compiled(input_ids=ids.input_ids, use_cache=False).logits
-    assert (got - expected).abs().max() < 1e-4
+    # the untrained ReLU model's activations are large (perplexity ~5000), so its logits carry
+    # float32 reordering error of a few 1e-5 relative through 30 layers: bound it relatively
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
     ops = [str(n.target) for n in compiled_graphs[-1].graph.nodes if n.op == "call_function"]
     assert ops.count("prosparse.sparse_gated_ffn.default") == model.config.num_hidden_layers

@@ -42,6 +42,33 @@ def _transposed_weight(
     return graph.call_function(transpose_target(dialect_of(gm)), (weight,)), None
 
 
+def _site_nodes(site: FFNSite) -> list[fx.Node]:
+    """The nodes a site's rewrite may leave unused (erased only if nothing reads them)."""
+    nodes = site.nodes
+    assert nodes is not None
+    out = forward_through_views(nodes.down)
+    chain, node = [nodes.down], nodes.down
+    while node is not out:
+        (node,) = node.users
+        chain.append(node)
+    region = [n for n in reversed(nodes.region) if isinstance(n, fx.Node)]
+    rest = [nodes.x1, nodes.act_output, *region, nodes.act_input, nodes.up, nodes.gate]
+    return list(reversed(chain)) + [n for n in rest if isinstance(n, fx.Node)]
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    erased: set[fx.Node] = set()
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            if node in erased or node.op not in ("call_function", "call_method") or node.users:
+                continue
+            graph.erase_node(node)
+            erased.add(node)
+            changed = True
+
+
 class SparseFFNRewritePass(PassBase):
     """Replace each ReLU/FATReLU FFN site by one sparse-FFN op node.
 
@@ -59,11 +86,15 @@ class SparseFFNRewritePass(PassBase):
         check_relu_family(sites)
         graph = graph_module.graph
         replaced: list[str] = []
+        old_nodes: list[fx.Node] = []
         for i, site in enumerate(sites):
+            old_nodes += _site_nodes(site)
             replaced += self._rewrite(graph_module, graph, site, i)
         if not sites:
             return PassResult(graph_module, False)
-        graph.eliminate_dead_code()
+        # erase only the FFN nodes left without users: a graph-wide dead-code pass would also
+        # drop in-place updates whose results nobody reads, such as a static KV cache's
+        _erase_unused(graph, old_nodes)
         used = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
         for target in replaced:
             if target not in used:
