@@ -45,6 +45,7 @@ _VALID: dict[str, str] = {
     "regularize": "True or False: feed the ActivationRegularizer(model, ..., taps='graph')",
     "sparse_ffn": "'auto' (in inference, when every site is ReLU/FATReLU), True or False",
     "compiler": "'inductor' or 'eager' (run the rewritten FX graph as is, for debugging)",
+    "freeze": "True or False: with the sparse-FFN rewrite, Inductor freezes the weights",
 }
 
 
@@ -63,6 +64,10 @@ class BackendOptions:
             ``regularize``, and every site is ReLU-family), ``True`` (always; the ops have no
             backward, so only for inference) or ``False``.
         compiler: ``"inductor"`` (default) or ``"eager"``.
+        freeze: when the sparse-FFN rewrite runs (inference), compile with Inductor's
+            ``freezing`` (default ``True``): weights become constants, so each row-major
+            transposed down_proj weight the sparse op reads is made once, not per call. Like
+            any frozen compile, it does not see later in-place changes to the weights.
     """
 
     activation: str | None = None
@@ -70,6 +75,7 @@ class BackendOptions:
     regularize: bool = False
     sparse_ffn: bool | str = "auto"
     compiler: str = "inductor"
+    freeze: bool = True
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
@@ -109,6 +115,8 @@ class BackendOptions:
             raise bad("sparse_ffn", self.sparse_ffn)
         if self.compiler not in ("inductor", "eager"):
             raise bad("compiler", self.compiler)
+        if not isinstance(self.freeze, bool):
+            raise bad("freeze", self.freeze)
 
 
 def _valid_text() -> str:
@@ -164,6 +172,7 @@ def prosparse_backend(
         sinks = _sinks(gm, example_inputs, sites)
         InsertActivationTapsPass(norm=sinks[0][0].norm, zeros=True)(gm)
     inference = not torch.is_grad_enabled()
+    rewritten = False
     if opts.sparse_ffn is True or (
         opts.sparse_ffn == "auto"
         and inference
@@ -171,8 +180,10 @@ def prosparse_backend(
         and all(s.is_relu_family for s in sites)
     ):
         check_relu_family(sites)
-        SparseFFNRewritePass()(gm)
-    compiled = _compile(gm, example_inputs, opts, mode)
+        # frozen: the row-major transposed down weights are constants, folded once by Inductor
+        SparseFFNRewritePass(materialize_transposes=opts.freeze)(gm)
+        rewritten = True
+    compiled = _compile(gm, example_inputs, opts, mode, freeze=rewritten and opts.freeze)
     if sinks is None:
         return compiled
     return _TapDelivery(compiled, gm.meta[TAPS_META_KEY]["n_outputs"], sinks)
@@ -222,14 +233,20 @@ class _TapDelivery:
 
 
 def _compile(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, mode: str | None
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    opts: BackendOptions,
+    mode: str | None,
+    freeze: bool = False,
 ) -> Callable[..., Any]:
     if opts.compiler == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    patches = torch._inductor.list_mode_options(mode) if mode else None
-    return compile_fx(gm, list(example_inputs), config_patches=patches)
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    if freeze:
+        patches["freezing"] = True
+    return compile_fx(gm, list(example_inputs), config_patches=patches or None)
 
 
 def register() -> None:

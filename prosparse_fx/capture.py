@@ -323,6 +323,14 @@ def append_graph_outputs(gm: fx.GraphModule, extra: list[fx.Node]) -> int:
     return n_before
 
 
+def insert_contiguous(graph: fx.Graph, node: fx.Node, dialect: Dialect) -> fx.Node:
+    """Insert a row-major (contiguous) copy of ``node`` in a graph of the given dialect."""
+    if dialect == "aten":
+        kwargs = {"memory_format": torch.contiguous_format}
+        return graph.call_function(torch.ops.aten.clone.default, (node,), kwargs)
+    return graph.call_method("contiguous", (node,))
+
+
 def transpose_target(dialect: Dialect) -> Any:
     """The callable to insert for a 2-D transpose in a graph of the given dialect."""
     return torch.ops.aten.t.default if dialect == "aten" else torch.t

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -98,6 +99,8 @@ def sparsify(
     except NonFiniteLossError as exc:
         typer.echo(f"error: {exc}; the last good model is in {out}/checkpoint", err=True)
         raise typer.Exit(1) from exc
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     typer.echo(
         f"baseline perplexity {report['baseline_perplexity']:.2f}; after ProSparse: perplexity "
         f"{report['perplexity']:.2f}, sparsity {report['sparsity']:.4f} "

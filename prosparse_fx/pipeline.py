@@ -38,6 +38,7 @@ from .report import plot_per_layer, plot_training, write_json_atomic
 from .taps import L1_NORMS
 from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
 from .training.checkpoint import find_checkpoint, load_state, save_checkpoint
+from .training.distributed import DistContext, ShardedBatches, init_from_env
 from .training.loop import NonFiniteLossError, batches_forever, train
 from .training.regularizer import ActivationRegularizer
 from .training.schedule import ProSparseSchedule
@@ -361,6 +362,8 @@ def run_sparsify(
     config.validate()
     schedule = config.schedule()
     device = check_device(device)
+    ctx = init_from_env(device)  # one process, or one of torchrun's
+    ctx.check_batch(config.batch_size)
     model_file = check_model_path(model_path)
     data_file = Path(data_path) if data_path is not None else None
     if resume_state is None:
@@ -369,6 +372,7 @@ def run_sparsify(
         )
     else:
         out_dir = Path(out)
+    ctx.barrier()  # every process has checked the output folder before rank 0 writes to it
     docs = load_documents(data_path)
     started = time.time()
     torch.manual_seed(config.seed)
@@ -446,6 +450,7 @@ def run_sparsify(
         show_progress,
         device,
         resume_state,
+        ctx,
     )
     report["history"] = history
     report["stage_ends"] = stage_ends
@@ -479,10 +484,12 @@ def run_sparsify(
             "seconds": time.time() - started,
         }
     )
-    save_model_atomic(model.cpu(), tokenizer, out_dir)
-    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
-    _write_plots(out_dir, report)
-    write_json_atomic(out_dir / "report.json", report)
+    if ctx.is_main:
+        save_model_atomic(model.cpu(), tokenizer, out_dir)
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+        _write_plots(out_dir, report)
+        write_json_atomic(out_dir / "report.json", report)
+    ctx.barrier()
     return report
 
 
@@ -499,7 +506,9 @@ def _train_stages(
     show_progress: bool,
     device: str,
     resume_state: dict[str, Any] | None = None,
+    ctx: DistContext | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    ctx = ctx or DistContext()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -507,7 +516,10 @@ def _train_stages(
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
     )
-    batches = batches_forever(train_windows, config.batch_size, seed=config.seed)
+    batches: Any = batches_forever(train_windows, config.batch_size, seed=config.seed)
+    if ctx.world_size > 1:
+        batches = ShardedBatches(batches, ctx)
+    train_model = ctx.wrap(model)
     history: list[dict[str, Any]] = []
     stage_ends: list[dict[str, Any]] = []
     step = 0
@@ -521,6 +533,9 @@ def _train_stages(
         step = resume_state["step"]
 
     def checkpoint() -> None:
+        if not ctx.is_main:
+            ctx.barrier()
+            return
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -537,8 +552,14 @@ def _train_stages(
             lambda folder: save_model_atomic(model, tokenizer, folder),
             state,
         )
+        ctx.barrier()
 
-    bar = tqdm(total=schedule.total_steps, initial=step, desc="sparsify", disable=not show_progress)
+    bar = tqdm(
+        total=schedule.total_steps,
+        initial=step,
+        desc="sparsify",
+        disable=not show_progress or not ctx.is_main,
+    )
     every = config.checkpoint_every
     try:
         with ActivationRegularizer(model, schedule, norm=config.norm, sites=sites) as reg:
@@ -549,7 +570,7 @@ def _train_stages(
                     chunk_end = min(end, (step // every + 1) * every)
                     try:
                         logs = train(
-                            model,
+                            train_model,
                             reg,
                             batches,
                             start_step=step,
@@ -563,7 +584,8 @@ def _train_stages(
                         report["status"] = "diverged"
                         report["history"] = history
                         report["stage_ends"] = stage_ends
-                        write_json_atomic(out_dir / "report.json", report)
+                        if ctx.is_main:
+                            write_json_atomic(out_dir / "report.json", report)
                         raise
                     history.extend(dataclasses.asdict(entry) for entry in logs)
                     step = chunk_end
@@ -574,10 +596,11 @@ def _train_stages(
                 stage_ends.append(
                     {"stage": stage, "step": end, "lambda": schedule(end), **_eval_dict(ev)}
                 )
-                bar.write(
-                    f"stage {stage} ends at step {end}: lambda {schedule(end):.3g}, held-out "
-                    f"perplexity {ev.perplexity:.2f}, sparsity {ev.sparsity.sparsity:.4f}"
-                )
+                if ctx.is_main:
+                    bar.write(
+                        f"stage {stage} ends at step {end}: lambda {schedule(end):.3g}, held-out "
+                        f"perplexity {ev.perplexity:.2f}, sparsity {ev.sparsity.sparsity:.4f}"
+                    )
                 checkpoint()
     finally:
         bar.close()

@@ -21,9 +21,9 @@ def compiled_graphs(monkeypatch):
     graphs = []
     original = backend._compile
 
-    def recording(gm, example_inputs, opts, mode):
+    def recording(gm, example_inputs, opts, mode, freeze=False):
         graphs.append(gm)
-        return original(gm, example_inputs, opts, mode)
+        return original(gm, example_inputs, opts, mode, freeze)
 
     monkeypatch.setattr(backend, "_compile", recording)
     torch._dynamo.reset()
@@ -49,6 +49,7 @@ def test_options_parse_and_reject() -> None:
         {"regularize": "yes"},
         {"sparse_ffn": "always"},
         {"compiler": "tvm"},
+        {"freeze": 1},
     ):
         with pytest.raises(ValueError, match="valid options: activation"):
             BackendOptions.parse(bad)

@@ -8,7 +8,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import kernels  # noqa: F401  (registers the ops)
-from ..capture import dialect_of, transpose_target
+from ..capture import dialect_of, insert_contiguous, transpose_target
 from ..ffn import (
     FFNSite,
     back_through_views,
@@ -25,7 +25,12 @@ def _attr_owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
 
 
 def _transposed_weight(
-    gm: fx.GraphModule, graph: fx.Graph, weight: fx.Node, want_t: bool, name: str
+    gm: fx.GraphModule,
+    graph: fx.Graph,
+    weight: fx.Node,
+    want_t: bool,
+    name: str,
+    materialize: bool = False,
 ) -> tuple[fx.Node, str | None]:
     """A node holding ``weight`` as ``[in, out]`` when ``want_t`` else ``[out, in]``.
 
@@ -39,7 +44,10 @@ def _transposed_weight(
         new_name = f"_prosparse_{name}"
         setattr(gm, new_name, nn.Parameter(tensor.detach().T.contiguous(), requires_grad=False))
         return graph.get_attr(new_name), str(weight.target)
-    return graph.call_function(transpose_target(dialect_of(gm)), (weight,)), None
+    node = graph.call_function(transpose_target(dialect_of(gm)), (weight,))
+    if materialize:
+        node = insert_contiguous(graph, node, dialect_of(gm))
+    return node, None
 
 
 def _site_nodes(site: FFNSite) -> list[fx.Node]:
@@ -75,11 +83,18 @@ class SparseFFNRewritePass(PassBase):
     Gated sites become ``sparse_gated_ffn(x, w_gate, w_up, w_down_t, t)``; plain sites
     ``sparse_plain_ffn(x, w1, b1, w2_t, b2, t)``. ``w_down_t`` (``w2_t``) is the transpose of the
     down weight, made once; the original weight attribute is removed when nothing else reads it.
+    A weight that is a graph input (Dynamo) is transposed in the graph; with
+    ``materialize_transposes`` the transpose is also made contiguous, which a compiler that
+    freezes weights folds into one constant (the sparse op reads rows of ``w_down_t``).
     Idempotent (a rewritten graph has no FFN sites left).
 
     Raises (when called):
         NotSparseError: a site's activation is SiLU/GELU: relufy and train first.
     """
+
+    def __init__(self, materialize_transposes: bool = False) -> None:
+        super().__init__()
+        self.materialize_transposes = materialize_transposes
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         sites = find_sites_in_graph(graph_module)
@@ -89,7 +104,7 @@ class SparseFFNRewritePass(PassBase):
         old_nodes: list[fx.Node] = []
         for i, site in enumerate(sites):
             old_nodes += _site_nodes(site)
-            replaced += self._rewrite(graph_module, graph, site, i)
+            replaced += self._rewrite(graph_module, graph, site, i, self.materialize_transposes)
         if not sites:
             return PassResult(graph_module, False)
         # erase only the FFN nodes left without users: a graph-wide dead-code pass would also
@@ -105,7 +120,9 @@ class SparseFFNRewritePass(PassBase):
         return PassResult(graph_module, True)
 
     @staticmethod
-    def _rewrite(gm: fx.GraphModule, graph: fx.Graph, site: FFNSite, i: int) -> list[str]:
+    def _rewrite(
+        gm: fx.GraphModule, graph: fx.Graph, site: FFNSite, i: int, materialize: bool
+    ) -> list[str]:
         nodes = site.nodes
         assert nodes is not None
         out = forward_through_views(nodes.down)
@@ -115,7 +132,7 @@ class SparseFFNRewritePass(PassBase):
             w_down_t, old = (
                 (w_down, None)
                 if down_t
-                else _transposed_weight(gm, graph, w_down, True, f"w_down_t_{i}")
+                else _transposed_weight(gm, graph, w_down, True, f"w_down_t_{i}", materialize)
             )
             if old:
                 replaced.append(old)
