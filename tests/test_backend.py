@@ -255,8 +255,9 @@ def test_smollm2_compiled_logits_equal_eager(smollm2, compiled_graphs) -> None:
     with torch.no_grad():
         expected = model(input_ids=ids.input_ids, use_cache=False).logits
         got = compiled(input_ids=ids.input_ids, use_cache=False).logits
-    # the untrained ReLU model's activations are large (perplexity ~5000), so its logits carry
-    # float32 reordering error of a few 1e-5 relative through 30 layers: bound it relatively
-    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+    # the untrained ReLU model's activations are large (perplexity ~5000): Inductor's frozen,
+    # reordered float32 arithmetic moves its logits by up to ~2e-5 of their range through 30
+    # layers, so the bound is relative (the trained model: bench_compile.py, 4.8e-5 absolute)
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
     ops = [str(n.target) for n in compiled_graphs[-1].graph.nodes if n.op == "call_function"]
     assert ops.count("prosparse.sparse_gated_ffn.default") == model.config.num_hidden_layers

@@ -61,7 +61,8 @@ def _site_nodes(site: FFNSite) -> list[fx.Node]:
         chain.append(node)
     region = [n for n in reversed(nodes.region) if isinstance(n, fx.Node)]
     rest = [nodes.x1, nodes.act_output, *region, nodes.act_input, nodes.up, nodes.gate]
-    return list(reversed(chain)) + [n for n in rest if isinstance(n, fx.Node)]
+    weights = [linear_operands(n)[1] for n in (nodes.down, nodes.up, nodes.gate) if n is not None]
+    return list(reversed(chain)) + [n for n in rest + weights if isinstance(n, fx.Node)]
 
 
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
@@ -70,7 +71,8 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     while changed:
         changed = False
         for node in nodes:
-            if node in erased or node.op not in ("call_function", "call_method") or node.users:
+            kinds = ("call_function", "call_method", "get_attr")
+            if node in erased or node.op not in kinds or node.users:
                 continue
             graph.erase_node(node)
             erased.add(node)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -127,7 +128,9 @@ class ActivationRegularizer:
         l1 = self.l1()
         if self._lambda.device != l1.device:
             self._lambda = self._lambda.to(l1.device)
-        self._lambda.fill_(self.last_lambda)
+        # a lambda beyond float32's range is inf, as it would be in the float32 product
+        big = abs(self.last_lambda) > torch.finfo(torch.float32).max
+        self._lambda.fill_(math.copysign(math.inf, self.last_lambda) if big else self.last_lambda)
         return self._lambda * l1
 
     @property
