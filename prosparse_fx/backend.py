@@ -111,7 +111,7 @@ class BackendOptions:
             raise bad("threshold", f"{self.threshold} without activation='fatrelu'")
         if not isinstance(self.regularize, bool):
             raise bad("regularize", self.regularize)
-        if self.sparse_ffn not in ("auto", True, False):
+        if not (isinstance(self.sparse_ffn, bool) or self.sparse_ffn == "auto"):
             raise bad("sparse_ffn", self.sparse_ffn)
         if self.compiler not in ("inductor", "eager"):
             raise bad("compiler", self.compiler)
@@ -180,6 +180,12 @@ def prosparse_backend(
         and all(s.is_relu_family for s in sites)
     ):
         check_relu_family(sites)
+        if not inference:
+            raise ValueError(
+                "options sparse_ffn=True: the sparse-FFN ops have no backward; compile under "
+                "torch.no_grad() / torch.inference_mode() for inference, or use "
+                "sparse_ffn='auto' (dense FFNs while training)"
+            )
         # frozen: the row-major transposed down weights are constants, folded once by Inductor
         SparseFFNRewritePass(materialize_transposes=opts.freeze)(gm)
         rewritten = True

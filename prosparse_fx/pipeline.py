@@ -378,9 +378,13 @@ def run_sparsify(
     torch.manual_seed(config.seed)
 
     split = split_documents(docs, seed=config.seed)
-    model, tokenizer = load_model(
-        model_file if resume_state is None else resume_state["checkpoint_dir"]
-    )
+    source = model_file if resume_state is None else resume_state["checkpoint_dir"]
+    try:
+        model, tokenizer = load_model(source)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a torn or foreign file: say which, exit 2)
+        raise InputError(f"cannot load the model in {source}: {exc}") from exc
     model.to(device)
     needed = max(config.batch_size, 1)
     train_windows = token_windows(tokenizer, split.train, config.seq_len)
@@ -405,14 +409,17 @@ def run_sparsify(
         raise InputError(str(exc)) from exc
 
     out_dir.mkdir(parents=True, exist_ok=True)  # all inputs are checked: now write
+    if resume_state is None and ctx.is_main:
+        _remove_checkpoints(out_dir)  # --overwrite: an old run's checkpoint must not resume
     if resume_state is not None:
         report = resume_state["report"]
         report["resumed_at_step"] = resume_state["step"]
     else:
         report: dict[str, Any] = {
             "status": "running",
-            "model": str(model_file),
-            "data": str(data_file) if data_file else "enwiki sample (gensim test data)",
+            "model": str(Path(model_file).resolve()),
+            "data": str(data_file.resolve()) if data_file else "enwiki sample (gensim test data)",
+            "data_fingerprint": _fingerprint(data_file),
             "data_split": {
                 "train_documents": len(split.train),
                 "calib_documents": len(split.calib),
@@ -486,7 +493,7 @@ def run_sparsify(
     )
     if ctx.is_main:
         save_model_atomic(model.cpu(), tokenizer, out_dir)
-        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+        _remove_checkpoints(out_dir)
         _write_plots(out_dir, report)
         write_json_atomic(out_dir / "report.json", report)
     ctx.barrier()
@@ -607,6 +614,24 @@ def _train_stages(
     return history, stage_ends
 
 
+def _remove_checkpoints(out_dir: Path) -> None:
+    """Remove ``checkpoint``, ``checkpoint.old`` and half-written ``.checkpoint-*`` folders."""
+    for path in [
+        out_dir / "checkpoint",
+        out_dir / "checkpoint.old",
+        *out_dir.glob(".checkpoint-*"),
+    ]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fingerprint(data_file: Path | None) -> str | None:
+    """Size and modification time of a data file (``None`` for the default data or a folder)."""
+    if data_file is None or not data_file.is_file():
+        return None
+    st = data_file.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def _resume_inputs(
     out: str | Path,
     config: SparsifyConfig | None,
@@ -628,13 +653,28 @@ def _resume_inputs(
     try:
         state = load_state(folder)
     except Exception as exc:  # noqa: BLE001  (a torn or foreign file)
-        raise InputError(f"cannot read the checkpoint in {folder}: {exc}") from exc
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"cannot read the checkpoint in {folder} ({reason}); delete it and start a new run"
+        ) from exc
+    fix = f"; delete {folder} and start a new run"
+    needed = ("step", "optimizer", "lr_schedule", "data", "rng", "history", "stage_ends", "report")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise InputError(f"{folder} is not a complete prosparse-fx sparsify checkpoint{fix}")
     state["checkpoint_dir"] = folder
     try:
         report = state["report"] = json.loads(state["report"])
         stored = SparsifyConfig.from_dict(report["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{folder} is not a prosparse-fx sparsify checkpoint ({exc})") from exc
+    except (KeyError, TypeError, ValueError, InputError) as exc:
+        raise InputError(
+            f"{folder} is not a prosparse-fx sparsify checkpoint ({exc}){fix}"
+        ) from exc
+    data_file = None if report["data"].startswith("enwiki sample") else Path(report["data"])
+    if report.get("data_fingerprint") != _fingerprint(data_file):
+        raise InputError(
+            f"--resume {out}: the data file {data_file} changed since the run started (size or "
+            "modification time); resuming would train and measure on other text. Start a new run"
+        )
     if config is not None:
         mine, theirs = dataclasses.asdict(config), dataclasses.asdict(stored)
         diff = [

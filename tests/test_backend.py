@@ -50,6 +50,7 @@ def test_options_parse_and_reject() -> None:
         {"sparse_ffn": "always"},
         {"compiler": "tvm"},
         {"freeze": 1},
+        {"sparse_ffn": 1},
     ):
         with pytest.raises(ValueError, match="valid options: activation"):
             BackendOptions.parse(bad)
@@ -212,6 +213,16 @@ def test_training_mode_keeps_dense_ffn(ids, compiled_graphs) -> None:
     relufy_(model, "relu")
     torch.compile(model, backend="prosparse", options={"compiler": "eager"})(input_ids=ids)
     assert not any("prosparse.sparse" in op for op in _ops(compiled_graphs[0]))
+
+
+def test_sparse_ffn_true_with_autograd_refused(ids, compiled_graphs) -> None:
+    model = tiny("llama")
+    relufy_(model, "relu")
+    compiled = torch.compile(
+        model, backend="prosparse", options={"sparse_ffn": True, "compiler": "eager"}
+    )
+    with pytest.raises(Exception, match="no backward.*torch.no_grad"):
+        compiled(input_ids=ids)
 
 
 def test_sparse_ffn_true_on_silu_refused(ids, compiled_graphs) -> None:

@@ -285,8 +285,12 @@ def test_resume_refuses_a_different_config_or_nothing(tmp_path, tiny_model_dir, 
 
     out = tmp_path / "run"
     out.mkdir()
+    from prosparse_fx.pipeline import _fingerprint
+
     report = {"config": {**FAST, "seed": 0}, "model": str(tiny_model_dir), "data": str(text_file)}
-    state = {"report": json.dumps(report), "step": 1}
+    report["data_fingerprint"] = _fingerprint(text_file)
+    state = {k: "" for k in ("optimizer", "lr_schedule", "data", "rng", "history", "stage_ends")}
+    state.update({"report": json.dumps(report), "step": 1})
     save_checkpoint(out / "checkpoint", lambda folder: None, state)
     other = _config(tmp_path, seed=3)
     result = runner.invoke(app, ["sparsify", "--resume", str(out), "--config", str(other)])
@@ -294,3 +298,11 @@ def test_resume_refuses_a_different_config_or_nothing(tmp_path, tiny_model_dir, 
     assert "config differs" in result.output and "seed: checkpoint 0, now 3" in result.output
     result = runner.invoke(app, ["sparsify", "--resume", str(out), "--model", str(text_file)])
     assert result.exit_code == 2 and "the model differs" in result.output
+    (out / "checkpoint" / "training_state.pt").write_bytes(b"garbage")
+    result = runner.invoke(app, ["sparsify", "--resume", str(out)])
+    assert result.exit_code == 2 and "delete it and start a new run" in result.output
+    torch.save([1, 2], out / "checkpoint" / "training_state.pt")
+    result = runner.invoke(app, ["sparsify", "--resume", str(out)])
+    assert (
+        result.exit_code == 2 and "not a complete prosparse-fx sparsify checkpoint" in result.output
+    )

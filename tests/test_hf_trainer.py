@@ -112,3 +112,24 @@ def test_attach_refuses_an_existing_loss_function(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match="compute_loss_func"):
         ProSparseTrainerPlugin(ActivationRegularizer(model, 0.1)).attach(trainer)
+
+
+def test_plugin_must_be_attached_and_eval_loss_is_the_lm_loss(tmp_path) -> None:
+    model = _model()
+    reg = ActivationRegularizer(model, LAM)
+    plugin = ProSparseTrainerPlugin(reg)
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, max_steps=1), train_dataset=_data(), callbacks=[plugin]
+    )
+    with pytest.raises(RuntimeError, match="not attached"):
+        trainer.train()
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1), eval_dataset=_data())
+    plugin = ProSparseTrainerPlugin(reg).attach(trainer)
+    with pytest.raises(ValueError, match="already attached"):
+        plugin.attach(trainer)
+    batch = torch.stack([d["input_ids"] for d in _data()])
+    model.eval()
+    with torch.no_grad():
+        expected = float(model(input_ids=batch, labels=batch).loss)
+    reg.clear()
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)

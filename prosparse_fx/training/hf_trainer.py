@@ -26,6 +26,9 @@ class ProSparseTrainerPlugin(TrainerCallback):
     logs before any ``report_to`` logger sees them (keys ``prosparse/lambda``, ``prosparse/l1``,
     ``prosparse/sparsity``, averaged over the optimizer steps since the last log).
 
+    Evaluation: ``eval_loss`` is the LM loss alone (the penalty is a training term), so it
+    stays comparable as lambda rises.
+
     Weighting: lambda is read at the optimizer step being computed (``global_step + 1``). Under
     gradient accumulation over k micro-batches each micro-batch adds ``penalty / k``, and under
     data parallelism the Trainer's scaling of the returned loss by the number of processes is
@@ -48,6 +51,8 @@ class ProSparseTrainerPlugin(TrainerCallback):
 
     def attach(self, trainer: Trainer) -> ProSparseTrainerPlugin:
         """Install the plugin in ``trainer``; returns ``self``."""
+        if self.trainer is not None:
+            raise ValueError("this ProSparseTrainerPlugin is already attached to a Trainer")
         if trainer.compute_loss_func is not None or trainer.label_smoother is not None:
             raise ValueError(
                 "this Trainer already has a compute_loss_func or label smoothing; the ProSparse "
@@ -71,21 +76,26 @@ class ProSparseTrainerPlugin(TrainerCallback):
         vocab = model.config.vocab_size
         n_items = num_items_in_batch
         lm = model.loss_function(logits, labels, vocab_size=vocab, num_items_in_batch=n_items)
-        scale = 1.0
-        if model.training:
-            scale /= max(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1, 1)
-            if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
-                scale /= max(trainer.accelerator.num_processes, 1)
+        if not model.training:
+            # evaluation: eval_loss stays the LM loss (comparable across lambda); drop the taps
+            self.regularizer.clear()
+            return lm
+        scale = 1.0 / max(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1, 1)
+        if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+            scale /= max(trainer.accelerator.num_processes, 1)
         penalty = self.regularizer.penalty(self._step)
-        if model.training:
-            self._logged.append(
-                (
-                    self.regularizer.last_lambda,
-                    sum(self.regularizer.last_l1),
-                    self.regularizer.sparsity,
-                )
-            )
+        reg = self.regularizer
+        self._logged.append((reg.last_lambda, sum(reg.last_l1), reg.sparsity))
         return lm + scale * penalty
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if self.trainer is None:
+            raise RuntimeError(
+                "ProSparseTrainerPlugin was passed as a callback but not attached: the penalty "
+                "would not be applied; call ProSparseTrainerPlugin(reg).attach(trainer) instead"
+            )
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any

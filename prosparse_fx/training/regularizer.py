@@ -112,6 +112,12 @@ class ActivationRegularizer:
             RuntimeError: no forward pass was recorded.
         """
         if not self._l1 or not self._l1[0]:
+            if self.taps == "graph":
+                raise RuntimeError(
+                    "no activations recorded: with taps='graph' they come only from the model "
+                    "compiled with torch.compile(..., backend='prosparse', options={'regularize': "
+                    "True}); call that compiled model (not the eager one) before penalty()"
+                )
             raise RuntimeError(
                 "no activations recorded: run a forward pass of the model before penalty()"
             )
