@@ -37,7 +37,12 @@ from .relufy import relufy_
 from .report import plot_per_layer, plot_training, write_json_atomic
 from .taps import L1_NORMS
 from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
-from .training.checkpoint import find_checkpoint, load_state, save_checkpoint
+from .training.checkpoint import (
+    find_checkpoint,
+    load_state,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from .training.distributed import DistContext, ShardedBatches, init_from_env
 from .training.loop import NonFiniteLossError, batches_forever, train
 from .training.regularizer import ActivationRegularizer
@@ -195,6 +200,9 @@ def _is_int(value: Any) -> bool:
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+
+# what report.json says for the default data (no --data)
+DEFAULT_DATA_LABEL = "enwiki sample (gensim test data)"
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Ends in under 15 minutes on 2 CPU cores (measured; see README).
@@ -410,7 +418,8 @@ def run_sparsify(
 
     out_dir.mkdir(parents=True, exist_ok=True)  # all inputs are checked: now write
     if resume_state is None and ctx.is_main:
-        _remove_checkpoints(out_dir)  # --overwrite: an old run's checkpoint must not resume
+        # --overwrite: an old run's checkpoint must not be resumed by mistake
+        remove_checkpoint(out_dir / "checkpoint")
     if resume_state is not None:
         report = resume_state["report"]
         report["resumed_at_step"] = resume_state["step"]
@@ -418,7 +427,7 @@ def run_sparsify(
         report: dict[str, Any] = {
             "status": "running",
             "model": str(Path(model_file).resolve()),
-            "data": str(data_file.resolve()) if data_file else "enwiki sample (gensim test data)",
+            "data": str(data_file.resolve()) if data_file else DEFAULT_DATA_LABEL,
             "data_fingerprint": _fingerprint(data_file),
             "data_split": {
                 "train_documents": len(split.train),
@@ -493,7 +502,7 @@ def run_sparsify(
     )
     if ctx.is_main:
         save_model_atomic(model.cpu(), tokenizer, out_dir)
-        _remove_checkpoints(out_dir)
+        remove_checkpoint(out_dir / "checkpoint")
         _write_plots(out_dir, report)
         write_json_atomic(out_dir / "report.json", report)
     ctx.barrier()
@@ -568,6 +577,7 @@ def _train_stages(
         disable=not show_progress or not ctx.is_main,
     )
     every = config.checkpoint_every
+    train_dtype = autocast_dtype(config.precision, device)
     try:
         with ActivationRegularizer(model, schedule, norm=config.norm, sites=sites) as reg:
             for stage, end in enumerate(schedule.ends):
@@ -585,7 +595,7 @@ def _train_stages(
                             optimizer=_Stepper(optimizer, lr_sched),
                             stage_of=schedule.stage,
                             progress=bar,
-                            autocast_dtype=autocast_dtype(config.precision, device),
+                            autocast_dtype=train_dtype,
                         )
                     except NonFiniteLossError:
                         report["status"] = "diverged"
@@ -612,16 +622,6 @@ def _train_stages(
     finally:
         bar.close()
     return history, stage_ends
-
-
-def _remove_checkpoints(out_dir: Path) -> None:
-    """Remove ``checkpoint``, ``checkpoint.old`` and half-written ``.checkpoint-*`` folders."""
-    for path in [
-        out_dir / "checkpoint",
-        out_dir / "checkpoint.old",
-        *out_dir.glob(".checkpoint-*"),
-    ]:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fingerprint(data_file: Path | None) -> str | None:
@@ -669,7 +669,7 @@ def _resume_inputs(
         raise InputError(
             f"{folder} is not a prosparse-fx sparsify checkpoint ({exc}){fix}"
         ) from exc
-    data_file = None if report["data"].startswith("enwiki sample") else Path(report["data"])
+    data_file = None if report["data"] == DEFAULT_DATA_LABEL else Path(report["data"])
     if report.get("data_fingerprint") != _fingerprint(data_file):
         raise InputError(
             f"--resume {out}: the data file {data_file} changed since the run started (size or "
@@ -695,8 +695,7 @@ def _resume_inputs(
                 f"--resume {out}: the {name} differs from the interrupted run's "
                 f"(checkpoint {recorded}, now {given})"
             )
-    data = None if report["data"].startswith("enwiki sample") else report["data"]
-    return state, stored, report["model"], data
+    return state, stored, report["model"], data_file
 
 
 class _Stepper:

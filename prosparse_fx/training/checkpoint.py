@@ -43,6 +43,15 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_checkpoint(target: Path) -> None:
+    """Remove the checkpoint ``target``, its ``target.old`` and any half-written new folder that
+    :func:`save_checkpoint` left beside it (a kill during the write)."""
+    target = Path(target)
+    old = target.with_name(target.name + ".old")
+    for path in [target, old, *target.parent.glob(f".{target.name}-*")]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def find_checkpoint(target: Path) -> Path | None:
     """The complete checkpoint at ``target`` (or ``target.old``), or ``None``."""
     for candidate in (Path(target), Path(target).with_name(Path(target).name + ".old")):
