@@ -21,6 +21,16 @@ from .training import ActivationRegularizer, ConstantSchedule, ProSparseSchedule
 
 _register_backend()
 
+
+def __getattr__(name: str):  # noqa: ANN202
+    """``prosparse_fx.export_onnx`` without importing onnx with the package."""
+    if name == "export_onnx":
+        from .onnx import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'prosparse_fx' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -38,6 +48,7 @@ __all__ = [
     "activation_l1",
     "calibrate_thresholds",
     "evaluate",
+    "export_onnx",
     "fatrelu",
     "find_ffn_sites",
     "measure_sparsity",

@@ -247,12 +247,16 @@ def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return tuple(example_inputs), {}
 
 
-def capture_export(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModule:
+def capture_export(
+    model: torch.nn.Module, example_inputs: Any = None, dynamic_shapes: Any = None
+) -> fx.GraphModule:
     """Capture ``model`` with ``torch.export.export(strict=False)`` as an ATen GraphModule.
 
     Args:
         model: any ``nn.Module``; Hugging Face models get example inputs from their config.
         example_inputs: a tuple of positional inputs, a dict of keyword inputs, or ``None``.
+        dynamic_shapes: ``torch.export`` dynamic shapes for the inputs (``None``: every shape is
+            specialised to the example's).
 
     Returns:
         ``ExportedProgram.module()``: a GraphModule whose nodes carry ``nn_module_stack``.
@@ -267,7 +271,9 @@ def capture_export(model: torch.nn.Module, example_inputs: Any = None) -> fx.Gra
     model.eval()
     try:
         with torch.no_grad():
-            exported = torch.export.export(model, args, kwargs, strict=False)
+            exported = torch.export.export(
+                model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False
+            )
     finally:
         model.train(was_training)
     return exported.module()

@@ -162,6 +162,88 @@ def measure(
     )
 
 
+def _onnx_api():  # noqa: ANN202
+    try:
+        from . import onnx as onnx_api
+    except ImportError as exc:
+        _fail(f"{exc.name} is not installed: pip install 'prosparse-fx[onnx]'")
+    return onnx_api
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="HF model folder (e.g. a sparsify --out folder).")],
+    out: Annotated[Path, typer.Option("--out", help="Output file, *.onnx.")],
+    dense: Annotated[
+        bool, typer.Option("--dense", help="Export the dense computation (for comparison).")
+    ] = False,
+    no_cache: Annotated[
+        bool,
+        typer.Option("--no-cache", help="No KV cache: (input_ids, attention_mask) -> logits."),
+    ] = False,
+    crossover: Annotated[
+        float | None,
+        typer.Option(help="Active fraction at or below which an FFN runs sparsely."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Export a relufied model to ONNX (standard operators, sparse FFNs, KV cache)."""
+    onnx_api = _onnx_api()
+    from .ffn import FFNNotFoundError
+    from .models import check_model_path, load_model
+    from .sparse_modules import NotSparseError
+
+    try:
+        target = onnx_api.check_output_path(out, overwrite)
+        source = check_model_path(model)
+        lm, _ = load_model(source)
+        path = onnx_api.export_onnx(
+            lm,
+            target,
+            sparse=not dense,
+            kv_cache=not no_cache,
+            crossover=onnx_api.DEFAULT_CROSSOVER if crossover is None else crossover,
+            overwrite=overwrite,
+            metadata={"source": str(source.resolve())},
+        )
+    except (InputError, NotSparseError, FFNNotFoundError, onnx_api.ONNXExportError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command()
+def generate(
+    onnx_file: Annotated[Path, typer.Argument(help="A file written by `prosparse-fx export`.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Tokenizer folder (default: the model folder the file was exported from)."
+        ),
+    ] = None,
+) -> None:
+    """Greedy generation in ONNX Runtime with an exported model."""
+    onnx_api = _onnx_api()
+    from transformers import AutoTokenizer
+
+    try:
+        lm = onnx_api.OnnxCausalLM(onnx_file)
+        tok_path = tokenizer or lm.metadata.get("source")
+        if tok_path is None:
+            raise InputError(f"{onnx_file} does not name its source model: pass --tokenizer DIR")
+        if not Path(tok_path).is_dir():
+            raise InputError(f"tokenizer folder {tok_path} does not exist: pass --tokenizer DIR")
+        tok = AutoTokenizer.from_pretrained(tok_path)
+        ids = tok(prompt, return_tensors="np").input_ids
+        if ids.shape[1] == 0:
+            raise InputError("the prompt has no tokens; give some text")
+        out = lm.generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id)
+    except InputError as exc:
+        _fail(str(exc))
+    typer.echo(tok.decode(out[0], skip_special_tokens=True))
+
+
 def main() -> None:
     """Console entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

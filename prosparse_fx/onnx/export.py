@@ -1,0 +1,265 @@
+"""``export_onnx``: a relufied model to an ONNX file whose FFNs run sparsely in stock ONNX Runtime.
+
+The model is captured with ``torch.export`` (through the same FFN-site analysis and
+:class:`~prosparse_fx.passes.SparseFFNRewritePass` as the graph and compile paths), each
+ReLU/FATReLU FFN becomes one sparse-FFN op, and ``torch.onnx.export(dynamo=True)`` lowers the
+ops through :mod:`.translation` into standard ONNX operators (ProSparse App. D).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..capture import capture_export, module_path
+from ..errors import InputError
+from ..ffn import FFNNotFoundError, find_sites_in_graph
+from ..passes import SparseFFNRewritePass
+from ..sparse_modules import NotSparseError
+from .cached_decoder import CachedDecoder, check_full_attention, dynamic_shapes, example_inputs
+from .translation import DEFAULT_CROSSOVER, OPSET, translation_table
+
+# ONNX protobufs cannot exceed 2 GiB; bigger models keep their weights in a side file
+PROTOBUF_LIMIT = 2**31 - 1
+METADATA_PREFIX = "prosparse."
+
+
+class ONNXExportError(RuntimeError):
+    """The model holds an operator or module that the ONNX exporter cannot translate."""
+
+
+def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Check, before any long work, that an ONNX file can be written at ``path``.
+
+    Returns:
+        The resolved path.
+
+    Raises:
+        InputError: not a ``.onnx`` name, a folder, an existing file without ``overwrite``, or a
+            parent folder that is missing or not writable.
+    """
+    target = Path(path).expanduser().resolve()
+    if target.suffix != ".onnx":
+        raise InputError(f"output {str(path)!r} must be a file name ending in .onnx")
+    if target.is_dir():
+        raise InputError(f"output {str(path)!r} is a folder; give a file name ending in .onnx")
+    if target.exists() and not overwrite:
+        raise InputError(
+            f"output {str(path)!r} exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    parent = target.parent
+    if not parent.is_dir():
+        raise InputError(f"the folder of {str(path)!r} does not exist; create {parent} first")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{target.name}-probe-")
+    except OSError as exc:
+        raise InputError(f"cannot write into {parent}: {exc.strerror}") from exc
+    os.close(fd)
+    os.unlink(probe)
+    return target
+
+
+def _unsupported_message(exc: BaseException, gm: fx.GraphModule) -> str:
+    """Name the first operator the exporter could not translate, and the module it sits in."""
+    text = f"{exc}\n{exc.__cause__ or ''}"
+    found = re.search(
+        r"(?:No ONNX function found for|Unsupported FX nodes:\s*\{?)\s*'?<?"
+        r"(?:OpOverload\(op=')?([\w:.]+)",
+        text,
+    )
+    op = found.group(1) if found else None
+    where = None
+    if op:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and op.split("::")[-1] in str(node.target):
+                where = module_path(node)
+                break
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if op is None:
+        return f"the ONNX exporter failed: {first_line}"
+    return (
+        f"the ONNX exporter has no translation for operator {op}"
+        f"{f' (in module {where})' if where else ''}; replace that module or register a "
+        "translation for the operator"
+    )
+
+
+def _capture(model: nn.Module, kv_cache: bool) -> tuple[nn.Module, tuple, Any, list, list]:
+    if kv_cache:
+        decoder = CachedDecoder(model)
+        check_full_attention(decoder)
+        layout = decoder.layout
+        vocab = int(model.config.get_text_config().vocab_size)
+        return (
+            decoder,
+            example_inputs(layout, vocab),
+            dynamic_shapes(layout),
+            layout.input_names(),
+            layout.output_names(),
+        )
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int):
+        raise InputError(
+            f"cannot build example inputs for {type(model).__name__}: it has no config.vocab_size"
+        )
+    ids = torch.randint(0, min(vocab, 1000), (2, 3), generator=torch.Generator().manual_seed(0))
+    # learned position embeddings (BERT, GPT-2) bound the sequence length
+    max_len = getattr(config, "max_position_embeddings", None)
+    batch = torch.export.Dim("batch")
+    seq = (
+        torch.export.Dim("seq", max=max_len)
+        if isinstance(max_len, int)
+        else torch.export.Dim("seq")
+    )
+    return (
+        _LogitsOnly(model),
+        (ids, torch.ones_like(ids)),
+        ({0: batch, 1: seq}, {0: batch, 1: seq}),
+        ["input_ids", "attention_mask"],
+        ["logits"],
+    )
+
+
+def _flat(shapes: tuple) -> tuple:
+    return tuple(x for s in shapes for x in (s if isinstance(s, tuple) else (s,)))
+
+
+class _LogitsOnly(nn.Module):
+    """``(input_ids, attention_mask) -> logits`` (or the last hidden state), no cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.train(model.training)  # capture restores this mode: keep the user's
+        import inspect
+
+        self.use_cache = "use_cache" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        extra = {"use_cache": False} if self.use_cache else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    sparse: bool = True,
+    kv_cache: bool = True,
+    crossover: float = DEFAULT_CROSSOVER,
+    external_data: bool | None = None,
+    overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Export a relufied Hugging Face model to ONNX with its FFNs computed sparsely.
+
+    The file runs in the ``onnxruntime`` package as installed from the registry: standard
+    operators only (opset 18, no custom domain, no model-local functions), ``onnx.checker``
+    passes. Inputs and outputs are float32 (the model's dtype) with dynamic batch and sequence
+    length; see :mod:`.cached_decoder` for the names and shapes with ``kv_cache``. The user's
+    model is not modified (the rewrite works on a captured copy of the graph; the transposed
+    down weights are new tensors).
+
+    Args:
+        model: a Hugging Face model whose FFN activations are ReLU/FATReLU (:func:`relufy_`,
+            trained with ``prosparse-fx sparsify``), in float32.
+        path: output file, ``*.onnx``; its parent folder must exist.
+        sparse: rewrite the FFNs to the sparse computation (``False``: a dense export of the
+            same model, e.g. for comparison).
+        kv_cache: export a decoder with past key/values as inputs and present ones as outputs
+            (causal LMs with full-attention caches); ``False``: ``(input_ids, attention_mask)
+            -> logits`` (or the last hidden state).
+        crossover: active fraction in [0, 1] at or below which each FFN takes the sparse branch.
+        external_data: store weights in ``<path>.data``; ``None`` decides by size (over 2 GiB).
+        overwrite: replace an existing file.
+        metadata: extra ``metadata_props`` to store (strings).
+
+    Returns:
+        The resolved output path. It appears only when complete: the model is saved into a
+        temporary folder beside it and renamed into place (weights file first).
+
+    Raises:
+        InputError: a bad output path (checked before the export starts) or option, or a model
+            without the config the chosen export needs.
+        NotSparseError: ``sparse`` and an FFN's activation is SiLU/GELU (relufy and train
+            first, or export with ``sparse=False``).
+        ONNXExportError: ``torch.export`` cannot capture the model, or an operator has no ONNX
+            translation (the message names it and its module).
+    """
+    import onnx
+
+    target = check_output_path(path, overwrite)
+    if not 0.0 <= crossover <= 1.0:
+        raise InputError(f"crossover must be an active fraction in [0, 1], got {crossover}")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = list(model.parameters())
+    if params and any(p.dtype != torch.float32 for p in params):
+        raise InputError("export_onnx takes a float32 model; load it with dtype=torch.float32")
+    wrapper, inputs, shapes, input_names, output_names = _capture(model, kv_cache)
+    try:
+        gm = capture_export(wrapper, inputs, shapes)
+    except Exception as exc:  # torch.export reports many exception types
+        raise ONNXExportError(
+            f"torch.export cannot capture {type(model).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        ) from exc
+    sites = find_sites_in_graph(gm)
+    if sparse:
+        if not sites:
+            raise FFNNotFoundError(
+                f"no FFN site found in {type(model).__name__}; "
+                "export it with sparse=False (--dense)"
+            )
+        try:
+            SparseFFNRewritePass()(gm)
+        except NotSparseError as exc:
+            raise NotSparseError(f"{exc} Or export it dense: sparse=False (--dense).") from exc
+    try:
+        program = torch.onnx.export(
+            gm,
+            inputs,
+            dynamo=True,
+            dynamic_shapes=_flat(shapes),  # the captured graph takes its inputs flat
+            input_names=input_names,
+            output_names=output_names,
+            custom_translation_table=translation_table(crossover),
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter wraps failures in several types
+        raise ONNXExportError(_unsupported_message(exc, gm)) from exc
+    props = {
+        "sparse": str(sparse).lower(),
+        "kv_cache": str(kv_cache).lower(),
+        "crossover": repr(crossover),
+        "ffn_sites": str(len(sites)),
+        "thresholds": ",".join(f"{s.threshold or 0.0:g}" for s in sites),
+    }
+    props |= {k.removeprefix(METADATA_PREFIX): str(v) for k, v in (metadata or {}).items()}
+    for key, value in props.items():
+        program.model.metadata_props[METADATA_PREFIX + key] = value
+    size = sum(p.numel() * p.element_size() for p in gm.parameters())
+    external = size > PROTOBUF_LIMIT // 2 if external_data is None else external_data
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        staged = tmp / target.name
+        program.save(staged, external_data=external)
+        onnx.checker.check_model(str(staged), full_check=False)
+        data = tmp / f"{target.name}.data"
+        if data.exists():
+            os.replace(data, target.with_name(data.name))
+        os.replace(staged, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

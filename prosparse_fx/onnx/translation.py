@@ -1,0 +1,117 @@
+"""ONNX translations of the sparse-FFN ops in standard operators only (ProSparse App. D).
+
+``torch.onnx.export(dynamo=True)`` calls these for ``prosparse::sparse_gated_ffn`` and
+``prosparse::sparse_plain_ffn``. Each FFN becomes: the gate (first linear) dense, FATReLU, the
+active set (a neuron is active when any token keeps it), then an ``If`` on the active fraction:
+at or below the crossover, ``NonZero`` → ``Gather`` of the active rows of up/down → two small
+matmuls; above it, the dense up and down. So ONNX Runtime never runs the slower of the two.
+
+Dtypes: whatever the runtime's Gemm/MatMul/Gather accept (float32 on ONNX Runtime's CPU
+provider); the function is typed for float32, float16, bfloat16 and float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, Union
+
+import onnxscript
+import torch
+from onnxscript import opset18 as op
+from onnxscript.onnx_types import BFLOAT16, DOUBLE, FLOAT, FLOAT16
+
+OPSET = 18
+
+# Active fraction at or below which the sparse branch runs. Measured with ONNX Runtime 1.32 on
+# this project's CPU machine (benchmarks/bench_onnx.py, LLaMA-2-7B widths, one token).
+DEFAULT_CROSSOVER = 0.4
+
+T = TypeVar("T", bound=Union[FLOAT, FLOAT16, BFLOAT16, DOUBLE])  # noqa: UP007 (onnxscript)
+
+
+@onnxscript.script(default_opset=op)
+def _gated_ffn(x2: T, w_gate: T, w_up: T, w_down_t: T, threshold: float, crossover: float) -> T:
+    gate = op.Gemm(x2, w_gate, transB=1)
+    low = op.Less(gate, op.CastLike(op.Constant(value_float=threshold), gate))
+    g = op.Where(low, op.CastLike(op.Constant(value_float=0.0), gate), gate)
+    # a neuron is inactive only if every token drops it; NaN is never "low", so it stays active
+    inactive = op.ReduceMin(op.Cast(low, to=1), op.Constant(value_ints=[0]), keepdims=0)
+    active_fraction = op.Sub(op.Constant(value_float=1.0), op.ReduceMean(inactive, keepdims=0))
+    if active_fraction <= op.Constant(value_float=crossover):
+        idx = op.Squeeze(op.NonZero(op.Not(op.Cast(inactive, to=9))), op.Constant(value_ints=[0]))
+        up = op.Gemm(x2, op.Gather(w_up, idx, axis=0), transB=1)
+        y = op.MatMul(op.Mul(op.Gather(g, idx, axis=1), up), op.Gather(w_down_t, idx, axis=0))
+    else:
+        y = op.MatMul(op.Mul(g, op.Gemm(x2, w_up, transB=1)), w_down_t)
+    return y
+
+
+@onnxscript.script(default_opset=op)
+def _plain_ffn(x2: T, w1: T, b1: T, w2_t: T, b2: T, threshold: float, crossover: float) -> T:
+    h = op.Gemm(x2, w1, b1, transB=1)
+    low = op.Less(h, op.CastLike(op.Constant(value_float=threshold), h))
+    h = op.Where(low, op.CastLike(op.Constant(value_float=0.0), h), h)
+    inactive = op.ReduceMin(op.Cast(low, to=1), op.Constant(value_ints=[0]), keepdims=0)
+    active_fraction = op.Sub(op.Constant(value_float=1.0), op.ReduceMean(inactive, keepdims=0))
+    if active_fraction <= op.Constant(value_float=crossover):
+        idx = op.Squeeze(op.NonZero(op.Not(op.Cast(inactive, to=9))), op.Constant(value_ints=[0]))
+        y = op.Add(op.MatMul(op.Gather(h, idx, axis=1), op.Gather(w2_t, idx, axis=0)), b2)
+    else:
+        y = op.Add(op.MatMul(h, w2_t), b2)
+    return y
+
+
+def _fatrelu(x: Any, threshold: float) -> Any:
+    """FATReLU_t (ProSparse Eq. 3) as "zero where x < t", so NaN propagates."""
+    low = op.Less(x, op.CastLike(op.Constant(value_float=threshold), x))
+    return op.Where(low, op.CastLike(op.Constant(value_float=0.0), x), x)
+
+
+def _rows(x: Any) -> Any:
+    """``[..., d]`` → ``[n, d]`` (Gemm takes 2-D inputs)."""
+    return op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), op.Shape(x, start=-1), axis=0))
+
+
+def _unrows(y: Any, x: Any, w_out_t: Any) -> Any:
+    """``[n, d_out]`` → ``[..., d_out]`` with the leading dims of ``x``."""
+    return op.Reshape(y, op.Concat(op.Shape(x, end=-1), op.Shape(w_out_t, start=1), axis=0))
+
+
+def _zeros_like_rows(w: Any, like: Any, axis: int) -> Any:
+    """A zero vector of length ``w.shape[axis]`` in the dtype of ``like`` (a missing bias)."""
+    zero = op.CastLike(op.Constant(value_float=0.0), like)
+    return op.Expand(zero, op.Shape(w, start=axis, end=axis + 1))
+
+
+def translation_table(crossover: float = DEFAULT_CROSSOVER) -> dict[Any, Callable[..., Any]]:
+    """``custom_translation_table`` for ``torch.onnx.export``: both sparse-FFN ops, and
+    ``prosparse::fatrelu`` (the activation of a dense export).
+
+    Args:
+        crossover: active fraction in [0, 1] at or below which the exported graph takes the
+            sparse branch (0 never, 1 always).
+
+    Raises:
+        ValueError: ``crossover`` outside [0, 1].
+    """
+    if not 0.0 <= crossover <= 1.0:
+        raise ValueError(f"crossover must be an active fraction in [0, 1], got {crossover}")
+
+    def gated(x: T, w_gate: T, w_up: T, w_down_t: T, threshold: float) -> T:
+        y = _gated_ffn(_rows(x), w_gate, w_up, w_down_t, threshold=threshold, crossover=crossover)
+        return _unrows(y, x, w_down_t)
+
+    def plain(x: T, w1: T, b1: T | None, w2_t: T, b2: T | None, threshold: float) -> T:
+        b1 = _zeros_like_rows(w1, x, 0) if b1 is None else b1
+        b2 = _zeros_like_rows(w2_t, x, 1) if b2 is None else b2
+        y = _plain_ffn(_rows(x), w1, b1, w2_t, b2, threshold=threshold, crossover=crossover)
+        return _unrows(y, x, w2_t)
+
+    def fatrelu(x: T, threshold: float) -> T:
+        return _fatrelu(x, threshold)
+
+    return {
+        torch.ops.prosparse.fatrelu.default: fatrelu,  # in dense exports
+        torch.ops.prosparse.sparse_gated_ffn.default: gated,
+        torch.ops.prosparse.sparse_plain_ffn.default: plain,
+    }
