@@ -50,14 +50,17 @@ def sync(device: str) -> None:
 def time_interleaved(
     fns: dict[str, Callable[[], Any]], device: str, repeats: int, warmup: int = 3
 ) -> dict[str, float]:
-    """Median milliseconds of each function, runs interleaved (a, b, a, b, ...) after warm-up."""
+    """Median milliseconds of each function, runs interleaved after warm-up; the order rotates
+    every repeat (a b c, b c a, c a b, ...) so that no function always follows the same one."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[name]
             sync(device)
             start = time.perf_counter()
             fn()

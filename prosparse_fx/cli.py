@@ -62,6 +62,7 @@ def sparsify(
     """Run ProSparse on a model: ReLU substitution, progressive L1 training, threshold shift."""
     from .pipeline import PRESETS, SparsifyConfig, run_sparsify
     from .training.loop import NonFiniteLossError
+    from .training.preemption import Preempted
 
     try:
         if preset not in PRESETS:
@@ -96,6 +97,14 @@ def sparsify(
             )
     except InputError as exc:
         _fail(str(exc))
+    except Preempted as exc:
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(
+                f"{exc}; its checkpoint is in {out}/checkpoint: continue with "
+                f"`prosparse-fx sparsify --resume {out}`",
+                err=True,
+            )
+        raise typer.Exit(128 + exc.signum) from exc
     except NonFiniteLossError as exc:
         typer.echo(f"error: {exc}; the last good model is in {out}/checkpoint", err=True)
         raise typer.Exit(1) from exc

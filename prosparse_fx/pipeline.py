@@ -45,6 +45,7 @@ from .training.checkpoint import (
 )
 from .training.distributed import DistContext, ShardedBatches, init_from_env
 from .training.loop import NonFiniteLossError, batches_forever, train
+from .training.preemption import Preempted, StopOnSignal
 from .training.regularizer import ActivationRegularizer
 from .training.schedule import ProSparseSchedule
 
@@ -578,8 +579,12 @@ def _train_stages(
     )
     every = config.checkpoint_every
     train_dtype = autocast_dtype(config.precision, device)
+    stop = StopOnSignal()
     try:
-        with ActivationRegularizer(model, schedule, norm=config.norm, sites=sites) as reg:
+        with (
+            stop,
+            ActivationRegularizer(model, schedule, norm=config.norm, sites=sites) as reg,
+        ):
             for stage, end in enumerate(schedule.ends):
                 if stage < len(stage_ends):
                     continue  # measured before the run was interrupted
@@ -596,6 +601,7 @@ def _train_stages(
                             stage_of=schedule.stage,
                             progress=bar,
                             autocast_dtype=train_dtype,
+                            should_stop=lambda: stop.agreed(ctx.world_size),
                         )
                     except NonFiniteLossError:
                         report["status"] = "diverged"
@@ -605,7 +611,11 @@ def _train_stages(
                             write_json_atomic(out_dir / "report.json", report)
                         raise
                     history.extend(dataclasses.asdict(entry) for entry in logs)
-                    step = chunk_end
+                    step += len(logs)
+                    if stop.requested:  # SIGTERM: keep every finished step, then stop
+                        checkpoint()
+                        assert stop.signum is not None
+                        raise Preempted(step, stop.signum)
                     if step < end:
                         checkpoint()
                 ev = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)

@@ -306,3 +306,51 @@ def test_resume_refuses_a_different_config_or_nothing(tmp_path, tiny_model_dir, 
     assert (
         result.exit_code == 2 and "not a complete prosparse-fx sparsify checkpoint" in result.output
     )
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resume_matches(
+    tmp_path, tiny_model_dir, text_file, monkeypatch
+):
+    """A real SIGTERM to this process during step 5 of 8, with no interval checkpoint due
+    (checkpoint_every 1000): the run finishes step 5, writes its checkpoint and exits 143; the
+    resumed run's losses and final sparsity equal an uninterrupted run's."""
+    import os
+    import signal
+
+    import prosparse_fx.training.loop as loop
+
+    config = _config(tmp_path, stages=[[0.0, 3], [0.5, 8]], checkpoint_every=1000)
+    whole = tmp_path / "whole"
+    assert runner.invoke(app, _run_args(tiny_model_dir, text_file, config, whole)).exit_code == 0
+
+    real_train = loop.train
+
+    def train_killed_at_step_5(*args, **kw):
+        done, inner = [kw["start_step"]], kw["should_stop"]
+
+        def should_stop():
+            done[0] += 1
+            if done[0] == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return inner()
+
+        return real_train(*args, **{**kw, "should_stop": should_stop})
+
+    monkeypatch.setattr("prosparse_fx.pipeline.train", train_killed_at_step_5)
+    part = tmp_path / "part"
+    result = runner.invoke(app, _run_args(tiny_model_dir, text_file, config, part))
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert "stopped by SIGTERM after step 5" in result.output and "--resume" in result.output
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
+    monkeypatch.setattr("prosparse_fx.pipeline.train", real_train)
+
+    result = runner.invoke(app, ["sparsify", "--resume", str(part)])
+    assert result.exit_code == 0, result.output
+    a = json.loads((whole / "report.json").read_text())
+    b = json.loads((part / "report.json").read_text())
+    assert b["resumed_at_step"] == 5
+    assert [h["step"] for h in b["history"]] == list(range(1, 9))
+    for ha, hb in zip(a["history"], b["history"]):
+        assert hb["lm_loss"] == pytest.approx(ha["lm_loss"], abs=1e-6)
+        assert hb["lam"] == ha["lam"]
+    assert b["sparsity"] == pytest.approx(a["sparsity"], abs=1e-6)

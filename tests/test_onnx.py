@@ -95,7 +95,7 @@ INPUTS = {
 }
 
 
-@pytest.mark.parametrize("crossover", [0.0, 0.4, 1.0])  # always dense, the default, always sparse
+@pytest.mark.parametrize("crossover", [0.0, DEFAULT_CROSSOVER, 1.0])  # dense, default, sparse
 @pytest.mark.parametrize(
     "kind,threshold,bias",
     [("gated", 0.0, True), ("gated", 0.3, True), ("plain", 0.2, True), ("plain", 0.0, False)],

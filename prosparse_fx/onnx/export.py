@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,8 @@ def export_onnx(
     *,
     sparse: bool = True,
     kv_cache: bool = True,
+    example_inputs: tuple[torch.Tensor, ...] | None = None,
+    dynamic_shapes: tuple[Any, ...] | None = None,
     crossover: float = DEFAULT_CROSSOVER,
     external_data: bool | None = None,
     overwrite: bool = False,
@@ -178,6 +181,10 @@ def export_onnx(
         kv_cache: export a decoder with past key/values as inputs and present ones as outputs
             (causal LMs with full-attention caches); ``False``: ``(input_ids, attention_mask)
             -> logits`` (or the last hidden state).
+        example_inputs: positional inputs for any other ``nn.Module`` (not a Hugging Face
+            model): it is exported as it is, ``kv_cache`` does not apply, inputs are named
+            ``input_0``, ``input_1``, ...
+        dynamic_shapes: ``torch.export`` dynamic shapes for ``example_inputs`` (default: static).
         crossover: active fraction in [0, 1] at or below which each FFN takes the sparse branch.
         external_data: store weights in ``<path>.data``; ``None`` decides by size (over 2 GiB).
         overwrite: replace an existing file.
@@ -205,7 +212,12 @@ def export_onnx(
     params = list(model.parameters())
     if params and any(p.dtype != torch.float32 for p in params):
         raise InputError("export_onnx takes a float32 model; load it with dtype=torch.float32")
-    wrapper, inputs, shapes, input_names, output_names = _capture(model, kv_cache)
+    if example_inputs is not None:
+        wrapper, inputs, shapes = model, tuple(example_inputs), dynamic_shapes
+        input_names = [f"input_{i}" for i in range(len(inputs))]
+        output_names = None
+    else:
+        wrapper, inputs, shapes, input_names, output_names = _capture(model, kv_cache)
     try:
         gm = capture_export(wrapper, inputs, shapes)
     except Exception as exc:  # torch.export reports many exception types
@@ -225,23 +237,27 @@ def export_onnx(
         except NotSparseError as exc:
             raise NotSparseError(f"{exc} Or export it dense: sparse=False (--dense).") from exc
     try:
-        program = torch.onnx.export(
-            gm,
-            inputs,
-            dynamo=True,
-            dynamic_shapes=_flat(shapes),  # the captured graph takes its inputs flat
-            input_names=input_names,
-            output_names=output_names,
-            custom_translation_table=translation_table(crossover),
-            opset_version=OPSET,
-            optimize=True,
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            # the captured graph is already in inference form and has no eval() to call
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training")
+            program = torch.onnx.export(
+                gm,
+                inputs,
+                dynamo=True,
+                # the captured graph takes its inputs flat
+                dynamic_shapes=None if shapes is None else _flat(shapes),
+                input_names=input_names,
+                output_names=output_names,
+                custom_translation_table=translation_table(crossover),
+                opset_version=OPSET,
+                optimize=True,
+                verbose=False,
+            )
     except Exception as exc:  # the exporter wraps failures in several types
         raise ONNXExportError(_unsupported_message(exc, gm)) from exc
     props = {
         "sparse": str(sparse).lower(),
-        "kv_cache": str(kv_cache).lower(),
+        "kv_cache": str(kv_cache and example_inputs is None).lower(),
         "crossover": repr(crossover),
         "ffn_sites": str(len(sites)),
         "thresholds": ",".join(f"{s.threshold or 0.0:g}" for s in sites),

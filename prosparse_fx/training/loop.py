@@ -92,8 +92,12 @@ def train(
     max_grad_norm: float = 1.0,
     progress: tqdm | None = None,
     autocast_dtype: torch.dtype | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[StepLog]:
     """Run optimizer steps ``start_step + 1 .. end_step``; return one :class:`StepLog` each.
+
+    ``should_stop`` is asked after every step; when it answers True the loop returns early
+    (fewer logs than steps asked for), e.g. on SIGTERM (:class:`~.preemption.StopOnSignal`).
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under ``torch.autocast``;
     weights, gradients and the optimizer stay float32, and the penalty is summed in float32, so
@@ -137,4 +141,6 @@ def train(
                 l1=f"{log.l1:.3g}",
                 sparsity=f"{log.sparsity:.3f}",
             )
+        if should_stop is not None and should_stop():
+            break
     return logs
