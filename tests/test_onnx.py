@@ -18,6 +18,7 @@ from prosparse_fx.cli import app
 from prosparse_fx.errors import InputError
 from prosparse_fx.kernels.reference import gated_ffn_reference, plain_ffn_reference
 from prosparse_fx.onnx import (
+    DEFAULT_CROSSOVER,
     CacheLayout,
     OnnxCausalLM,
     ONNXExportError,
