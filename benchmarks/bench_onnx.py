@@ -93,6 +93,9 @@ def session(path: Path, threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # each session has its own thread pool whose idle threads spin after a run; with several
+    # sessions timed in turn on 2 cores, that spinning steals the next session's CPU
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -205,7 +208,7 @@ def bench_decode(args: argparse.Namespace) -> None:
         "dense": export_onnx(model, work / "dense.onnx", sparse=False),
         "sparse": export_onnx(model, work / "sparse.onnx", crossover=args.crossover),
     }
-    lms = {k: OnnxCausalLM(p, threads=args.threads) for k, p in paths.items()}
+    lms = {k: OnnxCausalLM(p, threads=args.threads, spinning=False) for k, p in paths.items()}
     ids = tok(args.prompt, return_tensors="np").input_ids
     n = ids.shape[1]
     with torch.no_grad():

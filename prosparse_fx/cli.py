@@ -58,6 +58,10 @@ def sparsify(
         Path | None,
         typer.Option(help="Continue the interrupted run whose output folder this is."),
     ] = None,
+    sharding: Annotated[
+        str,
+        typer.Option(help="Under torchrun: 'ddp' (a model copy per process) or 'fsdp' (FSDP2)."),
+    ] = "ddp",
 ) -> None:
     """Run ProSparse on a model: ReLU substitution, progressive L1 training, threshold shift."""
     from .pipeline import PRESETS, SparsifyConfig, run_sparsify
@@ -88,12 +92,19 @@ def sparsify(
                 data_path=data,
                 device=device,
                 resume=True,
+                sharding=sharding,
             )
         elif out is None:
             raise InputError("give --out DIR (or --resume DIR to continue an interrupted run)")
         else:
             report = run_sparsify(
-                out, cfg, model_path=model, data_path=data, overwrite=overwrite, device=device
+                out,
+                cfg,
+                model_path=model,
+                data_path=data,
+                overwrite=overwrite,
+                device=device,
+                sharding=sharding,
             )
     except InputError as exc:
         _fail(str(exc))
@@ -204,6 +215,8 @@ def export(
 
     try:
         target = onnx_api.check_output_path(out, overwrite)
+        if crossover is not None and not 0.0 <= crossover <= 1.0:
+            raise InputError(f"--crossover must be an active fraction in [0, 1], got {crossover}")
         source = check_model_path(model)
         lm, _ = load_model(source)
         path = onnx_api.export_onnx(
@@ -242,8 +255,13 @@ def generate(
         if tok_path is None:
             raise InputError(f"{onnx_file} does not name its source model: pass --tokenizer DIR")
         if not Path(tok_path).is_dir():
-            raise InputError(f"tokenizer folder {tok_path} does not exist: pass --tokenizer DIR")
-        tok = AutoTokenizer.from_pretrained(tok_path)
+            what = "is not a folder" if Path(tok_path).exists() else "does not exist"
+            fix = "give a tokenizer folder" if tokenizer else "pass --tokenizer DIR"
+            raise InputError(f"tokenizer folder {tok_path} {what}: {fix}")
+        try:
+            tok = AutoTokenizer.from_pretrained(tok_path)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"no usable tokenizer in {tok_path}: pass --tokenizer DIR") from exc
         ids = tok(prompt, return_tensors="np").input_ids
         if ids.shape[1] == 0:
             raise InputError("the prompt has no tokens; give some text")

@@ -43,7 +43,14 @@ from .training.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
-from .training.distributed import DistContext, ShardedBatches, init_from_env
+from .training.distributed import (
+    DistContext,
+    ShardedBatches,
+    full_model_state,
+    init_from_env,
+    load_optimizer_state,
+    optimizer_state,
+)
 from .training.loop import NonFiniteLossError, batches_forever, train
 from .training.preemption import Preempted, StopOnSignal
 from .training.regularizer import ActivationRegularizer
@@ -277,16 +284,19 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
-def save_model_atomic(model: Any, tokenizer: Any, target: Path) -> None:
+def save_model_atomic(
+    model: Any, tokenizer: Any, target: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """``save_pretrained`` model and tokenizer into folder ``target`` without a half-written state.
 
     Files are written to a temporary folder beside them, then each is renamed into ``target``
-    (other files in ``target``, such as ``report.json``, stay).
+    (other files in ``target``, such as ``report.json``, stay). ``state_dict``: the weights to
+    write instead of the model's own (a sharded model's gathered state).
     """
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target, prefix=".save-"))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for f in tmp.iterdir():
@@ -333,6 +343,7 @@ def run_sparsify(
     device: str | None = None,
     show_progress: bool = True,
     resume: bool = False,
+    sharding: str = "ddp",
 ) -> dict[str, Any]:
     """Run ProSparse end to end and write the model, ``report.json`` and plots to ``out``.
 
@@ -371,7 +382,7 @@ def run_sparsify(
     config.validate()
     schedule = config.schedule()
     device = check_device(device)
-    ctx = init_from_env(device)  # one process, or one of torchrun's
+    ctx = init_from_env(device, sharding)  # one process, or one of torchrun's
     ctx.check_batch(config.batch_size)
     model_file = check_model_path(model_path)
     data_file = Path(data_path) if data_path is not None else None
@@ -501,8 +512,9 @@ def run_sparsify(
             "seconds": time.time() - started,
         }
     )
+    full_state = full_model_state(model, ctx)  # all processes take part under FSDP2
     if ctx.is_main:
-        save_model_atomic(model.cpu(), tokenizer, out_dir)
+        save_model_atomic(model if full_state else model.cpu(), tokenizer, out_dir, full_state)
         remove_checkpoint(out_dir / "checkpoint")
         _write_plots(out_dir, report)
         write_json_atomic(out_dir / "report.json", report)
@@ -526,6 +538,7 @@ def _train_stages(
     ctx: DistContext | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     ctx = ctx or DistContext()
+    train_model = ctx.wrap(model)  # before the optimizer: FSDP2 replaces the parameters
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -536,12 +549,11 @@ def _train_stages(
     batches: Any = batches_forever(train_windows, config.batch_size, seed=config.seed)
     if ctx.world_size > 1:
         batches = ShardedBatches(batches, ctx)
-    train_model = ctx.wrap(model)
     history: list[dict[str, Any]] = []
     stage_ends: list[dict[str, Any]] = []
     step = 0
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        load_optimizer_state(model, optimizer, resume_state["optimizer"], ctx)
         lr_sched.load_state_dict(resume_state["lr_schedule"])
         batches.load_state_dict(resume_state["data"])
         torch.set_rng_state(resume_state["rng"])
@@ -550,12 +562,15 @@ def _train_stages(
         step = resume_state["step"]
 
     def checkpoint() -> None:
+        # collectives under FSDP2: every process gathers, rank 0 writes
+        full_state = full_model_state(model, ctx)
+        optim_state = optimizer_state(model, optimizer, ctx)
         if not ctx.is_main:
             ctx.barrier()
             return
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_state,
             "lr_schedule": lr_sched.state_dict(),
             "data": batches.state_dict(),
             "rng": torch.get_rng_state(),
@@ -566,7 +581,7 @@ def _train_stages(
         }
         save_checkpoint(
             out_dir / "checkpoint",
-            lambda folder: save_model_atomic(model, tokenizer, folder),
+            lambda folder: save_model_atomic(model, tokenizer, folder, full_state),
             state,
         )
         ctx.barrier()

@@ -33,8 +33,9 @@ def _run(ctx: DistContext) -> dict[str, torch.Tensor]:
     batches = batches_forever(_windows(), 4, seed=0)
     if ctx.world_size > 1:
         batches = ShardedBatches(batches, ctx)
+    wrapped = ctx.wrap(model)  # before the optimizer: FSDP2 replaces the parameters
     train(
-        ctx.wrap(model),
+        wrapped,
         reg,
         batches,
         start_step=0,
@@ -42,24 +43,31 @@ def _run(ctx: DistContext) -> dict[str, torch.Tensor]:
         optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
         stage_of=schedule.stage,
     )
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if ctx.sharding == "fsdp" and ctx.world_size > 1:
+        assert any(hasattr(v, "full_tensor") for v in state.values())  # really sharded
+    return {
+        k: getattr(v, "full_tensor", lambda v=v: v)().detach().clone() for k, v in state.items()
+    }
 
 
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out: str, sharding: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        state = _run(DistContext(rank=rank, world_size=world))
+        state = _run(DistContext(rank=rank, world_size=world, sharding=sharding))
         torch.save(state, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_loop_matches_one_process(tmp_path) -> None:
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_data_parallel_loop_matches_one_process(tmp_path, sharding) -> None:
     out = str(tmp_path / "state")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), out, sharding), nprocs=2, join=True)
     single = _run(DistContext())
     for rank in (0, 1):
         state = torch.load(f"{out}.{rank}", weights_only=True)
+        assert state.keys() == single.keys()
         for name, value in single.items():
             assert (state[name] - value).abs().max() < 1e-5, (rank, name)
     # the steps really moved the weights
@@ -72,12 +80,16 @@ def test_ddp_loop_matches_one_process(tmp_path) -> None:
 def test_world_size_must_divide_the_batch() -> None:
     from prosparse_fx.errors import InputError
 
+    with pytest.raises(InputError, match="sharding must be one of"):
+        DistContext(sharding="zero3")
+
     with pytest.raises(InputError, match="does not split over 3 processes"):
         DistContext(rank=0, world_size=3).check_batch(4)
 
 
 @pytest.mark.slow
-def test_sparsify_under_torchrun_matches_one_process(tmp_path, tiny_model_dir) -> None:
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_sparsify_under_torchrun_matches_one_process(tmp_path, tiny_model_dir, sharding) -> None:
     from prosparse_fx.data import load_documents
 
     data = tmp_path / "wiki.jsonl"
@@ -105,7 +117,10 @@ def test_sparsify_under_torchrun_matches_one_process(tmp_path, tiny_model_dir) -
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     launcher += ["--nproc-per-node", "2", "--no-python", exe]
     run = subprocess.run(
-        [*launcher, *common, "--out", str(two)], capture_output=True, text=True, timeout=600
+        [*launcher, *common, "--out", str(two), "--sharding", sharding],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     from safetensors.torch import load_file

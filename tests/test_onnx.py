@@ -208,6 +208,19 @@ def test_generate_stops_at_eos_and_checks_input(llama_onnx) -> None:
         lm.generate(prompt, -1)
     with pytest.raises(InputError, match=r"\[batch, prompt\]"):
         lm.generate(np.array([1, 2]), 2)
+    with pytest.raises(InputError, match="whole number"):
+        lm.generate(prompt, 2.5)
+    with pytest.raises(InputError, match=r"shape of input_ids \[1, 3\]"):
+        lm.generate(prompt, 2, attention_mask=np.ones((1, 5)))
+    with pytest.raises(InputError, match="at least one 1"):
+        lm.generate(prompt, 2, attention_mask=np.zeros((1, 3)))
+    with pytest.raises(InputError, match="integer token ids"):
+        lm.generate(np.array([[1.7, 2.2]]), 2)
+    with pytest.raises(InputError, match="pad on the left"):
+        lm.generate(np.array([[5, 9, 0]]), 2, attention_mask=np.array([[1, 1, 0]]))
+    for bad in (-5, 128):  # the tiny model's vocabulary is 128
+        with pytest.raises(InputError, match=r"\[0, 128\)"):
+            lm.generate(np.array([[5, bad]]), 2)
 
 
 def test_dense_export_and_external_data_agree(llama_onnx, tmp_path) -> None:
@@ -219,6 +232,13 @@ def test_dense_export_and_external_data_agree(llama_onnx, tmp_path) -> None:
     prompt = np.array([[5, 9, 17, 3]])
     np.testing.assert_array_equal(
         OnnxCausalLM(path).generate(prompt, 5), OnnxCausalLM(sparse_path).generate(prompt, 5)
+    )
+    # re-exported inline over it: the old weights file goes with the old model
+    export_onnx(model, tmp_path / "dense.onnx", sparse=False, overwrite=True, external_data=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.onnx"]
+    np.testing.assert_array_equal(
+        OnnxCausalLM(tmp_path / "dense.onnx").generate(prompt, 5),
+        OnnxCausalLM(sparse_path).generate(prompt, 5),
     )
 
 
@@ -270,11 +290,13 @@ def test_bad_output_paths_are_refused_before_export(tmp_path, monkeypatch) -> No
 
     monkeypatch.setattr("prosparse_fx.onnx.export.capture_export", no_export)
     (tmp_path / "taken.onnx").write_bytes(b"user data")
+    (tmp_path / "weights.onnx.data").write_bytes(b"user weights")
     (tmp_path / "folder.onnx").mkdir()
     cases = [
         (tmp_path / "model.txt", "ending in .onnx"),
         (tmp_path / "folder.onnx", "is a folder"),
         (tmp_path / "taken.onnx", "overwrite"),
+        (tmp_path / "weights.onnx", r"weights\.onnx\.data' exists.*overwrite"),
         (tmp_path / "missing" / "m.onnx", "does not exist"),
     ]
     for path, message in cases:
@@ -282,7 +304,12 @@ def test_bad_output_paths_are_refused_before_export(tmp_path, monkeypatch) -> No
             export_onnx(model, path)
     with pytest.raises(InputError, match="crossover"):
         export_onnx(model, tmp_path / "ok.onnx", crossover=2.0)
+    with pytest.raises(InputError, match="float32"):
+        export_onnx(tiny("llama").to(torch.bfloat16), tmp_path / "ok.onnx")
+    with pytest.raises(InputError, match="meta device"):
+        export_onnx(tiny("llama").to("meta"), tmp_path / "ok.onnx")
     assert (tmp_path / "taken.onnx").read_bytes() == b"user data"
+    assert (tmp_path / "weights.onnx.data").read_bytes() == b"user weights"
 
 
 @torch.library.custom_op("prosparse_test::wobble", mutates_args=())
@@ -330,6 +357,23 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
 def test_runner_refuses_bad_files(tmp_path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         OnnxCausalLM(tmp_path / "none.onnx")
+    with pytest.raises(InputError, match="is not a file"):
+        OnnxCausalLM(tmp_path)
+    # inputs named like a causal LM's, but no logits [batch, seq, vocab]
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)],
+        "foreign",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s"])],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "foreign.onnx")
+    with pytest.raises(InputError, match=r"logits \[batch, seq, vocab\]"):
+        OnnxCausalLM(tmp_path / "foreign.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(InputError, match="cannot load"):
         OnnxCausalLM(tmp_path / "junk.onnx")
@@ -369,18 +413,24 @@ def test_cli_export_then_generate(tmp_path, relu_model_dir) -> None:
     assert again.exit_code == 2 and "--overwrite" in again.output
 
 
-def test_cli_bad_inputs_exit_2(tmp_path, tiny_model_dir) -> None:
+def test_cli_bad_inputs_exit_2(tmp_path, tiny_model_dir, llama_onnx) -> None:
     cases = [
         (["export", str(tiny_model_dir), "--out", str(tmp_path / "m.onnx")], "--dense"),
         (["export", str(tmp_path / "nope"), "--out", str(tmp_path / "m.onnx")], "does not exist"),
         (["export", str(tiny_model_dir), "--out", str(tmp_path / "m.bin")], ".onnx"),
         (["generate", str(tmp_path / "none.onnx"), "--prompt", "hi"], "does not exist"),
     ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append(
+        (["generate", str(llama_onnx[1]), "--prompt", "hi", "--tokenizer", str(empty)],
+         "no usable tokenizer"),
+    )  # fmt: skip
     for args, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [empty]
 
 
 @pytest.mark.slow

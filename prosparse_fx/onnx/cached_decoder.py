@@ -44,7 +44,9 @@ class CacheLayout:
         except (AttributeError, TypeError) as exc:
             raise InputError(
                 f"{type(model).__name__} has no decoder config (num_hidden_layers, "
-                "num_attention_heads, hidden_size): export it with kv_cache=False (--no-cache)"
+                "num_attention_heads, hidden_size): a Hugging Face model without a KV cache "
+                "exports with kv_cache=False (--no-cache), any other module with "
+                "example_inputs=(tensor, ...)"
             ) from exc
         return cls(layers, kv_heads, head_dim)
 

@@ -8,11 +8,14 @@ ops through :mod:`.translation` into standard ONNX operators (ProSparse App. D).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +46,20 @@ def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
         The resolved path.
 
     Raises:
-        InputError: not a ``.onnx`` name, a folder, an existing file without ``overwrite``, or a
-            parent folder that is missing or not writable.
+        InputError: not a ``.onnx`` name, a folder, an existing file (or its ``.data`` weights
+            file) without ``overwrite``, or a parent folder that is missing or not writable.
     """
     target = Path(path).expanduser().resolve()
     if target.suffix != ".onnx":
         raise InputError(f"output {str(path)!r} must be a file name ending in .onnx")
     if target.is_dir():
         raise InputError(f"output {str(path)!r} is a folder; give a file name ending in .onnx")
-    if target.exists() and not overwrite:
-        raise InputError(
-            f"output {str(path)!r} exists; pass overwrite=True (--overwrite) to replace it"
-        )
+    if not overwrite:
+        for taken in (target, target.with_name(target.name + ".data")):
+            if taken.exists():
+                raise InputError(
+                    f"{str(taken)!r} exists; pass overwrite=True (--overwrite) to replace it"
+                )
     parent = target.parent
     if not parent.is_dir():
         raise InputError(f"the folder of {str(path)!r} does not exist; create {parent} first")
@@ -109,7 +114,8 @@ def _capture(model: nn.Module, kv_cache: bool) -> tuple[nn.Module, tuple, Any, l
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
         raise InputError(
-            f"cannot build example inputs for {type(model).__name__}: it has no config.vocab_size"
+            f"cannot build example inputs for {type(model).__name__}: it has no "
+            "config.vocab_size; pass example_inputs=(tensor, ...)"
         )
     ids = torch.randint(0, min(vocab, 1000), (2, 3), generator=torch.Generator().manual_seed(0))
     # learned position embeddings (BERT, GPT-2) bound the sequence length
@@ -127,6 +133,27 @@ def _capture(model: nn.Module, kv_cache: bool) -> tuple[nn.Module, tuple, Any, l
         ["input_ids", "attention_mask"],
         ["logits"],
     )
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide the exporter's notices that say nothing about the user's model: it is handed a
+    captured graph (already in inference form, with no eval() to call), torchvision's ops are
+    not installed, and torch.export's dims of one name are merged."""
+    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for message in (
+                "Exporting a model while it is in training",
+                "# The axis name",
+                ".*LeafSpec",
+            ):
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        noisy.setLevel(level)
 
 
 def _flat(shapes: tuple) -> tuple:
@@ -186,7 +213,8 @@ def export_onnx(
             ``input_0``, ``input_1``, ...
         dynamic_shapes: ``torch.export`` dynamic shapes for ``example_inputs`` (default: static).
         crossover: active fraction in [0, 1] at or below which each FFN takes the sparse branch.
-        external_data: store weights in ``<path>.data``; ``None`` decides by size (over 2 GiB).
+        external_data: store weights in ``<path>.data``; ``None`` decides by size (over 1 GiB
+            of weights; a protobuf cannot exceed 2 GiB).
         overwrite: replace an existing file.
         metadata: extra ``metadata_props`` to store (strings).
 
@@ -212,6 +240,8 @@ def export_onnx(
     params = list(model.parameters())
     if params and any(p.dtype != torch.float32 for p in params):
         raise InputError("export_onnx takes a float32 model; load it with dtype=torch.float32")
+    if any(p.is_meta for p in params):
+        raise InputError("the model has weights on the meta device; load real weights first")
     if example_inputs is not None:
         wrapper, inputs, shapes = model, tuple(example_inputs), dynamic_shapes
         input_names = [f"input_{i}" for i in range(len(inputs))]
@@ -237,9 +267,7 @@ def export_onnx(
         except NotSparseError as exc:
             raise NotSparseError(f"{exc} Or export it dense: sparse=False (--dense).") from exc
     try:
-        with warnings.catch_warnings():
-            # the captured graph is already in inference form and has no eval() to call
-            warnings.filterwarnings("ignore", message="Exporting a model while it is in training")
+        with _quiet_exporter():
             program = torch.onnx.export(
                 gm,
                 inputs,
@@ -273,9 +301,12 @@ def export_onnx(
         program.save(staged, external_data=external)
         onnx.checker.check_model(str(staged), full_check=False)
         data = tmp / f"{target.name}.data"
+        old_data = target.with_name(data.name)
         if data.exists():
-            os.replace(data, target.with_name(data.name))
+            os.replace(data, old_data)
         os.replace(staged, target)
+        if not data.exists() and not external and old_data.exists():
+            old_data.unlink()  # an earlier export's weights (overwrite=True): now stale
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

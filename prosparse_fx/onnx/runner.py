@@ -18,6 +18,8 @@ class OnnxCausalLM:
         path: the ``.onnx`` file (its ``.data`` file beside it, if any).
         providers: ONNX Runtime execution providers (default: CPU).
         threads: intra-op threads (default: ONNX Runtime's choice).
+        spinning: let idle intra-op threads spin between calls (ONNX Runtime's default; turn it
+            off when several sessions take turns on few cores).
 
     Raises:
         InputError: the file is missing or ONNX Runtime cannot load it, or its inputs are not
@@ -25,16 +27,23 @@ class OnnxCausalLM:
     """
 
     def __init__(
-        self, path: str | Path, providers: list[str] | None = None, threads: int | None = None
+        self,
+        path: str | Path,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        spinning: bool = True,
     ) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise InputError(f"ONNX file {str(path)!r} does not exist")
+            what = "is not a file" if self.path.exists() else "does not exist"
+            raise InputError(f"ONNX file {str(path)!r} {what}")
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(self.path), options, providers=providers or ["CPUExecutionProvider"]
@@ -48,6 +57,12 @@ class OnnxCausalLM:
                 f"{str(path)!r} takes inputs {self.input_names[:4]}, not those of a causal LM "
                 "exported by prosparse-fx (input_ids, attention_mask, ...)"
             )
+        outputs = self.session.get_outputs()
+        if outputs[0].name != "logits" or len(outputs[0].shape) != 3:
+            raise InputError(
+                f"{str(path)!r} does not return logits [batch, seq, vocab] first (it returns "
+                f"{outputs[0].name} {outputs[0].shape}); export the model with prosparse-fx export"
+            )
         self.past_inputs = [i for i in inputs if i.name.startswith("past_key_values.")]
         self.kv_cache = bool(self.past_inputs)
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -56,6 +71,19 @@ class OnnxCausalLM:
             for k, v in meta.items()
             if k.startswith(METADATA_PREFIX)
         }
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The logits' last dimension, when the file states it."""
+        size = self.session.get_outputs()[0].shape[-1]
+        return size if isinstance(size, int) else None
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        vocab = self.vocab_size
+        if ids.size and (ids.min() < 0 or (vocab is not None and ids.max() >= vocab)):
+            raise InputError(
+                f"token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}"
+            )
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """Zero-length past key/values: ``[batch, kv_heads, 0, head_dim]`` float32 per input."""
@@ -78,6 +106,7 @@ class OnnxCausalLM:
             position_ids: ``[batch, seq]`` int64 (default: from the mask).
             past: the present of the previous call (default: empty).
         """
+        self._check_ids(np.asarray(input_ids))
         feeds: dict[str, Any] = {
             "input_ids": input_ids.astype(np.int64),
             "attention_mask": attention_mask.astype(np.int64),
@@ -110,14 +139,34 @@ class OnnxCausalLM:
             ``[batch, prompt + new]`` int64; fewer new tokens when every row ended.
 
         Raises:
-            InputError: ``max_new_tokens < 0`` or ``input_ids`` not 2-D.
+            InputError: ``max_new_tokens`` not a whole number >= 0, ``input_ids`` not 2-D or
+                not integers or outside the vocabulary, or an ``attention_mask`` of another
+                shape, not 0/1, with an all-zero row, or right-padded.
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise InputError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}")
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        ids = np.asarray(input_ids, dtype=np.int64)
+        ids = np.asarray(input_ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise InputError(f"input_ids must be [batch, prompt] with a prompt, got {ids.shape}")
+        self._check_ids(ids)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise InputError(
+                f"attention_mask must have the shape of input_ids {list(ids.shape)}, "
+                f"got {list(mask.shape)}"
+            )
+        if not np.isin(mask, (0, 1)).all() or not mask.any(axis=1).all():
+            raise InputError("attention_mask must hold 0/1 with at least one 1 in every row")
+        if (np.diff(mask, axis=1) < 0).any():
+            raise InputError(
+                "attention_mask has padding after a token (right padding): generation appends "
+                "to the end of every row, so pad on the left (tokenizer.padding_side = 'left')"
+            )
         done = np.zeros(ids.shape[0], dtype=bool)
         past: list[np.ndarray] | None = None
         step_ids = ids
