@@ -17,8 +17,9 @@ from typing import Any, TypeVar, Union
 
 import onnxscript
 import torch
+from onnx import TensorProto
 from onnxscript import opset18 as op
-from onnxscript.onnx_types import BFLOAT16, DOUBLE, FLOAT, FLOAT16
+from onnxscript.onnx_types import BFLOAT16, BOOL, DOUBLE, FLOAT, FLOAT16, INT64
 
 OPSET = 18
 
@@ -30,16 +31,14 @@ DEFAULT_CROSSOVER = 0.25
 T = TypeVar("T", bound=Union[FLOAT, FLOAT16, BFLOAT16, DOUBLE])  # noqa: UP007 (onnxscript)
 
 
+# The If of each FFN. The active set is computed once, outside (:func:`_active_set`); a branch
+# reads outer values directly. (A function called inside a branch would not be inlined by the
+# exporter, so the chunked branch is written out.)
+
+
 @onnxscript.script(default_opset=op)
-def _gated_ffn(x2: T, w_gate: T, w_up: T, w_down_t: T, threshold: float, crossover: float) -> T:
-    gate = op.Gemm(x2, w_gate, transB=1)
-    low = op.Less(gate, op.CastLike(op.Constant(value_float=threshold), gate))
-    g = op.Where(low, op.CastLike(op.Constant(value_float=0.0), gate), gate)
-    # a neuron is inactive only if every token drops it; NaN is never "low", so it stays active
-    inactive = op.ReduceMin(op.Cast(low, to=1), op.Constant(value_ints=[0]), keepdims=0)
-    active_fraction = op.Sub(op.Constant(value_float=1.0), op.ReduceMean(inactive, keepdims=0))
-    if active_fraction <= op.Constant(value_float=crossover):
-        idx = op.Squeeze(op.NonZero(op.Not(op.Cast(inactive, to=9))), op.Constant(value_ints=[0]))
+def _gated_branches(x2: T, g: T, idx: INT64, sparse: BOOL, w_up: T, w_down_t: T) -> T:
+    if sparse:
         up = op.Gemm(x2, op.Gather(w_up, idx, axis=0), transB=1)
         y = op.MatMul(op.Mul(op.Gather(g, idx, axis=1), up), op.Gather(w_down_t, idx, axis=0))
     else:
@@ -48,24 +47,15 @@ def _gated_ffn(x2: T, w_gate: T, w_up: T, w_down_t: T, threshold: float, crossov
 
 
 @onnxscript.script(default_opset=op)
-def _gated_ffn_chunked(
-    x2: T, w_gate: T, w_up: T, w_down_t: T, threshold: float, crossover: float
-) -> T:
-    # as _gated_ffn, but the active rows are gathered and multiplied in 4 chunks, so each
-    # chunk's copy is still in cache when its matmul reads it (large FFNs)
-    gate = op.Gemm(x2, w_gate, transB=1)
-    low = op.Less(gate, op.CastLike(op.Constant(value_float=threshold), gate))
-    g = op.Where(low, op.CastLike(op.Constant(value_float=0.0), gate), gate)
-    inactive = op.ReduceMin(op.Cast(low, to=1), op.Constant(value_ints=[0]), keepdims=0)
-    active_fraction = op.Sub(op.Constant(value_float=1.0), op.ReduceMean(inactive, keepdims=0))
-    if active_fraction <= op.Constant(value_float=crossover):
-        idx = op.Squeeze(op.NonZero(op.Not(op.Cast(inactive, to=9))), op.Constant(value_ints=[0]))
+def _gated_branches_chunked(x2: T, g: T, idx: INT64, sparse: BOOL, w_up: T, w_down_t: T) -> T:
+    # the active rows in 4 chunks, so that each chunk's gathered copy is still in cache when its
+    # matmul reads it (large FFNs)
+    if sparse:
         k = op.Shape(idx)
         step = op.Div(op.Add(k, op.Constant(value_ints=[3])), op.Constant(value_ints=[4]))
         b1 = step
         b2 = op.Add(b1, step)
         b3 = op.Add(b2, step)
-        # written out: a function called inside an If branch is not inlined by the exporter
         i0 = op.Slice(idx, op.Constant(value_ints=[0]), b1)
         u0 = op.Gemm(x2, op.Gather(w_up, i0, axis=0), transB=1)
         y0 = op.MatMul(op.Mul(op.Gather(g, i0, axis=1), u0), op.Gather(w_down_t, i0, axis=0))
@@ -85,18 +75,29 @@ def _gated_ffn_chunked(
 
 
 @onnxscript.script(default_opset=op)
-def _plain_ffn(x2: T, w1: T, b1: T, w2_t: T, b2: T, threshold: float, crossover: float) -> T:
-    h = op.Gemm(x2, w1, b1, transB=1)
-    low = op.Less(h, op.CastLike(op.Constant(value_float=threshold), h))
-    h = op.Where(low, op.CastLike(op.Constant(value_float=0.0), h), h)
-    inactive = op.ReduceMin(op.Cast(low, to=1), op.Constant(value_ints=[0]), keepdims=0)
-    active_fraction = op.Sub(op.Constant(value_float=1.0), op.ReduceMean(inactive, keepdims=0))
-    if active_fraction <= op.Constant(value_float=crossover):
-        idx = op.Squeeze(op.NonZero(op.Not(op.Cast(inactive, to=9))), op.Constant(value_ints=[0]))
+def _plain_branches(h: T, idx: INT64, sparse: BOOL, w2_t: T, b2: T) -> T:
+    if sparse:
         y = op.Add(op.MatMul(op.Gather(h, idx, axis=1), op.Gather(w2_t, idx, axis=0)), b2)
     else:
         y = op.Add(op.MatMul(h, w2_t), b2)
     return y
+
+
+def _active_set(z: Any, threshold: float, crossover: float) -> tuple[Any, Any, Any]:
+    """FATReLU of the first linear's output ``z [n, d_ff]``, the active neurons' indices
+    ``[k]`` (active: kept by any token; NaN is never below t, so it stays active) and whether
+    the active fraction is at most ``crossover`` (take the sparse branch)."""
+    low = op.Less(z, op.CastLike(op.Constant(value_float=threshold), z))
+    kept = op.Where(low, op.CastLike(op.Constant(value_float=0.0), z), z)
+    inactive = op.ReduceMin(
+        op.Cast(low, to=TensorProto.FLOAT), op.Constant(value_ints=[0]), keepdims=0
+    )
+    active_fraction = op.Sub(op.Constant(value_float=1.0), op.ReduceMean(inactive, keepdims=0))
+    sparse = op.LessOrEqual(active_fraction, op.Constant(value_float=crossover))
+    idx = op.Squeeze(
+        op.NonZero(op.Not(op.Cast(inactive, to=TensorProto.BOOL))), op.Constant(value_ints=[0])
+    )
+    return kept, idx, sparse
 
 
 def _fatrelu(x: Any, threshold: float) -> Any:
@@ -150,15 +151,17 @@ def translation_table(crossover: float = DEFAULT_CROSSOVER) -> dict[Any, Callabl
         raise ValueError(f"crossover must be an active fraction in [0, 1], got {crossover}")
 
     def gated(x: T, w_gate: T, w_up: T, w_down_t: T, threshold: float) -> T:
-        ffn = _gated_ffn_chunked if _is_large(w_up) else _gated_ffn
-        y = ffn(_rows(x), w_gate, w_up, w_down_t, threshold=threshold, crossover=crossover)
-        return _unrows(y, x, w_down_t)
+        x2 = _rows(x)
+        g, idx, sparse = _active_set(op.Gemm(x2, w_gate, transB=1), threshold, crossover)
+        branches = _gated_branches_chunked if _is_large(w_up) else _gated_branches
+        return _unrows(branches(x2, g, idx, sparse, w_up, w_down_t), x, w_down_t)
 
     def plain(x: T, w1: T, b1: T | None, w2_t: T, b2: T | None, threshold: float) -> T:
-        b1 = _zeros_like_rows(w1, x, 0) if b1 is None else b1
+        x2 = _rows(x)
+        z = op.Gemm(x2, w1, transB=1) if b1 is None else op.Gemm(x2, w1, b1, transB=1)
+        h, idx, sparse = _active_set(z, threshold, crossover)
         b2 = _zeros_like_rows(w2_t, x, 1) if b2 is None else b2
-        y = _plain_ffn(_rows(x), w1, b1, w2_t, b2, threshold=threshold, crossover=crossover)
-        return _unrows(y, x, w2_t)
+        return _unrows(_plain_branches(h, idx, sparse, w2_t, b2), x, w2_t)
 
     def fatrelu(x: T, threshold: float) -> T:
         return _fatrelu(x, threshold)
