@@ -37,6 +37,7 @@ from common import machine, time_interleaved, write_json  # noqa: E402
 
 import prosparse_fx  # noqa: E402,F401  (registers hidden_act="fatrelu")
 from prosparse_fx.onnx import DEFAULT_CROSSOVER, OnnxCausalLM, export_onnx  # noqa: E402
+from prosparse_fx.onnx.runner import session_options  # noqa: E402
 
 WIDTHS = {"llama2-7b": (4096, 11008), "smollm2": (576, 1536)}
 RESULTS = Path(__file__).parent / "results"
@@ -90,12 +91,9 @@ class Rotating:
 
 
 def session(path: Path, threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
     # each session has its own thread pool whose idle threads spin after a run; with several
     # sessions timed in turn on 2 cores, that spinning steals the next session's CPU
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(threads, spinning=False)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

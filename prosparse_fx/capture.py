@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .errors import InputError
+
 Dialect = Literal["aten", "torch"]
 
 # Canonical op names for the ATen dialect, keyed by the overload packet name.
@@ -211,24 +213,25 @@ def node_shape(node: Any) -> tuple[int, ...] | None:
     return None
 
 
-def example_inputs_for(model: torch.nn.Module, seq_len: int = 8) -> dict[str, Any]:
-    """Keyword inputs to capture a Hugging Face model with: ``input_ids`` ``[1, seq_len]`` int64.
+def example_inputs_for(model: torch.nn.Module, seq_len: int = 8, batch: int = 1) -> dict[str, Any]:
+    """Keyword inputs to capture a Hugging Face model with: ``input_ids`` ``[batch, seq_len]``
+    int64.
 
     Built from ``model.config.vocab_size``; ``use_cache=False`` is added when the forward takes it
     (a KV cache object is not a graph output).
 
     Raises:
-        ValueError: the model has no ``config.vocab_size``; pass ``example_inputs`` yourself.
+        InputError: the model has no ``config.vocab_size``; pass ``example_inputs`` yourself.
     """
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
-        raise ValueError(
+        raise InputError(
             f"cannot build example inputs for {type(model).__name__}: it has no config.vocab_size. "
             "Pass example_inputs=(tensor, ...) or a dict of keyword tensors."
         )
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, min(vocab, 1000), (1, seq_len), generator=gen)
+    ids = torch.randint(0, min(vocab, 1000), (batch, seq_len), generator=gen)
     kwargs: dict[str, Any] = {"input_ids": ids}
     params = inspect.signature(model.forward).parameters
     if "use_cache" in params:

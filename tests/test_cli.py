@@ -236,6 +236,25 @@ def _run_args(model, data, config, out):
     )
 
 
+def _assert_resume_matches(whole, part, resumed_at: int, steps: int) -> None:
+    """Resume the interrupted run in ``part``; its loss curve, L1, lambda, stage-end
+    perplexities and final sparsity equal the uninterrupted run's in ``whole``."""
+    result = runner.invoke(app, ["sparsify", "--resume", str(part)])
+    assert result.exit_code == 0, result.output
+    a = json.loads((whole / "report.json").read_text())
+    b = json.loads((part / "report.json").read_text())
+    assert b["resumed_at_step"] == resumed_at
+    assert [h["step"] for h in b["history"]] == list(range(1, steps + 1))
+    for ha, hb in zip(a["history"], b["history"]):
+        assert hb["lm_loss"] == pytest.approx(ha["lm_loss"], abs=1e-6)
+        assert hb["l1"] == pytest.approx(ha["l1"], abs=1e-6)
+        assert hb["lam"] == ha["lam"]
+    for sa, sb in zip(a["stage_ends"], b["stage_ends"]):
+        assert sb["perplexity"] == pytest.approx(sa["perplexity"], rel=1e-6)
+    assert b["sparsity"] == pytest.approx(a["sparsity"], abs=1e-6)
+    assert not (part / "checkpoint").exists()
+
+
 def test_resume_continues_with_the_same_losses(tmp_path, tiny_model_dir, text_file, monkeypatch):
     """Interrupt after 5 of 8 steps (checkpoints every 2), resume: the loss curve, the stage-end
     measurements and the final model equal those of an uninterrupted run."""
@@ -259,20 +278,7 @@ def test_resume_continues_with_the_same_losses(tmp_path, tiny_model_dir, text_fi
     assert not (part / "report.json").exists()
     monkeypatch.setattr("prosparse_fx.pipeline.train", real_train)
 
-    result = runner.invoke(app, ["sparsify", "--resume", str(part)])
-    assert result.exit_code == 0, result.output
-    a = json.loads((whole / "report.json").read_text())
-    b = json.loads((part / "report.json").read_text())
-    assert b["resumed_at_step"] == 5
-    assert [h["step"] for h in b["history"]] == list(range(1, 9))
-    for ha, hb in zip(a["history"], b["history"]):
-        assert hb["lm_loss"] == pytest.approx(ha["lm_loss"], abs=1e-6)
-        assert hb["l1"] == pytest.approx(ha["l1"], abs=1e-6)
-        assert hb["lam"] == ha["lam"]
-    for sa, sb in zip(a["stage_ends"], b["stage_ends"]):
-        assert sb["perplexity"] == pytest.approx(sa["perplexity"], rel=1e-6)
-    assert b["sparsity"] == pytest.approx(a["sparsity"], abs=1e-6)
-    assert not (part / "checkpoint").exists()
+    _assert_resume_matches(whole, part, resumed_at=5, steps=8)
 
 
 def test_resume_refuses_a_different_config_or_nothing(tmp_path, tiny_model_dir, text_file) -> None:
@@ -344,13 +350,4 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_matches(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
     monkeypatch.setattr("prosparse_fx.pipeline.train", real_train)
 
-    result = runner.invoke(app, ["sparsify", "--resume", str(part)])
-    assert result.exit_code == 0, result.output
-    a = json.loads((whole / "report.json").read_text())
-    b = json.loads((part / "report.json").read_text())
-    assert b["resumed_at_step"] == 5
-    assert [h["step"] for h in b["history"]] == list(range(1, 9))
-    for ha, hb in zip(a["history"], b["history"]):
-        assert hb["lm_loss"] == pytest.approx(ha["lm_loss"], abs=1e-6)
-        assert hb["lam"] == ha["lam"]
-    assert b["sparsity"] == pytest.approx(a["sparsity"], abs=1e-6)
+    _assert_resume_matches(whole, part, resumed_at=5, steps=8)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..capture import capture_export, module_path
+from ..capture import capture_export, example_inputs_for, module_path
 from ..errors import InputError
 from ..ffn import FFNNotFoundError, find_sites_in_graph
 from ..passes import SparseFFNRewritePass
@@ -110,14 +110,10 @@ def _capture(model: nn.Module, kv_cache: bool) -> tuple[nn.Module, tuple, Any, l
             layout.input_names(),
             layout.output_names(),
         )
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if not isinstance(vocab, int):
-        raise InputError(
-            f"cannot build example inputs for {type(model).__name__}: it has no "
-            "config.vocab_size; pass example_inputs=(tensor, ...)"
-        )
-    ids = torch.randint(0, min(vocab, 1000), (2, 3), generator=torch.Generator().manual_seed(0))
+    # batch 2, 3 tokens: no dimension of size 1, which torch.export would specialise
+    kwargs = example_inputs_for(model, seq_len=3, batch=2)
+    ids = kwargs.pop("input_ids")
+    config = model.config
     # learned position embeddings (BERT, GPT-2) bound the sequence length
     max_len = getattr(config, "max_position_embeddings", None)
     batch = torch.export.Dim("batch")
@@ -127,7 +123,7 @@ def _capture(model: nn.Module, kv_cache: bool) -> tuple[nn.Module, tuple, Any, l
         else torch.export.Dim("seq")
     )
     return (
-        _LogitsOnly(model),
+        _LogitsOnly(model, kwargs),
         (ids, torch.ones_like(ids)),
         ({0: batch, 1: seq}, {0: batch, 1: seq}),
         ["input_ids", "attention_mask"],
@@ -161,19 +157,19 @@ def _flat(shapes: tuple) -> tuple:
 
 
 class _LogitsOnly(nn.Module):
-    """``(input_ids, attention_mask) -> logits`` (or the last hidden state), no cache."""
+    """``(input_ids, attention_mask) -> logits`` (or the last hidden state), no cache.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``extra``: the other keyword inputs of :func:`~prosparse_fx.capture.example_inputs_for`
+    (``use_cache=False`` where the forward takes it)."""
+
+    def __init__(self, model: nn.Module, extra: dict[str, Any]) -> None:
         super().__init__()
         self.model = model
+        self.extra = extra
         self.train(model.training)  # capture restores this mode: keep the user's
-        import inspect
-
-        self.use_cache = "use_cache" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        extra = {"use_cache": False} if self.use_cache else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self.extra)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 

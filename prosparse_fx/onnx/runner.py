@@ -11,6 +11,20 @@ from ..errors import InputError
 from .export import METADATA_PREFIX
 
 
+def session_options(threads: int | None = None, spinning: bool = True) -> Any:
+    """``onnxruntime.SessionOptions`` with ``threads`` intra-op threads (``None``: ONNX
+    Runtime's choice) and, with ``spinning=False``, idle threads that sleep instead of spinning
+    between calls (for several sessions taking turns on few cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxCausalLM:
     """An ONNX file written by :func:`~prosparse_fx.onnx.export_onnx`, run by ONNX Runtime.
 
@@ -39,14 +53,11 @@ class OnnxCausalLM:
         if not self.path.is_file():
             what = "is not a file" if self.path.exists() else "does not exist"
             raise InputError(f"ONNX file {str(path)!r} {what}")
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
-                str(self.path), options, providers=providers or ["CPUExecutionProvider"]
+                str(self.path),
+                session_options(threads, spinning),
+                providers=providers or ["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise InputError(f"ONNX Runtime cannot load {str(path)!r}: {exc}") from exc

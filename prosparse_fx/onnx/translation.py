@@ -83,12 +83,18 @@ def _plain_branches(h: T, idx: INT64, sparse: BOOL, w2_t: T, b2: T) -> T:
     return y
 
 
+def _fatrelu(x: Any, threshold: float) -> tuple[Any, Any]:
+    """FATReLU_t (ProSparse Eq. 3) as "zero where x < t", so NaN propagates; returns the
+    result and the mask ``x < t``."""
+    low = op.Less(x, op.CastLike(op.Constant(value_float=threshold), x))
+    return op.Where(low, op.CastLike(op.Constant(value_float=0.0), x), x), low
+
+
 def _active_set(z: Any, threshold: float, crossover: float) -> tuple[Any, Any, Any]:
     """FATReLU of the first linear's output ``z [n, d_ff]``, the active neurons' indices
     ``[k]`` (active: kept by any token; NaN is never below t, so it stays active) and whether
     the active fraction is at most ``crossover`` (take the sparse branch)."""
-    low = op.Less(z, op.CastLike(op.Constant(value_float=threshold), z))
-    kept = op.Where(low, op.CastLike(op.Constant(value_float=0.0), z), z)
+    kept, low = _fatrelu(z, threshold)
     inactive = op.ReduceMin(
         op.Cast(low, to=TensorProto.FLOAT), op.Constant(value_ints=[0]), keepdims=0
     )
@@ -98,12 +104,6 @@ def _active_set(z: Any, threshold: float, crossover: float) -> tuple[Any, Any, A
         op.NonZero(op.Not(op.Cast(inactive, to=TensorProto.BOOL))), op.Constant(value_ints=[0])
     )
     return kept, idx, sparse
-
-
-def _fatrelu(x: Any, threshold: float) -> Any:
-    """FATReLU_t (ProSparse Eq. 3) as "zero where x < t", so NaN propagates."""
-    low = op.Less(x, op.CastLike(op.Constant(value_float=threshold), x))
-    return op.Where(low, op.CastLike(op.Constant(value_float=0.0), x), x)
 
 
 def _rows(x: Any) -> Any:
@@ -164,7 +164,7 @@ def translation_table(crossover: float = DEFAULT_CROSSOVER) -> dict[Any, Callabl
         return _unrows(_plain_branches(h, idx, sparse, w2_t, b2), x, w2_t)
 
     def fatrelu(x: T, threshold: float) -> T:
-        return _fatrelu(x, threshold)
+        return _fatrelu(x, threshold)[0]
 
     return {
         torch.ops.prosparse.fatrelu.default: fatrelu,  # in dense exports

@@ -45,6 +45,11 @@ class DistContext:
         """Whether this process writes outputs (rank 0)."""
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """Whether :meth:`wrap` shards the model (FSDP2 over several processes)."""
+        return self.world_size > 1 and self.sharding == "fsdp"
+
     def barrier(self) -> None:
         """Wait for every process (no-op with one process)."""
         if self.world_size > 1:
@@ -116,7 +121,7 @@ def full_model_state(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tens
     A collective under ``"fsdp"``: every process must call it. Returns ``None`` when the model
     is not sharded (save the model itself).
     """
-    if ctx.world_size == 1 or ctx.sharding != "fsdp":
+    if not ctx.sharded:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -130,7 +135,7 @@ def optimizer_state(
 ) -> dict[str, Any]:
     """The optimizer's state dict for a checkpoint: whole (gathered) under FSDP2, so that a run
     can resume with any world size. A collective under ``"fsdp"``."""
-    if ctx.world_size == 1 or ctx.sharding != "fsdp":
+    if not ctx.sharded:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -143,7 +148,7 @@ def load_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], ctx: DistContext
 ) -> None:
     """Inverse of :func:`optimizer_state` (every process passes the whole state)."""
-    if ctx.world_size == 1 or ctx.sharding != "fsdp":
+    if not ctx.sharded:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
