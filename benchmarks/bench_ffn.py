@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, time_interleaved, write_json  # noqa: E402
 
-from prosparse_fx.kernels import gated_ffn_reference, sparse_gated_ffn  # noqa: E402
+from prosparse_fx.kernels import gated_ffn_reference, sparse_gated_ffn, triton_ffn  # noqa: E402
 
 WIDTHS = {"llama2-7b": (4096, 11008), "llama2-13b": (5120, 13824), "smollm2": (576, 1536)}
 CACHE_BYTES = 256 * 2**20  # rotate weight copies until they exceed this
@@ -100,11 +100,18 @@ def main() -> None:
         help="CUDA only: time CUDA-graph replays (no Python or launch overhead), as decoders run",
     )
     p.add_argument("--tuning", type=Path, default=None, help="tune_triton.py JSON to apply")
+    p.add_argument(
+        "--design", default=None, choices=triton_ffn.DESIGNS, help="CUDA only: Triton design"
+    )
     args = p.parse_args()
     if args.tuning is not None and args.tuning.exists():
-        from prosparse_fx.kernels import triton_ffn
-
-        triton_ffn.TUNING.update(json.loads(args.tuning.read_text())["best"])
+        best = json.loads(args.tuning.read_text())["best"]
+        if best.get("design") not in triton_ffn.DESIGNS:
+            sys.exit(f"{args.tuning} has no Triton design table; rerun benchmarks/tune_triton.py")
+        triton_ffn.TUNING.update(best)
+    if args.design is not None:
+        triton_ffn.TUNING["design"] = args.design
+    if args.tuning is not None or args.design is not None:
         print("tuning:", triton_ffn.TUNING)
     dtype = (
         getattr(torch, args.dtype)

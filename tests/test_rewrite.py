@@ -8,7 +8,6 @@ import torch
 from prosparse_fx import relufy_
 from prosparse_fx.capture import capture_export
 from prosparse_fx.kernels import set_cpu_crossover
-from prosparse_fx.kernels.cpu import DEFAULT_CROSSOVER
 from prosparse_fx.passes import SparseFFNRewritePass
 from prosparse_fx.sparse_modules import NotSparseError, SparseGatedFFN, sparsify_ffn_
 from tests.models import tiny
@@ -20,7 +19,7 @@ FAMILIES = ["llama", "qwen2", "gemma3", "gpt2", "bert"]
 def always_sparse():
     set_cpu_crossover(0.0)  # exercise the sparse path even where the union is dense
     yield
-    set_cpu_crossover(DEFAULT_CROSSOVER)
+    set_cpu_crossover(None)
 
 
 def _out(o):

@@ -17,30 +17,57 @@ import torch.nn.functional as F
 from . import cpu_ext
 from .reference import fatrelu_ref
 
-# Active fraction above which the dense path is faster (measured in benchmarks/bench_ffn.py on
-# the project's 2-core machine at LLaMA-7B widths; override with PROSPARSE_CPU_CROSSOVER or
-# set_cpu_crossover()).
+# Active fraction above which the dense path is faster, by token count (measured with
+# benchmarks/bench_ffn.py on the project's 2-core machine at LLaMA-7B widths: 1 and 4 tokens
+# break even near 70% active, 8 near 65%, 16 near 60%, where dense matmuls use the cores better).
+# set_cpu_crossover() or PROSPARSE_CPU_CROSSOVER overrides it for every token count.
 DEFAULT_CROSSOVER = 0.7
+MANY_TOKENS = 4
+MANY_TOKENS_CROSSOVER = 0.6
+# The C++ helper reads each active row once but multiplies token by token; above this many
+# tokens, gathering rows into a buffer for a BLAS matmul is as fast or faster (measured: equal at
+# 8 tokens; 1.12x vs 0.86x dense at 16 tokens and 50% sparsity).
+CPP_MAX_TOKENS = 8
 _CHUNK_BYTES = 256 * 1024
 
-_state = {"crossover": float(os.environ.get("PROSPARSE_CPU_CROSSOVER", DEFAULT_CROSSOVER))}
+
+def _crossover_from_env() -> float | None:
+    value = os.environ.get("PROSPARSE_CPU_CROSSOVER")
+    if not value:
+        return None
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(
+            f"PROSPARSE_CPU_CROSSOVER={value!r} is not an active fraction in [0, 1]; "
+            "set it to a number such as 0.7, or unset it for the measured defaults"
+        )
+    return fraction
+
+
+_state: dict[str, float | None] = {"crossover": _crossover_from_env()}
 _local = threading.local()
 
 
-def set_cpu_crossover(active_fraction: float) -> None:
-    """Run dense when more than ``active_fraction`` (0..1) of the neurons are active.
+def set_cpu_crossover(active_fraction: float | None) -> None:
+    """Run dense when more than ``active_fraction`` (0..1) of the neurons are active, for any
+    number of tokens; ``None`` restores the measured defaults (0.7 up to 4 tokens, 0.6 above).
 
     Raises:
         ValueError: ``active_fraction`` outside [0, 1].
     """
-    if not 0.0 <= active_fraction <= 1.0:
+    if active_fraction is not None and not 0.0 <= active_fraction <= 1.0:
         raise ValueError(f"crossover must be an active fraction in [0, 1], got {active_fraction}")
-    _state["crossover"] = float(active_fraction)
+    _state["crossover"] = None if active_fraction is None else float(active_fraction)
 
 
-def get_cpu_crossover() -> float:
-    """The active fraction above which the CPU implementation runs dense."""
-    return _state["crossover"]
+def get_cpu_crossover(tokens: int = 1) -> float:
+    """The active fraction above which the CPU implementation runs dense for ``tokens`` rows."""
+    if _state["crossover"] is not None:
+        return _state["crossover"]
+    return DEFAULT_CROSSOVER if tokens <= MANY_TOKENS else MANY_TOKENS_CROSSOVER
 
 
 def _buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -59,8 +86,10 @@ def _chunk_rows(cols: int, dtype: torch.dtype) -> int:
     return max(8, _CHUNK_BYTES // (cols * torch.finfo(dtype).bits // 8))
 
 
-def _use_ext(*tensors: torch.Tensor) -> object | None:
-    if all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+def _use_ext(tokens: int, *tensors: torch.Tensor) -> object | None:
+    if tokens <= CPP_MAX_TOKENS and all(
+        t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    ):
         return cpu_ext.get()
     return None
 
@@ -68,7 +97,7 @@ def _use_ext(*tensors: torch.Tensor) -> object | None:
 def _rows_times(x2: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x2 @ w[idx].T`` as ``[n, k]``: in place by the C++ helper, else gathering ``w``'s rows
     chunk by chunk."""
-    ext = _use_ext(x2, w)
+    ext = _use_ext(x2.shape[0], x2, w)
     if ext is not None:
         return ext.gather_gemv(w, idx, x2)
     n, k = x2.shape[0], idx.numel()
@@ -85,7 +114,7 @@ def _rows_times(x2: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.T
 
 def _times_rows(x1: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x1 @ w_t[idx]`` as ``[n, d_out]``; x1 is ``[n, k]``."""
-    ext = _use_ext(x1, w_t)
+    ext = _use_ext(x1.shape[0], x1, w_t)
     if ext is not None:
         return ext.gather_axpy(w_t, idx, x1.contiguous())
     if x1.shape[0] == 1 and w_t.dtype == torch.float32:
@@ -125,7 +154,7 @@ def gated_ffn(
     x2 = x.reshape(-1, d)
     gate = x2 @ w_gate.T
     keep, idx = _active(gate, threshold)
-    if idx.numel() > _state["crossover"] * d_ff:
+    if idx.numel() > get_cpu_crossover(x2.shape[0]) * d_ff:
         y = (fatrelu_ref(gate, threshold) * (x2 @ w_up.T)) @ w_down_t
     elif idx.numel() == 0:
         y = x2.new_zeros((x2.shape[0], w_down_t.shape[1]))
@@ -149,7 +178,7 @@ def plain_ffn(
     x2 = x.reshape(-1, d)
     h = torch.addmm(b1, x2, w1.T) if b1 is not None else x2 @ w1.T
     keep, idx = _active(h, threshold)
-    if idx.numel() > _state["crossover"] * d_ff:
+    if idx.numel() > get_cpu_crossover(x2.shape[0]) * d_ff:
         y = fatrelu_ref(h, threshold) @ w2_t
     elif idx.numel() == 0:
         y = x2.new_zeros((x2.shape[0], w2_t.shape[1]))

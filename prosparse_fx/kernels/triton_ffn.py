@@ -1,26 +1,40 @@
 """CUDA implementation of the sparse-FFN ops in Triton (ProSparse App. D, exact acceleration).
 
 The gate (fc1 for plain FFNs) is one dense matmul (cuBLAS: it is read whole anyway; a Triton
-GEMV measured slower on an H200). Then, for 1 to 16 tokens, any widths, fp32/fp16/bf16:
+GEMV measured slower on an H200). Then, for 1 to 16 tokens, any widths, fp32/fp16/bf16, one of
+two designs (``TUNING["design"]``, chosen by ``benchmarks/tune_triton.py``):
 
-(a) ``_up_kernel``, fused threshold and sparse up: a 2-D grid over (block of neurons, slice of
-    d); neuron j accumulates ``dot(x, w_up[j])`` only where some token has ``g_j >= t``.
-(b) ``_down_kernel``, sparse down: a 2-D grid over (block of neurons, slice of d_out); it forms
-    ``x1 = g >= t ? g * u : 0`` (ProSparse App. D) and adds ``x1 @ w_down_t`` into y.
+``"blocks"``: a 2-D grid over (block of neurons, slice of d or d_out).
+  (a) ``_up_kernel``, fused threshold and sparse up: neuron j accumulates ``dot(x, w_up[j])``
+      only where some token has ``g_j >= t``;
+  (b) ``_down_kernel``, sparse down: it forms ``x1 = g >= t ? g * u : 0`` and adds
+      ``x1 @ w_down_t`` into y.
+  Rows of inactive neurons are never read (masked loads) and blocks with no active neuron
+  return at once, but with scattered activity every block holds a few active neurons, so the
+  number of programs doing work does not fall with sparsity.
 
-Rows of ``w_up`` and ``w_down_t`` whose neuron is inactive for every token are never read
-(masked loads), blocks with no active neuron return at once, and partial sums meet by float32
-atomic adds. Each program is short: with one program per neuron block walking all of d, the
-dependent loads made the kernels latency-bound (measured on an H200: no faster than dense even
-at 99% sparsity).
+``"compact"``: the active neurons are first listed (``_compact_kernel``: the union over tokens,
+  ``g >= t`` or NaN, appended through an atomic counter), then
+  (a) ``_up_compact_kernel`` reads only listed rows of ``w_up``, in groups of ``up_rows``
+      neurons and ``up_split_k`` slices of d, and adds ``FATReLU_t(g) * partial`` into a
+      compact x1;
+  (b) ``_down_compact_kernel`` adds ``x1[:, group] @ w_down_t[group]`` into y per slice of
+      d_out.
+  Programs past the active count return at once, so the work and the number of working
+  programs both fall with sparsity; no host synchronisation is needed (CUDA graphs work).
+  For up to 4 tokens products are summed on CUDA cores (a GEMV); above, tokens are padded to
+  16 and go through ``tl.dot``.
 
-More than 16 tokens run dense (cuBLAS through torch). With ``TRITON_INTERPRET=1`` the kernels
-run on CPU tensors (slowly) for tests.
+Partial sums meet by float32 atomic adds with relaxed ordering (atomicity is all they need;
+Triton's default acquire/release ordering adds a fence around each one), so the summation order,
+and the last bits of the result, may differ between runs. More than 16 tokens run dense (cuBLAS
+through torch). With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slowly) for tests.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -35,12 +49,26 @@ except ImportError:  # pragma: no cover - triton is the optional [gpu] extra
 
 MAX_TOKENS = 16
 
-# Launch parameters, chosen by benchmarks/tune_triton.py on an H200 (bf16, LLaMA-7B widths):
-# block_n neurons per program; the up kernel splits d into block_k slices, the down kernel
-# d_out into block_d slices.
-TUNING: dict[str, dict[str, int]] = {
-    "gated": {"block_n": 64, "block_k": 512, "block_d": 256, "num_warps": 4},
+# Launch parameters. "blocks" was chosen by benchmarks/tune_triton.py on an H200 (bf16, LLaMA-7B
+# widths): block_n neurons per program, the up kernel splitting d into block_k slices and the down
+# kernel d_out into block_d slices. "compact": block_c neurons per listing program, up_rows
+# listed neurons per up program over up_split_k slices of d read up_block_k at a time, down_rows
+# per down program over down_block_d slices of d_out. The default design is the one measured
+# fastest so far; tune_triton.py sweeps both.
+TUNING: dict[str, Any] = {
+    "design": "blocks",
+    "blocks": {"block_n": 64, "block_k": 512, "block_d": 256, "num_warps": 4},
+    "compact": {
+        "block_c": 1024,
+        "up_rows": 16,
+        "up_block_k": 256,
+        "up_split_k": 4,
+        "down_rows": 32,
+        "down_block_d": 256,
+        "num_warps": 4,
+    },
 }
+DESIGNS = ("blocks", "compact")
 
 
 def available() -> bool:
@@ -104,6 +132,7 @@ if triton is not None:
                 u_ptr + offs_m[:, None] * stride_um + offs_n[None, :],
                 part,
                 mask=m_mask[:, None] & row_active[None, :],
+                sem="relaxed",
             )
 
     @triton.jit
@@ -151,6 +180,131 @@ if triton is not None:
                 y_ptr + offs_m[:, None] * stride_ym + offs_d[None, :],
                 part,
                 mask=m_mask[:, None] & d_mask[None, :],
+                sem="relaxed",
+            )
+
+    @triton.jit
+    def _compact_kernel(
+        g_ptr, idx_ptr, count_ptr,
+        M, DFF, threshold, stride_gm,
+        BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """Append the neurons of one block that are active for some token (``g >= t`` or NaN)
+        to the list ``idx``, reserving their places through the counter."""
+        offs_n = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n_mask = offs_n < DFF
+        active = tl.zeros([BLOCK_C], dtype=tl.int32)
+        for m in range(0, M):
+            g = tl.load(g_ptr + m * stride_gm + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            active = active | (((g >= threshold) | (g != g)) & n_mask).to(tl.int32)
+        count = tl.sum(active, axis=0)
+        if count > 0:
+            base = tl.atomic_add(count_ptr, count, sem="relaxed")
+            pos = base + tl.cumsum(active, axis=0) - active
+            tl.store(idx_ptr + pos, offs_n, mask=active > 0)
+
+    @triton.jit
+    def _up_compact_kernel(
+        x_ptr, g_ptr, wu_ptr, idx_ptr, count_ptr, x1_ptr,
+        M, D, threshold, k_per_split,
+        stride_xm, stride_gm, stride_wu, stride_x1m,
+        IEEE: tl.constexpr, USE_DOT: tl.constexpr, ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """x1[:, group] += FATReLU_t(g[:, rows]) * (x[:, k-slice] @ w_up[rows, k-slice].T) for
+        one group of listed neurons (``rows``) and one slice of d."""
+        pid_r = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n_active = tl.load(count_ptr)
+        if pid_r * BLOCK_R < n_active:  # programs past the list return at once
+            offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < n_active
+            rows = tl.load(idx_ptr + offs_r, mask=r_mask, other=0)
+            offs_m = tl.arange(0, BLOCK_M)
+            m_mask = offs_m < M
+            mr_mask = m_mask[:, None] & r_mask[None, :]
+            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + rows[None, :], mask=mr_mask,
+                        other=0.0).to(tl.float32)  # fmt: skip
+            keep = ((g >= threshold) | (g != g)) & mr_mask
+            acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            k_start = pid_k * k_per_split
+            for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < D
+                xk = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                w = tl.load(
+                    wu_ptr + rows[:, None] * stride_wu + offs_k[None, :],
+                    mask=r_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                if USE_DOT:
+                    if IEEE:
+                        acc += tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)),
+                                      input_precision="ieee")  # fmt: skip
+                    else:
+                        acc += tl.dot(xk, tl.trans(w))
+                else:  # few tokens: a GEMV on CUDA cores
+                    prod = xk.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+                    acc += tl.sum(prod, axis=2)
+            part = tl.where(keep, g * acc, 0.0)
+            x1_ptrs = x1_ptr + offs_m[:, None] * stride_x1m + offs_r[None, :]
+            if ATOMIC:
+                tl.atomic_add(x1_ptrs, part, mask=mr_mask, sem="relaxed")
+            else:
+                tl.store(x1_ptrs, part, mask=mr_mask)
+
+    @triton.jit
+    def _down_compact_kernel(
+        g_ptr, x1_ptr, idx_ptr, count_ptr, wd_ptr, y_ptr,
+        M, DOUT, threshold,
+        stride_gm, stride_x1m, stride_wd, stride_ym,
+        HAS_UP: tl.constexpr, ROUND: tl.constexpr, IEEE: tl.constexpr, USE_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """y[:, d-slice] += x1[:, group] @ w_down_t[rows, d-slice] for one group of listed
+        neurons, with x1 the compact up result (gated) or FATReLU_t(g[:, rows]) (plain)."""
+        pid_r = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        n_active = tl.load(count_ptr)
+        if pid_r * BLOCK_R < n_active:
+            offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < n_active
+            rows = tl.load(idx_ptr + offs_r, mask=r_mask, other=0)
+            offs_m = tl.arange(0, BLOCK_M)
+            m_mask = offs_m < M
+            mr_mask = m_mask[:, None] & r_mask[None, :]
+            if HAS_UP:
+                x1 = tl.load(x1_ptr + offs_m[:, None] * stride_x1m + offs_r[None, :],
+                             mask=mr_mask, other=0.0)  # fmt: skip
+            else:
+                g = tl.load(g_ptr + offs_m[:, None] * stride_gm + rows[None, :], mask=mr_mask,
+                            other=0.0).to(tl.float32)  # fmt: skip
+                x1 = tl.where(((g >= threshold) | (g != g)) & mr_mask, g, 0.0)
+            if ROUND:  # x1 is in the input dtype in the dense model
+                x1 = x1.to(wd_ptr.dtype.element_ty).to(tl.float32)
+            offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < DOUT
+            w = tl.load(
+                wd_ptr + rows[:, None] * stride_wd + offs_d[None, :],
+                mask=r_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if USE_DOT:
+                if IEEE:
+                    part = tl.dot(x1, w.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(x1.to(w.dtype), w)
+            else:
+                part = tl.sum(x1[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+            tl.atomic_add(
+                y_ptr + offs_m[:, None] * stride_ym + offs_d[None, :],
+                part,
+                mask=m_mask[:, None] & d_mask[None, :],
+                sem="relaxed",
             )
 
 
@@ -172,14 +326,34 @@ def _launch(
     threshold: float,
 ) -> torch.Tensor:
     """``y = x1 @ w_down_t`` in float32 from pre-activations ``g`` (``[m, d_ff]``), with
-    ``x1 = FATReLU_t(g) * (x2 @ w_up.T)`` when ``w_up`` is given, else ``FATReLU_t(g)``."""
+    ``x1 = FATReLU_t(g) * (x2 @ w_up.T)`` when ``w_up`` is given, else ``FATReLU_t(g)``, by the
+    design ``TUNING["design"]`` names.
+
+    Raises:
+        ValueError: an unknown design in ``TUNING``.
+    """
+    design = TUNING["design"]
+    if design == "blocks":
+        return _launch_blocks(x2, g, w_up, w_down_t, threshold)
+    if design == "compact":
+        return _launch_compact(x2, g, w_up, w_down_t, threshold)
+    raise ValueError(f"unknown Triton design {design!r} in TUNING; choose one of {DESIGNS}")
+
+
+def _launch_blocks(
+    x2: torch.Tensor | None,
+    g: torch.Tensor,
+    w_up: torch.Tensor | None,
+    w_down_t: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
     m, d_ff = g.shape
     d_out = w_down_t.shape[1]
     # one zeroed float32 buffer holds the up accumulator and y (one memset)
     buf = torch.zeros(m * (d_ff + d_out), dtype=torch.float32, device=g.device)
     u, y = buf[: m * d_ff].view(m, d_ff), buf[m * d_ff :].view(m, d_out)
     ieee = _dot_in_fp32(g.dtype)
-    cfg = TUNING["gated"]
+    cfg = TUNING["blocks"]
     block_n = min(cfg["block_n"], _pow2_at_least(d_ff, 16))
     if w_up is not None and x2 is not None:
         d = x2.shape[1]
@@ -195,6 +369,61 @@ def _launch(
         g.stride(0), u.stride(0), w_down_t.stride(0), y.stride(0),
         HAS_UP=w_up is not None, ROUND=g.dtype != torch.float32, IEEE=ieee,
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return y
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _launch_compact(
+    x2: torch.Tensor | None,
+    g: torch.Tensor,
+    w_up: torch.Tensor | None,
+    w_down_t: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    m, d_ff = g.shape
+    d_out = w_down_t.shape[1]
+    # one zeroed float32 buffer (one memset) holds the active count, the compact x1 and y, each
+    # starting on a 128-byte boundary; the list itself needs no zeroing
+    x1_at = 32
+    y_at = x1_at + _round_up(m * d_ff, 32)
+    buf = torch.zeros(y_at + m * d_out, dtype=torch.float32, device=g.device)
+    count = buf[:1].view(torch.int32)
+    x1 = buf[x1_at : x1_at + m * d_ff].view(m, d_ff)
+    y = buf[y_at:].view(m, d_out)
+    idx = torch.empty(d_ff, dtype=torch.int32, device=g.device)
+    cfg = TUNING["compact"]
+    warps = cfg["num_warps"]
+    threshold = float(threshold)
+    ieee = _dot_in_fp32(g.dtype)
+    block_m = _pow2_at_least(m, 1) if m <= 4 else 16  # few tokens: GEMV, else tl.dot
+    use_dot = block_m >= 16
+    block_c = min(cfg["block_c"], _pow2_at_least(d_ff, 16))
+    _compact_kernel[(triton.cdiv(d_ff, block_c),)](
+        g, idx, count, m, d_ff, threshold, g.stride(0), BLOCK_C=block_c, num_warps=warps
+    )
+    if w_up is not None and x2 is not None:
+        d = x2.shape[1]
+        rows = min(cfg["up_rows"], _pow2_at_least(d_ff, 16))
+        block_k = min(cfg["up_block_k"], _pow2_at_least(d, 16))
+        split = max(1, min(cfg["up_split_k"], triton.cdiv(d, block_k)))
+        k_per_split = _round_up(triton.cdiv(d, split), block_k)
+        _up_compact_kernel[(triton.cdiv(d_ff, rows), split)](
+            x2, g, w_up, idx, count, x1, m, d, threshold, k_per_split,
+            x2.stride(0), g.stride(0), w_up.stride(0), x1.stride(0),
+            IEEE=ieee, USE_DOT=use_dot, ATOMIC=split > 1,
+            BLOCK_M=block_m, BLOCK_R=rows, BLOCK_K=block_k, num_warps=warps,
+        )  # fmt: skip
+    rows = min(cfg["down_rows"], _pow2_at_least(d_ff, 16))
+    block_d = min(cfg["down_block_d"], _pow2_at_least(d_out, 16))
+    _down_compact_kernel[(triton.cdiv(d_ff, rows), triton.cdiv(d_out, block_d))](
+        g, x1, idx, count, w_down_t, y, m, d_out, threshold,
+        g.stride(0), x1.stride(0), w_down_t.stride(0), y.stride(0),
+        HAS_UP=w_up is not None, ROUND=g.dtype != torch.float32, IEEE=ieee, USE_DOT=use_dot,
+        BLOCK_M=block_m, BLOCK_R=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     return y
 

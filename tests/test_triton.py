@@ -1,0 +1,109 @@
+"""The two Triton designs of the sparse FFN ("blocks" and "compact", with the tuned tiles and
+with tiles small enough to exercise every code path on small shapes) against the dense
+reference; under TRITON_INTERPRET=1 when no GPU is present."""
+
+import os
+
+import pytest
+import torch
+
+# conftest.py sets TRITON_INTERPRET=1 before triton is imported when there is no GPU
+assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+from prosparse_fx.kernels import gated_ffn_reference, plain_ffn_reference, triton_ffn  # noqa: E402
+from tests.test_kernels import DEVICE, _close, _weights  # noqa: E402
+
+# Triton designs: the tuned tiles, and tiles small enough that small shapes use several listing
+# programs (neurons appended out of order), split-K atomics in up and many groups in down.
+TRITON_CONFIGS = {
+    "blocks": {"design": "blocks"},
+    "compact": {"design": "compact"},
+    "compact-small-tiles": {
+        "design": "compact",
+        "compact": {
+            "block_c": 16,
+            "up_rows": 16,
+            "up_block_k": 16,
+            "up_split_k": 3,
+            "down_rows": 16,
+            "down_block_d": 16,
+            "num_warps": 4,
+        },
+    },
+}
+
+
+@pytest.fixture(params=list(TRITON_CONFIGS))
+def triton_config(request):
+    """Each Triton design in turn (the module's table is restored afterwards)."""
+    if not triton_ffn.available():
+        pytest.skip("Triton is not installed")
+    saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in triton_ffn.TUNING.items()}
+    triton_ffn.TUNING.update(TRITON_CONFIGS[request.param])
+    yield request.param
+    triton_ffn.TUNING.clear()
+    triton_ffn.TUNING.update(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("lead", "d", "d_ff", "threshold"),
+    [((1,), 64, 128, 0.0), ((3,), 37, 101, 0.2), ((2, 3), 40, 90, 0.1), ((16,), 48, 80, 0.0)],
+)
+def test_triton_designs_match_reference(triton_config, dtype, lead, d, d_ff, threshold) -> None:
+    w_gate, w_up, w_down_t = _weights(d, d_ff, d, dtype, DEVICE)
+    x = torch.randn(*lead, d, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    ref = gated_ffn_reference(x.float(), w_gate.float(), w_up.float(), w_down_t.float(), threshold)
+    out = triton_ffn.gated_ffn(x, w_gate, w_up, w_down_t, threshold)
+    assert out.shape == (*lead, d) and out.dtype == dtype
+    _close(out, ref, dtype)
+    b1 = torch.randn(d_ff, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE) / 4
+    ref = plain_ffn_reference(x.float(), w_gate.float(), b1.float(), w_down_t.float(), None, 0.1)
+    _close(triton_ffn.plain_ffn(x, w_gate, b1, w_down_t, None, 0.1), ref, dtype)
+
+
+@pytest.mark.parametrize("case", ["all_zero", "all_active", "nan"])
+def test_triton_designs_extremes(triton_config, case) -> None:
+    d, d_ff = 32, 48
+    w_gate, w_up, w_down_t = _weights(d, d_ff, d, torch.float32, DEVICE)
+    x = torch.rand(4, d, device=DEVICE) + 0.1
+    threshold = {"all_zero": 1e6, "all_active": 0.0, "nan": 0.1}[case]
+    if case == "all_active":
+        w_gate = w_gate.abs()  # positive x and weights: every gate > 0
+    if case == "nan":
+        x[1, 5] = float("nan")
+    ref = gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold)
+    out = triton_ffn.gated_ffn(x, w_gate, w_up, w_down_t, threshold)
+    if case == "all_zero":
+        assert torch.equal(out, torch.zeros_like(out))
+    elif case == "nan":
+        assert torch.isnan(ref[1]).all()
+        assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    else:
+        _close(out, ref, torch.float32)
+
+
+def test_triton_unknown_design_is_named() -> None:
+    if not triton_ffn.available():
+        pytest.skip("Triton is not installed")
+    w_gate, w_up, w_down_t = _weights(16, 32, 16, torch.float32, DEVICE)
+    saved = triton_ffn.TUNING["design"]
+    triton_ffn.TUNING["design"] = "dense"
+    try:
+        with pytest.raises(ValueError, match=r"unknown Triton design 'dense'.*blocks"):
+            triton_ffn.gated_ffn(torch.randn(1, 16, device=DEVICE), w_gate, w_up, w_down_t, 0.0)
+    finally:
+        triton_ffn.TUNING["design"] = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="full shapes need a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_triton_full_shapes_on_gpu(triton_config, dtype, tokens) -> None:
+    d, d_ff = 4096, 11008  # LLaMA-2-7B
+    w_gate, w_up, w_down_t = _weights(d, d_ff, d, dtype, "cuda")
+    x = torch.randn(tokens, d, device="cuda").to(dtype)
+    for t in (0.0, 0.05):
+        ref = gated_ffn_reference(x.float(), w_gate.float(), w_up.float(), w_down_t.float(), t)
+        # 11008 neurons: a gate within rounding of t may flip, each flip moves y by about 1e-4
+        _close(triton_ffn.gated_ffn(x, w_gate, w_up, w_down_t, t), ref, dtype, factor=20.0)
