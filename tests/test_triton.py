@@ -18,6 +18,18 @@ from tests.test_kernels import DEVICE, _close, _weights  # noqa: E402
 TRITON_CONFIGS = {
     "blocks": {"design": "blocks"},
     "compact": {"design": "compact"},
+    "compact-gemv-tiles": {  # 8 rows (below tl.dot's 16) and wide slices: the launcher adapts
+        "design": "compact",
+        "compact": {
+            "block_c": 1024,
+            "up_rows": 8,
+            "up_block_k": 4096,
+            "up_split_k": 2,
+            "down_rows": 8,
+            "down_block_d": 4096,
+            "num_warps": 4,
+        },
+    },
     "compact-small-tiles": {
         "design": "compact",
         "compact": {

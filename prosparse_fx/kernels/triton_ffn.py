@@ -69,6 +69,7 @@ TUNING: dict[str, Any] = {
     },
 }
 DESIGNS = ("blocks", "compact")
+_GEMV_TILE = 16384  # elements of a GEMV program's product tile (128 float32 per thread, 4 warps)
 
 
 def available() -> bool:
@@ -401,14 +402,19 @@ def _launch_compact(
     ieee = _dot_in_fp32(g.dtype)
     block_m = _pow2_at_least(m, 1) if m <= 4 else 16  # few tokens: GEMV, else tl.dot
     use_dot = block_m >= 16
+    # a GEMV forms the [tokens, rows, cols] products in registers: keep them within _GEMV_TILE
+    # elements; tl.dot needs 16 rows at least
+    min_rows = 16 if use_dot else 1
     block_c = min(cfg["block_c"], _pow2_at_least(d_ff, 16))
     _compact_kernel[(triton.cdiv(d_ff, block_c),)](
         g, idx, count, m, d_ff, threshold, g.stride(0), BLOCK_C=block_c, num_warps=warps
     )
     if w_up is not None and x2 is not None:
         d = x2.shape[1]
-        rows = min(cfg["up_rows"], _pow2_at_least(d_ff, 16))
+        rows = max(min(cfg["up_rows"], _pow2_at_least(d_ff, 16)), min_rows)
         block_k = min(cfg["up_block_k"], _pow2_at_least(d, 16))
+        if not use_dot:
+            block_k = max(16, min(block_k, _GEMV_TILE // (block_m * rows)))
         split = max(1, min(cfg["up_split_k"], triton.cdiv(d, block_k)))
         k_per_split = _round_up(triton.cdiv(d, split), block_k)
         _up_compact_kernel[(triton.cdiv(d_ff, rows), split)](
@@ -417,8 +423,10 @@ def _launch_compact(
             IEEE=ieee, USE_DOT=use_dot, ATOMIC=split > 1,
             BLOCK_M=block_m, BLOCK_R=rows, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
-    rows = min(cfg["down_rows"], _pow2_at_least(d_ff, 16))
+    rows = max(min(cfg["down_rows"], _pow2_at_least(d_ff, 16)), min_rows)
     block_d = min(cfg["down_block_d"], _pow2_at_least(d_out, 16))
+    if not use_dot:
+        block_d = max(16, min(block_d, _GEMV_TILE // (block_m * rows)))
     _down_compact_kernel[(triton.cdiv(d_ff, rows), triton.cdiv(d_out, block_d))](
         g, x1, idx, count, w_down_t, y, m, d_out, threshold,
         g.stride(0), x1.stride(0), w_down_t.stride(0), y.stride(0),
