@@ -16,6 +16,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,7 @@ from .training.checkpoint import (
     find_checkpoint,
     load_state,
     remove_checkpoint,
+    run_folder_lock,
     save_checkpoint,
 )
 from .training.distributed import (
@@ -369,7 +371,8 @@ def run_sparsify(
     Raises:
         InputError: bad model, data, config or output folder (raised before training starts);
             with ``resume``, no checkpoint in ``out`` or a config, model or data that differs
-            from the checkpoint's (the message names what differs).
+            from the checkpoint's (the message names what differs); another live run writing
+            to ``out`` (refused before anything in it is touched).
         NonFiniteLossError: the loss became NaN/inf; ``out/checkpoint`` holds the last good
             model and ``report.json`` says ``"status": "diverged"``.
     """
@@ -394,7 +397,13 @@ def run_sparsify(
         out_dir = Path(out)
     ctx.barrier()  # every process has checked the output folder before rank 0 writes to it
     docs = load_documents(data_path)
+    # seconds of work: an interrupted run's count goes on from its checkpoint
+    carried = float(resume_state["report"].get("seconds", 0.0)) if resume_state else 0.0
     started = time.time()
+
+    def elapsed() -> float:
+        return carried + time.time() - started
+
     torch.manual_seed(config.seed)
 
     split = split_documents(docs, seed=config.seed)
@@ -429,97 +438,99 @@ def run_sparsify(
         raise InputError(str(exc)) from exc
 
     out_dir.mkdir(parents=True, exist_ok=True)  # all inputs are checked: now write
-    if resume_state is None and ctx.is_main:
-        # --overwrite: an old run's checkpoint must not be resumed by mistake
-        remove_checkpoint(out_dir / "checkpoint")
-    if resume_state is not None:
-        report = resume_state["report"]
-        report["resumed_at_step"] = resume_state["step"]
-    else:
-        report: dict[str, Any] = {
-            "status": "running",
-            "model": str(Path(model_file).resolve()),
-            "data": str(data_file.resolve()) if data_file else DEFAULT_DATA_LABEL,
-            "data_fingerprint": _fingerprint(data_file),
-            "data_split": {
-                "train_documents": len(split.train),
-                "calib_documents": len(split.calib),
-                "held_out_documents": len(split.held_out),
-                "train_windows": int(train_windows.shape[0]),
-                "held_out_windows": int(held_out.shape[0]),
-                "calib_windows": int(calib.shape[0]),
-                "seq_len": config.seq_len,
-            },
-            "config": dataclasses.asdict(config),
-            "schedule": schedule.to_dict(),
-            "sites": [s.to_dict() for s in sites],
-            "machine": machine_info(),
-            "training_autocast": str(autocast_dtype(config.precision, device) or "float32"),
-        }
-        log.info("baseline evaluation (%s activation)", sites[0].activation)
-        baseline = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
-        report["baseline_perplexity"] = baseline.perplexity
-        report["baseline"] = _eval_dict(baseline)
+    with run_folder_lock(out_dir, enabled=ctx.is_main):  # one writer per run folder
+        if resume_state is None and ctx.is_main:
+            # --overwrite: an old run's checkpoint must not be resumed by mistake
+            remove_checkpoint(out_dir / "checkpoint")
+        if resume_state is not None:
+            report = resume_state["report"]
+            report["resumed_at_step"] = resume_state["step"]
+        else:
+            report: dict[str, Any] = {
+                "status": "running",
+                "model": str(Path(model_file).resolve()),
+                "data": str(data_file.resolve()) if data_file else DEFAULT_DATA_LABEL,
+                "data_fingerprint": _fingerprint(data_file),
+                "data_split": {
+                    "train_documents": len(split.train),
+                    "calib_documents": len(split.calib),
+                    "held_out_documents": len(split.held_out),
+                    "train_windows": int(train_windows.shape[0]),
+                    "held_out_windows": int(held_out.shape[0]),
+                    "calib_windows": int(calib.shape[0]),
+                    "seq_len": config.seq_len,
+                },
+                "config": dataclasses.asdict(config),
+                "schedule": schedule.to_dict(),
+                "sites": [s.to_dict() for s in sites],
+                "machine": machine_info(),
+                "training_autocast": str(autocast_dtype(config.precision, device) or "float32"),
+            }
+            log.info("baseline evaluation (%s activation)", sites[0].activation)
+            baseline = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+            report["baseline_perplexity"] = baseline.perplexity
+            report["baseline"] = _eval_dict(baseline)
 
-        sites = relufy_(model, "relu", sites=sites)
-        relu0 = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
-        report["relu_no_training"] = _eval_dict(relu0)
+            sites = relufy_(model, "relu", sites=sites)
+            relu0 = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+            report["relu_no_training"] = _eval_dict(relu0)
 
-    history, stage_ends = _train_stages(
-        model,
-        tokenizer,
-        sites,
-        schedule,
-        config,
-        train_windows,
-        held_out,
-        out_dir,
-        report,
-        show_progress,
-        device,
-        resume_state,
-        ctx,
-    )
-    report["history"] = history
-    report["stage_ends"] = stage_ends
-
-    report["threshold_sweep"] = threshold_sweep(
-        model, calib, config.sweep_thresholds, sites, batch_size=config.batch_size
-    )
-    if config.threshold_mode == "fixed":
-        thresholds = [config.threshold] * len(sites)
-    elif config.threshold_mode == "target":
-        thresholds = calibrate_thresholds(
-            model, calib, config.target_sparsity, sites, batch_size=config.batch_size
+        history, stage_ends = _train_stages(
+            model,
+            tokenizer,
+            sites,
+            schedule,
+            config,
+            train_windows,
+            held_out,
+            out_dir,
+            report,
+            show_progress,
+            device,
+            resume_state,
+            ctx,
+            elapsed,
         )
-    else:
-        thresholds = [0.0] * len(sites)
-    # the last stage end measured the trained model on the same windows
-    report["before_threshold_shift"] = {
-        k: stage_ends[-1][k] for k in ("perplexity", "sparsity", "per_layer_sparsity")
-    }
-    if config.threshold_mode != "none":
-        sites = shift_thresholds_(model, thresholds, sites)
-    final = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
-    report.update(
-        {
-            "status": "done",
-            "thresholds": thresholds,
-            "sparsity": final.sparsity.sparsity,
-            "perplexity": final.perplexity,
-            "per_layer_sparsity": final.sparsity.per_layer,
-            "perplexity_ratio": final.perplexity / report["baseline_perplexity"],
-            "seconds": time.time() - started,
+        report["history"] = history
+        report["stage_ends"] = stage_ends
+
+        report["threshold_sweep"] = threshold_sweep(
+            model, calib, config.sweep_thresholds, sites, batch_size=config.batch_size
+        )
+        if config.threshold_mode == "fixed":
+            thresholds = [config.threshold] * len(sites)
+        elif config.threshold_mode == "target":
+            thresholds = calibrate_thresholds(
+                model, calib, config.target_sparsity, sites, batch_size=config.batch_size
+            )
+        else:
+            thresholds = [0.0] * len(sites)
+        # the last stage end measured the trained model on the same windows
+        report["before_threshold_shift"] = {
+            k: stage_ends[-1][k] for k in ("perplexity", "sparsity", "per_layer_sparsity")
         }
-    )
-    full_state = full_model_state(model, ctx)  # all processes take part under FSDP2
-    if ctx.is_main:
-        save_model_atomic(model if full_state else model.cpu(), tokenizer, out_dir, full_state)
-        remove_checkpoint(out_dir / "checkpoint")
-        _write_plots(out_dir, report)
-        write_json_atomic(out_dir / "report.json", report)
-    ctx.barrier()
-    return report
+        if config.threshold_mode != "none":
+            sites = shift_thresholds_(model, thresholds, sites)
+        final = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+        report.update(
+            {
+                "status": "done",
+                "thresholds": thresholds,
+                "sparsity": final.sparsity.sparsity,
+                "perplexity": final.perplexity,
+                "per_layer_sparsity": final.sparsity.per_layer,
+                "perplexity_ratio": final.perplexity / report["baseline_perplexity"],
+                "seconds": elapsed(),
+            }
+        )
+        full_state = full_model_state(model, ctx)  # all processes take part under FSDP2
+        if ctx.is_main:
+            save_model_atomic(model if full_state else model.cpu(), tokenizer, out_dir, full_state)
+            remove_checkpoint(out_dir / "checkpoint")
+            _write_plots(out_dir, report)
+            write_json_atomic(out_dir / "report.json", report)
+        ctx.barrier()
+        return report
 
 
 def _train_stages(
@@ -536,6 +547,7 @@ def _train_stages(
     device: str,
     resume_state: dict[str, Any] | None = None,
     ctx: DistContext | None = None,
+    elapsed: Callable[[], float] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     ctx = ctx or DistContext()
     train_model = ctx.wrap(model)  # before the optimizer: FSDP2 replaces the parameters
@@ -568,6 +580,8 @@ def _train_stages(
         if not ctx.is_main:
             ctx.barrier()
             return
+        if elapsed is not None:
+            report["seconds"] = elapsed()  # so far; a resumed run adds its own
         state = {
             "step": step,
             "optimizer": optim_state,

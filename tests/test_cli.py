@@ -239,11 +239,15 @@ def _run_args(model, data, config, out):
 def _assert_resume_matches(whole, part, resumed_at: int, steps: int) -> None:
     """Resume the interrupted run in ``part``; its loss curve, L1, lambda, stage-end
     perplexities and final sparsity equal the uninterrupted run's in ``whole``."""
+    from prosparse_fx.training.checkpoint import find_checkpoint, load_state
+
+    before = json.loads(load_state(find_checkpoint(part / "checkpoint"))["report"])["seconds"]
     result = runner.invoke(app, ["sparsify", "--resume", str(part)])
     assert result.exit_code == 0, result.output
     a = json.loads((whole / "report.json").read_text())
     b = json.loads((part / "report.json").read_text())
     assert b["resumed_at_step"] == resumed_at
+    assert b["seconds"] > before > 0  # the interrupted part's seconds count too
     assert [h["step"] for h in b["history"]] == list(range(1, steps + 1))
     for ha, hb in zip(a["history"], b["history"]):
         assert hb["lm_loss"] == pytest.approx(ha["lm_loss"], abs=1e-6)
@@ -351,3 +355,23 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_matches(
     monkeypatch.setattr("prosparse_fx.pipeline.train", real_train)
 
     _assert_resume_matches(whole, part, resumed_at=5, steps=8)
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tmp_path, tiny_model_dir, text_file) -> None:
+    """While a run holds its folder, --overwrite or --resume into it is refused (exit 2) and
+    the folder is left as it was; once the lock is released the folder can be used again."""
+    from prosparse_fx.training.checkpoint import run_folder_lock
+
+    config = _config(tmp_path, stages=[[0.0, 2], [1.0, 4]], checkpoint_every=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with run_folder_lock(out):
+        args = _run_args(tiny_model_dir, text_file, config, out) + ["--overwrite"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "another prosparse-fx run is writing to" in result.output
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        assert (out / "keep.txt").read_text() == "mine"
+    assert runner.invoke(app, args).exit_code == 0
+    assert (out / "report.json").is_file()

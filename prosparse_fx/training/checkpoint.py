@@ -4,14 +4,22 @@ as a whole so that a kill at any moment leaves one complete checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import InputError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX: runs are not locked
+    fcntl = None  # type: ignore[assignment]
 
 STATE_FILE = "training_state.pt"
 
@@ -63,3 +71,31 @@ def find_checkpoint(target: Path) -> Path | None:
 def load_state(folder: Path) -> dict[str, Any]:
     """The training state of a checkpoint folder (``torch.load(weights_only=True)``)."""
     return torch.load(Path(folder) / STATE_FILE, weights_only=True)
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder ``folder`` (``flock`` on the folder itself, so
+    no file is added; the system releases it when the process ends, however it ends).
+
+    Two runs writing one folder (a second ``--resume``, or ``--overwrite`` while a run is
+    going) would mix their checkpoints and report; the second one is refused instead.
+
+    Raises:
+        InputError: another process holds the lock on ``folder``.
+    """
+    if not enabled or fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"another prosparse-fx run is writing to {folder}; wait for it to finish (or stop "
+                "it), or give another output folder"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
