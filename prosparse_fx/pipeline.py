@@ -631,6 +631,7 @@ def _train_stages(
                             progress=bar,
                             autocast_dtype=train_dtype,
                             should_stop=lambda: stop.agreed(ctx.world_size),
+                            ctx=ctx,
                         )
                     except NonFiniteLossError:
                         report["status"] = "diverged"

@@ -55,6 +55,15 @@ class DistContext:
         if self.world_size > 1:
             dist.barrier()
 
+    def mean(self, values: list[float]) -> list[float]:
+        """The mean of each value over the processes (one all-reduce; with one process the
+        values themselves). Every process must call it at the same point."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return (t / self.world_size).tolist()
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """``model`` ready for data-parallel training when there are several processes.
 

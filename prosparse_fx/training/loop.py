@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import DistContext
 from .regularizer import ActivationRegularizer
 
 
@@ -93,8 +94,13 @@ def train(
     progress: tqdm | None = None,
     autocast_dtype: torch.dtype | None = None,
     should_stop: Callable[[], bool] | None = None,
+    ctx: DistContext | None = None,
 ) -> list[StepLog]:
     """Run optimizer steps ``start_step + 1 .. end_step``; return one :class:`StepLog` each.
+
+    ``ctx``: the processes of a data-parallel run; each step's logged LM loss, L1 and sparsity
+    are then their means over the processes (each holds an equal share of the global batch), so
+    the log is the global batch's, as one process would log it.
 
     ``should_stop`` is asked after every step; when it answers True the loop returns early
     (fewer logs than steps asked for), e.g. on SIGTERM (:class:`~.preemption.StopOnSignal`).
@@ -123,13 +129,16 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
+        measured = [float(out.loss.detach()), sum(regularizer.last_l1), regularizer.sparsity]
+        if ctx is not None:
+            measured = ctx.mean(measured)
         log = StepLog(
             step=step,
             stage=stage_of(step),
             lam=regularizer.last_lambda,
-            lm_loss=float(out.loss.detach()),
-            l1=sum(regularizer.last_l1),
-            sparsity=regularizer.sparsity,
+            lm_loss=measured[0],
+            l1=measured[1],
+            sparsity=measured[2],
         )
         logs.append(log)
         if progress is not None:
