@@ -197,30 +197,41 @@ def test_crossover_setting_is_checked() -> None:
         set_cpu_crossover(1.5)
 
 
-def test_cpu_crossover_depends_on_token_count(monkeypatch) -> None:
-    """With the measured defaults, 65% active neurons run sparse for one token and dense for 16
-    tokens (where dense matmuls use the cores better); an explicit setting applies to both."""
+def test_cpu_crossover_follows_token_count_and_path(cpu_path, monkeypatch) -> None:
+    """The measured defaults: with the C++ helper one token stays sparse even with 95% of the
+    neurons active while 32 tokens go dense; gathering rows for BLAS, one token goes dense at
+    65% active and stays sparse at 30%. An explicit setting applies to every token count."""
     d, d_ff = 32, 200
     w_gate, w_up, w_down_t = _weights(d, d_ff, d, torch.float32)
-    x = torch.rand(16, d) + 0.1
-    w_gate = w_gate.abs()
-    w_gate[:70] = -w_gate[:70]  # positive x: neurons 70.. are active for every token (65%)
+    x = torch.rand(32, d) + 0.1
+    w_gate = w_gate.abs()  # positive x and weights: every neuron active for every token
+
+    def with_active(fraction):
+        w = w_gate.clone()
+        w[round(fraction * d_ff) :] *= -1
+        return w
+
     sparse_calls = []
     real = cpu_impl._rows_times
     monkeypatch.setattr(
         cpu_impl, "_rows_times", lambda *a: sparse_calls.append(a[0].shape[0]) or real(*a)
     )
+
+    def runs_sparse(rows, fraction):
+        sparse_calls.clear()
+        w = with_active(fraction)
+        out = cpu_impl.gated_ffn(x[:rows], w, w_up, w_down_t, 0.0)
+        _close(out, gated_ffn_reference(x[:rows], w, w_up, w_down_t, 0.0), torch.float32)
+        return sparse_calls == [rows]
+
     set_cpu_crossover(None)
-    assert cpu_impl.get_cpu_crossover(1) == 0.7 and cpu_impl.get_cpu_crossover(16) == 0.6
-    for rows in (1, 16):
-        out = cpu_impl.gated_ffn(x[:rows], w_gate, w_up, w_down_t, 0.0)
-        _close(out, gated_ffn_reference(x[:rows], w_gate, w_up, w_down_t, 0.0), torch.float32)
-    assert sparse_calls == [1]
-    set_cpu_crossover(0.8)
+    if cpu_path == "cpp":
+        assert runs_sparse(1, 0.95) and not runs_sparse(32, 0.95)
+    else:
+        assert not runs_sparse(1, 0.65) and runs_sparse(1, 0.3)
+    set_cpu_crossover(0.99)
     try:
-        assert cpu_impl.get_cpu_crossover(16) == 0.8
-        cpu_impl.gated_ffn(x, w_gate, w_up, w_down_t, 0.0)
-        assert sparse_calls == [1, 16]
+        assert runs_sparse(1, 0.95) and runs_sparse(32, 0.95)
     finally:
         set_cpu_crossover(None)
 

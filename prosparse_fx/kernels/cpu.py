@@ -1,15 +1,17 @@
 """CPU implementation of the sparse-FFN ops: the gate (or fc1) dense, then up_proj and
 down_proj over the active neurons only (for several tokens, the union of their active sets),
-each active row read once in place by a small C++ helper (:mod:`.cpu_ext`), or, without a
-compiler, gathered in cache-sized chunks of rows through reused buffers. Above a crossover
-active fraction it runs dense, so it is never meaningfully slower than dense (ProSparse App. D,
-exact acceleration).
+each active row read once in place by a small C++ helper (:mod:`.cpu_ext`, up to
+``CPP_MAX_TOKENS`` tokens), or gathered in cache-sized chunks of rows through reused buffers for
+BLAS (more tokens, or no compiler). Above a crossover active fraction, measured per token count
+and path, it runs dense, so it is never meaningfully slower than dense (ProSparse App. D, exact
+acceleration).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +19,18 @@ import torch.nn.functional as F
 from . import cpu_ext
 from .reference import fatrelu_ref
 
-# Active fraction above which the dense path is faster, by token count (measured with
-# benchmarks/bench_ffn.py on the project's 2-core machine at LLaMA-7B widths: 1 and 4 tokens
-# break even near 70% active, 8 near 65%, 16 near 60%, where dense matmuls use the cores better).
-# set_cpu_crossover() or PROSPARSE_CPU_CROSSOVER overrides it for every token count.
-DEFAULT_CROSSOVER = 0.7
-MANY_TOKENS = 4
-MANY_TOKENS_CROSSOVER = 0.6
-# The C++ helper reads each active row once but multiplies token by token; above this many
-# tokens, gathering rows into a buffer for a BLAS matmul is as fast or faster (measured: equal at
-# 8 tokens; 1.12x vs 0.86x dense at 16 tokens and 50% sparsity).
-CPP_MAX_TOKENS = 8
+# Active fraction above which the dense path is faster, as (up to this many tokens, fraction),
+# for each way of reading the active rows (measured at LLaMA-7B widths, fp32, on the project's
+# 2-core machine; dense is torch's three matmuls). With the C++ helper one token is 1.01x dense
+# even with every neuron active, 4 tokens 1.21x, 8 tokens 1.14x, 16 tokens break even near 90%
+# active and 32 near 62%. Gathering rows for BLAS (no compiler) breaks even near 40% active for
+# 1-4 tokens, 60% for 16 and 55% for 64. set_cpu_crossover() or PROSPARSE_CPU_CROSSOVER
+# overrides the tables for every token count.
+CROSSOVER_CPP = ((8, 1.0), (16, 0.9), (32, 0.62))
+CROSSOVER_GATHER = ((4, 0.4), (16, 0.6), (None, 0.5))
+# The C++ helper multiplies token by token from rows held in cache; above this many tokens,
+# gathering the rows for one BLAS matmul is faster (64 tokens at 40% sparsity: 1.19x vs 1.10x).
+CPP_MAX_TOKENS = 32
 _CHUNK_BYTES = 256 * 1024
 
 
@@ -53,7 +56,8 @@ _local = threading.local()
 
 def set_cpu_crossover(active_fraction: float | None) -> None:
     """Run dense when more than ``active_fraction`` (0..1) of the neurons are active, for any
-    number of tokens; ``None`` restores the measured defaults (0.7 up to 4 tokens, 0.6 above).
+    number of tokens; ``None`` restores the measured tables (``CROSSOVER_CPP``,
+    ``CROSSOVER_GATHER``).
 
     Raises:
         ValueError: ``active_fraction`` outside [0, 1].
@@ -63,11 +67,19 @@ def set_cpu_crossover(active_fraction: float | None) -> None:
     _state["crossover"] = None if active_fraction is None else float(active_fraction)
 
 
-def get_cpu_crossover(tokens: int = 1) -> float:
-    """The active fraction above which the CPU implementation runs dense for ``tokens`` rows."""
+def get_cpu_crossover(tokens: int = 1, cpp: bool | None = None) -> float:
+    """The active fraction above which the CPU implementation runs dense for ``tokens`` rows,
+    when the active rows are read by the C++ helper (``cpp``; default: whether it is built and
+    takes that many tokens) or gathered for BLAS."""
     if _state["crossover"] is not None:
         return _state["crossover"]
-    return DEFAULT_CROSSOVER if tokens <= MANY_TOKENS else MANY_TOKENS_CROSSOVER
+    if cpp is None:
+        cpp = tokens <= CPP_MAX_TOKENS and cpu_ext.get() is not None
+    table = CROSSOVER_CPP if cpp else CROSSOVER_GATHER
+    for up_to, fraction in table:
+        if up_to is None or tokens <= up_to:
+            return fraction
+    return table[-1][1]
 
 
 def _buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -86,7 +98,9 @@ def _chunk_rows(cols: int, dtype: torch.dtype) -> int:
     return max(8, _CHUNK_BYTES // (cols * torch.finfo(dtype).bits // 8))
 
 
-def _use_ext(tokens: int, *tensors: torch.Tensor) -> object | None:
+def _helper(tokens: int, *tensors: torch.Tensor) -> Any | None:
+    """The C++ helper when it is built and takes this call (float32, contiguous, at most
+    ``CPP_MAX_TOKENS`` tokens), else ``None``."""
     if tokens <= CPP_MAX_TOKENS and all(
         t.dtype == torch.float32 and t.is_contiguous() for t in tensors
     ):
@@ -94,10 +108,11 @@ def _use_ext(tokens: int, *tensors: torch.Tensor) -> object | None:
     return None
 
 
-def _rows_times(x2: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x2 @ w[idx].T`` as ``[n, k]``: in place by the C++ helper, else gathering ``w``'s rows
-    chunk by chunk."""
-    ext = _use_ext(x2.shape[0], x2, w)
+def _rows_times(
+    x2: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ext: Any | None
+) -> torch.Tensor:
+    """``x2 @ w[idx].T`` as ``[n, k]``: in place by the C++ helper ``ext``, else gathering
+    ``w``'s rows chunk by chunk."""
     if ext is not None:
         return ext.gather_gemv(w, idx, x2)
     n, k = x2.shape[0], idx.numel()
@@ -112,9 +127,10 @@ def _rows_times(x2: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.T
     return out_t.T
 
 
-def _times_rows(x1: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _times_rows(
+    x1: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor, ext: Any | None
+) -> torch.Tensor:
     """``x1 @ w_t[idx]`` as ``[n, d_out]``; x1 is ``[n, k]``."""
-    ext = _use_ext(x1.shape[0], x1, w_t)
     if ext is not None:
         return ext.gather_axpy(w_t, idx, x1.contiguous())
     if x1.shape[0] == 1 and w_t.dtype == torch.float32:
@@ -154,14 +170,15 @@ def gated_ffn(
     x2 = x.reshape(-1, d)
     gate = x2 @ w_gate.T
     keep, idx = _active(gate, threshold)
-    if idx.numel() > get_cpu_crossover(x2.shape[0]) * d_ff:
+    ext = _helper(x2.shape[0], x2, w_up, w_down_t)
+    if idx.numel() > get_cpu_crossover(x2.shape[0], cpp=ext is not None) * d_ff:
         y = (fatrelu_ref(gate, threshold) * (x2 @ w_up.T)) @ w_down_t
     elif idx.numel() == 0:
         y = x2.new_zeros((x2.shape[0], w_down_t.shape[1]))
     else:
         a = torch.where(keep[:, idx], gate[:, idx], 0)
-        x1 = a * _rows_times(x2, w_up, idx)
-        y = _times_rows(x1, w_down_t, idx)
+        x1 = a * _rows_times(x2, w_up, idx, ext)
+        y = _times_rows(x1, w_down_t, idx, ext)
     return y.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 
@@ -178,12 +195,13 @@ def plain_ffn(
     x2 = x.reshape(-1, d)
     h = torch.addmm(b1, x2, w1.T) if b1 is not None else x2 @ w1.T
     keep, idx = _active(h, threshold)
-    if idx.numel() > get_cpu_crossover(x2.shape[0]) * d_ff:
+    ext = _helper(x2.shape[0], x2, w2_t)
+    if idx.numel() > get_cpu_crossover(x2.shape[0], cpp=ext is not None) * d_ff:
         y = fatrelu_ref(h, threshold) @ w2_t
     elif idx.numel() == 0:
         y = x2.new_zeros((x2.shape[0], w2_t.shape[1]))
     else:
-        y = _times_rows(torch.where(keep[:, idx], h[:, idx], 0), w2_t, idx)
+        y = _times_rows(torch.where(keep[:, idx], h[:, idx], 0), w2_t, idx, ext)
     if b2 is not None:
         y = y + b2
     return y.reshape(*x.shape[:-1], w2_t.shape[1])
