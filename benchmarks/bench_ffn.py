@@ -104,13 +104,19 @@ def main() -> None:
         "--design", default=None, choices=triton_ffn.DESIGNS, help="CUDA only: Triton design"
     )
     args = p.parse_args()
-    if args.tuning is not None and args.tuning.exists():
-        best = json.loads(args.tuning.read_text())["best"]
-        if best.get("design") not in triton_ffn.DESIGNS:
-            sys.exit(f"{args.tuning} has no Triton design table; rerun benchmarks/tune_triton.py")
-        triton_ffn.TUNING.update(best)
+    if (args.tuning is not None or args.design is not None) and not args.device.startswith("cuda"):
+        sys.exit("--tuning and --design choose Triton launches: use them with --device cuda")
+    if args.tuning is not None:
+        try:
+            best = json.loads(args.tuning.read_text())["best"]
+            triton_ffn.apply_tuning(best)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            sys.exit(
+                f"cannot apply the tuning file {args.tuning}: {type(exc).__name__}: {exc}; "
+                "give the JSON that benchmarks/tune_triton.py writes"
+            )
     if args.design is not None:
-        triton_ffn.TUNING["design"] = args.design
+        triton_ffn.apply_tuning({"design": args.design})
     if args.tuning is not None or args.design is not None:
         print("tuning:", triton_ffn.TUNING)
     dtype = (
@@ -176,6 +182,7 @@ def main() -> None:
         "dtype": str(dtype),
         "repeats": args.repeats,
         "cuda_graph": args.cuda_graph,
+        "triton_tuning": triton_ffn.TUNING if args.device.startswith("cuda") else None,
         "rows": rows,
     }
     write_json(args.out / f"{tag}.json", result)

@@ -15,13 +15,19 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFL
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton.py 2>&1 | tail -n 15
 } 2>&1 | tee "$OUT/checks.txt"
 timeout 170 python3 benchmarks/tune_triton.py --out "$OUT" 2>&1 | tee "$OUT/tune.txt" | grep -E "dense|best"
-timeout 150 python3 benchmarks/bench_ffn.py --device cuda --repeats 30 --cuda-graph --tuning "$OUT/tune_triton.json" --out "$OUT"
-timeout 50 python3 benchmarks/bench_ffn.py --device cuda --repeats 30 --tokens 1 16 --modes shared --tuning "$OUT/tune_triton.json" --out "$OUT"
+TUNE=()
+if [ -f "$OUT/tune_triton.json" ]; then
+  TUNE=(--tuning "$OUT/tune_triton.json")
+else
+  echo "the sweep wrote no table: benchmarking the default TUNING" | tee -a "$OUT/tune.txt"
+fi
+timeout 150 python3 benchmarks/bench_ffn.py --device cuda --repeats 30 --cuda-graph "${TUNE[@]}" --out "$OUT"
+timeout 50 python3 benchmarks/bench_ffn.py --device cuda --repeats 30 --tokens 1 16 --modes shared "${TUNE[@]}" --out "$OUT"
 if command -v ncu >/dev/null; then
   for design in blocks compact; do
     timeout 30 ncu --clock-control none --kernel-name regex:_kernel --launch-skip 40 --launch-count 8 \
       --section SpeedOfLight --section LaunchStats --section Occupancy \
       python3 benchmarks/bench_ffn.py --device cuda --repeats 5 --widths llama2-7b --tokens 1 \
-      --modes shared --sparsity 0.9 --design "$design" --tuning "$OUT/tune_triton.json" --out /tmp
+      --modes shared --sparsity 0.9 "${TUNE[@]}" --design "$design" --out /tmp
   done > "$OUT/ncu.txt" 2>&1
 fi

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .errors import InputError
+from .kernels.cpu import crossover_from_env
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -21,6 +22,15 @@ EXIT_BAD_INPUT = 2
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.callback()
+def _environment() -> None:
+    """Check the environment every command depends on (exit 2 naming the variable)."""
+    try:
+        crossover_from_env()
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 @app.command()

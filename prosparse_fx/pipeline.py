@@ -242,6 +242,8 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: list[Path]) -> Pa
             raise InputError(f"output folder {p} overlaps the input {ri}; choose another --out")
     if p.exists() and not p.is_dir():
         raise InputError(f"output path {p} is a file; pass a folder")
+    if p.exists() and not os.access(p, os.R_OK | os.X_OK):
+        raise InputError(f"cannot read the output folder {p}; fix its permissions or give another")
     if p.exists() and any(p.iterdir()) and not overwrite:
         raise InputError(
             f"output folder {p} exists and is not empty; pass --overwrite or another --out"

@@ -375,3 +375,33 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path, tiny_model_dir, te
         assert (out / "keep.txt").read_text() == "mine"
     assert runner.invoke(app, args).exit_code == 0
     assert (out / "report.json").is_file()
+
+
+def test_a_bad_crossover_variable_exits_2_before_any_command(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PROSPARSE_CPU_CROSSOVER", "70%")
+    result = runner.invoke(app, ["sparsify", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert (
+        "PROSPARSE_CPU_CROSSOVER must be an active fraction in [0, 1], got '70%'" in result.output
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_output_folder_is_named(tmp_path, monkeypatch) -> None:
+    """A folder the user cannot list (simulated: tests run as root) is refused with the fix."""
+    import os
+    from pathlib import Path
+
+    from prosparse_fx import pipeline
+    from prosparse_fx.errors import InputError
+
+    out = tmp_path / "locked_out"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        pipeline.os,
+        "access",
+        lambda p, mode: False if Path(p) == out and mode & os.R_OK else real_access(p, mode),
+    )
+    with pytest.raises(InputError, match=r"cannot read the output folder .*locked_out"):
+        pipeline.check_output_dir(out, overwrite=True, inputs=[])

@@ -167,6 +167,9 @@ def test_opcheck_and_export_keep_one_node() -> None:
     assert torch.allclose(gm(x), gated_ffn_reference(x, w_gate, w_up, w_down_t, 0.1), atol=1e-6)
 
 
+_INT_SHAPES = {"x": (2, 16), "w_gate": (32, 16), "w_up": (32, 16), "w_down_t": (32, 16)}
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
@@ -176,6 +179,11 @@ def test_opcheck_and_export_keep_one_node() -> None:
         ({"w_up": torch.randn(32, 16, dtype=torch.float64)}, TypeError, "w_up has dtype"),
         ({"w_gate": torch.randn(32, 16, device="meta")}, ValueError, "w_gate is on meta"),
         ({"threshold": -0.1}, ValueError, "threshold must be a finite number >= 0"),
+        (
+            {k: torch.ones(*s, dtype=torch.int64) for k, s in _INT_SHAPES.items()},
+            TypeError,
+            "x has dtype torch.int64; the sparse FFN needs floating-point",
+        ),
     ],
 )
 def test_bad_input(change, error, match) -> None:
@@ -190,11 +198,6 @@ def test_bad_input(change, error, match) -> None:
     args.update(change)
     with pytest.raises(error, match=match):
         sparse_gated_ffn(**args)
-
-
-def test_crossover_setting_is_checked() -> None:
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        set_cpu_crossover(1.5)
 
 
 def test_cpu_crossover_follows_token_count_and_path(cpu_path, monkeypatch) -> None:
@@ -237,8 +240,30 @@ def test_cpu_crossover_follows_token_count_and_path(cpu_path, monkeypatch) -> No
 
 
 def test_cpu_crossover_env_is_checked(monkeypatch) -> None:
-    monkeypatch.setenv("PROSPARSE_CPU_CROSSOVER", "70%")
-    with pytest.raises(ValueError, match=r"PROSPARSE_CPU_CROSSOVER='70%'.*\[0, 1\]"):
-        cpu_impl._crossover_from_env()
+    """PROSPARSE_CPU_CROSSOVER: a bad value is named with the fix; a good one is read at every
+    call (so a change takes effect) and set_cpu_crossover() wins over it."""
+    for bad in ("70%", "abc", "1.5", "-0.1", "nan"):
+        monkeypatch.setenv("PROSPARSE_CPU_CROSSOVER", bad)
+        with pytest.raises(ValueError, match=r"PROSPARSE_CPU_CROSSOVER must be .*\[0, 1\]"):
+            cpu_impl.get_cpu_crossover(1)
     monkeypatch.setenv("PROSPARSE_CPU_CROSSOVER", "0.5")
-    assert cpu_impl._crossover_from_env() == 0.5
+    assert cpu_impl.get_cpu_crossover(1) == cpu_impl.get_cpu_crossover(64) == 0.5
+    set_cpu_crossover(0.25)
+    try:
+        assert cpu_impl.get_cpu_crossover(1) == 0.25
+    finally:
+        set_cpu_crossover(None)
+    assert cpu_impl.get_cpu_crossover(1) == 0.5
+
+
+@pytest.mark.parametrize("bad", [True, "abc", float("nan"), 1.5, 2j])
+def test_cpu_crossover_setting_needs_a_fraction(bad) -> None:
+    with pytest.raises(ValueError, match=r"crossover must be an active fraction in \[0, 1\]"):
+        set_cpu_crossover(bad)
+
+
+def test_empty_model_width_is_refused() -> None:
+    with pytest.raises(ValueError, match="d >= 1, got d = 0"):
+        sparse_gated_ffn(
+            torch.randn(3, 0), torch.randn(5, 0), torch.randn(5, 0), torch.randn(5, 2), 0.0
+        )

@@ -51,7 +51,7 @@ def triton_config(request):
     if not triton_ffn.available():
         pytest.skip("Triton is not installed")
     saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in triton_ffn.TUNING.items()}
-    triton_ffn.TUNING.update(TRITON_CONFIGS[request.param])
+    triton_ffn.apply_tuning(TRITON_CONFIGS[request.param])
     yield request.param
     triton_ffn.TUNING.clear()
     triton_ffn.TUNING.update(saved)
@@ -95,6 +95,25 @@ def test_triton_designs_extremes(triton_config, case) -> None:
         _close(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize(("dtype", "t"), [(torch.bfloat16, 0.35), (torch.float16, 0.4)])
+def test_triton_threshold_compares_in_the_input_dtype(triton_config, dtype, t) -> None:
+    """FATReLU keeps g >= t with t cast to g's dtype, as the dense model compares: in bf16
+    t = 0.35 is 0.349609375 (in fp16 0.4 is 0.39990...), and a gate equal to it is kept."""
+    t_in_dtype = torch.tensor(t, dtype=dtype).item()
+    assert t_in_dtype < t
+    x = torch.ones(2, 16, dtype=dtype, device=DEVICE)
+    w_gate = torch.zeros(32, 16, dtype=dtype, device=DEVICE)
+    w_gate[::3, 0] = t_in_dtype  # gates exactly at t in the input dtype: kept
+    w_gate[1::3, 0] = -1.0
+    w_up = torch.ones(32, 16, dtype=dtype, device=DEVICE) / 16
+    w_down_t = torch.ones(32, 16, dtype=dtype, device=DEVICE)
+    ref = gated_ffn_reference(x, w_gate, w_up, w_down_t, t)
+    assert ref.abs().max() > 1.0  # the gates at t count in the dense model
+    _close(triton_ffn.gated_ffn(x, w_gate, w_up, w_down_t, t), ref, dtype)
+    ref = plain_ffn_reference(x, w_gate, None, w_down_t, None, t)
+    _close(triton_ffn.plain_ffn(x, w_gate, None, w_down_t, None, t), ref, dtype)
+
+
 def test_triton_unknown_design_is_named() -> None:
     if not triton_ffn.available():
         pytest.skip("Triton is not installed")
@@ -119,3 +138,36 @@ def test_triton_full_shapes_on_gpu(triton_config, dtype, tokens) -> None:
         ref = gated_ffn_reference(x.float(), w_gate.float(), w_up.float(), w_down_t.float(), t)
         # 11008 neurons: a gate within rounding of t may flip, each flip moves y by about 1e-4
         _close(triton_ffn.gated_ffn(x, w_gate, w_up, w_down_t, t), ref, dtype, factor=20.0)
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        ({"design": "Compact"}, "unknown Triton design 'Compact'"),
+        ({"gated": {"block_n": 64}}, "unknown Triton tuning entry 'gated'"),
+        ({"compact": {"up_row": 8}}, "unknown compact parameter 'up_row'"),
+        ({"blocks": {"block_n": 48}}, "blocks block_n must be a power of 2 of at least 16"),
+        ({"blocks": {"block_k": 8}}, "blocks block_k must be a power of 2 of at least 16"),
+        ({"compact": {"up_split_k": 0}}, "compact up_split_k must be a positive integer"),
+        ({"compact": {"num_warps": 3}}, "compact num_warps must be 1, 2, 4, 8 or 16"),
+        ({"compact": {"down_rows": True}}, "compact down_rows must be a power of 2"),
+        (["compact"], "a Triton tuning table is a dict"),
+    ],
+)
+def test_bad_tuning_is_refused_and_changes_nothing(table, match) -> None:
+    before = {k: (dict(v) if isinstance(v, dict) else v) for k, v in triton_ffn.TUNING.items()}
+    with pytest.raises(ValueError, match=match):
+        triton_ffn.apply_tuning(table)
+    assert triton_ffn.TUNING == before
+
+
+def test_partial_tuning_keeps_the_other_entries() -> None:
+    before = {k: (dict(v) if isinstance(v, dict) else v) for k, v in triton_ffn.TUNING.items()}
+    try:
+        triton_ffn.apply_tuning({"design": "compact", "compact": {"up_rows": 8}})
+        assert triton_ffn.TUNING["design"] == "compact"
+        assert triton_ffn.TUNING["compact"] == {**before["compact"], "up_rows": 8}
+        assert triton_ffn.TUNING["blocks"] == before["blocks"]
+    finally:
+        triton_ffn.TUNING.clear()
+        triton_ffn.TUNING.update(before)

@@ -34,45 +34,63 @@ CPP_MAX_TOKENS = 32
 _CHUNK_BYTES = 256 * 1024
 
 
-def _crossover_from_env() -> float | None:
-    value = os.environ.get("PROSPARSE_CPU_CROSSOVER")
-    if not value:
-        return None
+def _fraction(value: object, name: str, fix: str) -> float:
+    """``value`` as an active fraction in [0, 1], or a ValueError naming ``name`` and ``fix``."""
     try:
-        fraction = float(value)
-    except ValueError:
-        fraction = -1.0
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(
-            f"PROSPARSE_CPU_CROSSOVER={value!r} is not an active fraction in [0, 1]; "
-            "set it to a number such as 0.7, or unset it for the measured defaults"
-        )
+        fraction = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        fraction = float("nan")
+    if not 0.0 <= fraction <= 1.0:  # NaN fails too
+        raise ValueError(f"{name} must be an active fraction in [0, 1], got {value!r}; {fix}")
     return fraction
 
 
-_state: dict[str, float | None] = {"crossover": _crossover_from_env()}
+def crossover_from_env() -> float | None:
+    """``PROSPARSE_CPU_CROSSOVER`` as an active fraction, or ``None`` when it is unset or empty.
+
+    Raises:
+        ValueError: a value that is not a number in [0, 1].
+    """
+    value = os.environ.get("PROSPARSE_CPU_CROSSOVER", "").strip()
+    if not value:
+        return None
+    fix = "set it to a number such as 0.7, or unset it for the measured defaults"
+    return _fraction(value, "PROSPARSE_CPU_CROSSOVER", fix)
+
+
+_state: dict[str, float | None] = {"crossover": None}
 _local = threading.local()
 
 
 def set_cpu_crossover(active_fraction: float | None) -> None:
     """Run dense when more than ``active_fraction`` (0..1) of the neurons are active, for any
-    number of tokens; ``None`` restores the measured tables (``CROSSOVER_CPP``,
-    ``CROSSOVER_GATHER``).
+    number of tokens; ``None`` restores ``PROSPARSE_CPU_CROSSOVER`` if set, else the measured
+    tables (``CROSSOVER_CPP``, ``CROSSOVER_GATHER``).
 
     Raises:
-        ValueError: ``active_fraction`` outside [0, 1].
+        ValueError: ``active_fraction`` not a number in [0, 1].
     """
-    if active_fraction is not None and not 0.0 <= active_fraction <= 1.0:
-        raise ValueError(f"crossover must be an active fraction in [0, 1], got {active_fraction}")
-    _state["crossover"] = None if active_fraction is None else float(active_fraction)
+    if active_fraction is not None:
+        active_fraction = _fraction(
+            active_fraction, "crossover", "give a number such as 0.7, or None for the defaults"
+        )
+    _state["crossover"] = active_fraction
 
 
 def get_cpu_crossover(tokens: int = 1, cpp: bool | None = None) -> float:
     """The active fraction above which the CPU implementation runs dense for ``tokens`` rows,
     when the active rows are read by the C++ helper (``cpp``; default: whether it is built and
-    takes that many tokens) or gathered for BLAS."""
+    takes that many tokens) or gathered for BLAS: :func:`set_cpu_crossover`'s value, else
+    ``PROSPARSE_CPU_CROSSOVER``'s, else the measured tables.
+
+    Raises:
+        ValueError: ``PROSPARSE_CPU_CROSSOVER`` is set to something that is not in [0, 1].
+    """
     if _state["crossover"] is not None:
         return _state["crossover"]
+    from_env = crossover_from_env()  # read at every call, so a change takes effect
+    if from_env is not None:
+        return from_env
     if cpp is None:
         cpp = tokens <= CPP_MAX_TOKENS and cpu_ext.get() is not None
     table = CROSSOVER_CPP if cpp else CROSSOVER_GATHER

@@ -21,6 +21,10 @@ def _check_common(x: torch.Tensor, threshold: float, named: dict[str, torch.Tens
     check_threshold(threshold)
     if x.dim() < 1:
         raise ValueError("x must have shape [..., d], got a 0-dim tensor")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x has dtype {x.dtype}; the sparse FFN needs floating-point tensors")
+    if x.shape[-1] == 0:
+        raise ValueError("x must have shape [..., d] with d >= 1, got d = 0")
     for name, t in named.items():
         if t.dtype != x.dtype:
             raise TypeError(
@@ -111,10 +115,15 @@ def sparse_gated_ffn(
     Returns:
         ``[..., d_out]``, dtype of ``x``.
 
+    Rows of ``w_up`` and ``w_down_t`` whose neuron is inactive for every token are not read,
+    so a NaN or inf stored there does not reach the output (the dense product would turn it
+    into NaN); NaN in ``x`` or in the gate does, as in the dense model. On CUDA, float64 runs
+    the dense reference (the Triton kernels take fp32, fp16 and bf16).
+
     Raises:
-        ValueError: a shape or device mismatch (naming the tensor and the shape expected), or
-            ``threshold < 0``.
-        TypeError: a dtype mismatch.
+        ValueError: a shape or device mismatch (naming the tensor and the shape expected),
+            ``d == 0``, or ``threshold < 0``.
+        TypeError: a dtype mismatch, or a dtype that is not floating point.
     """
     check_gated(x, w_gate, w_up, w_down_t, threshold)
     return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold)
@@ -137,7 +146,7 @@ def _gated_cuda(x, w_gate, w_up, w_down_t, threshold):  # noqa: ANN001, ANN202
     check_gated(x, w_gate, w_up, w_down_t, threshold)
     from . import triton_ffn
 
-    if not triton_ffn.available():
+    if not triton_ffn.available() or x.dtype not in triton_ffn.DTYPES:
         return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold)
     return triton_ffn.gated_ffn(x, w_gate, w_up, w_down_t, threshold)
 
@@ -185,6 +194,6 @@ def _plain_cuda(x, w1, b1, w2_t, b2, threshold):  # noqa: ANN001, ANN202
     check_plain(x, w1, b1, w2_t, b2, threshold)
     from . import triton_ffn
 
-    if not triton_ffn.available():
+    if not triton_ffn.available() or x.dtype not in triton_ffn.DTYPES:
         return plain_ffn_reference(x, w1, b1, w2_t, b2, threshold)
     return triton_ffn.plain_ffn(x, w1, b1, w2_t, b2, threshold)

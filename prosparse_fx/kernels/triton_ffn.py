@@ -69,6 +69,64 @@ TUNING: dict[str, Any] = {
     },
 }
 DESIGNS = ("blocks", "compact")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# design -> block sizes: powers of 2, at least this (tl.dot needs 16; a compact group with fewer
+# rows is widened to 16 when tokens go through tl.dot)
+_SIZES = {
+    "blocks": {"block_n": 16, "block_k": 16, "block_d": 16},
+    "compact": {
+        "block_c": 16,
+        "up_rows": 1,
+        "up_block_k": 16,
+        "down_rows": 1,
+        "down_block_d": 16,
+    },
+}
+
+
+def apply_tuning(table: dict[str, Any]) -> None:
+    """Check a (partial) launch-parameter table, e.g. ``tune_triton.py``'s ``"best"``, and merge
+    it into :data:`TUNING`; a design's entries not given keep their values.
+
+    Raises:
+        ValueError: an unknown design or parameter, or a value that is not a power of 2 (block
+            sizes; at least 16 where ``tl.dot`` or a slice needs it), a positive integer
+            (``up_split_k``) or 1, 2, 4, 8 or 16 (``num_warps``); nothing is changed then.
+    """
+    if not isinstance(table, dict):
+        raise ValueError(f"a Triton tuning table is a dict, got {type(table).__name__}")
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TUNING.items()}
+    for key, value in table.items():
+        if key == "design":
+            if value not in DESIGNS:
+                raise ValueError(f"unknown Triton design {value!r}; choose one of {DESIGNS}")
+            merged["design"] = value
+            continue
+        if key not in DESIGNS or not isinstance(value, dict):
+            raise ValueError(
+                f"unknown Triton tuning entry {key!r}; expected 'design' or a dict for one of "
+                f"{DESIGNS}"
+            )
+        for name, v in value.items():
+            if name not in merged[key]:
+                raise ValueError(f"unknown {key} parameter {name!r}; known: {sorted(merged[key])}")
+            ok = isinstance(v, int) and not isinstance(v, bool)
+            if name in _SIZES[key]:
+                ok = ok and v >= _SIZES[key][name] and v & (v - 1) == 0
+                need = f"a power of 2 of at least {_SIZES[key][name]}"
+            elif name == "num_warps":
+                ok = ok and v in (1, 2, 4, 8, 16)
+                need = "1, 2, 4, 8 or 16"
+            else:
+                ok = ok and v >= 1
+                need = "a positive integer"
+            if not ok:
+                raise ValueError(f"{key} {name} must be {need}, got {v!r}")
+            merged[key][name] = v
+    TUNING.clear()
+    TUNING.update(merged)
+
+
 _GEMV_TILE = 16384  # elements of a GEMV program's product tile (128 float32 per thread, 4 warps)
 
 
@@ -333,6 +391,9 @@ def _launch(
     Raises:
         ValueError: an unknown design in ``TUNING``.
     """
+    # the dense model compares g with t cast to g's dtype (PyTorch's scalar promotion): in bf16
+    # t = 0.35 is 0.349609375, and a gate equal to that is kept
+    threshold = float(torch.tensor(threshold, dtype=g.dtype))
     design = TUNING["design"]
     if design == "blocks":
         return _launch_blocks(x2, g, w_up, w_down_t, threshold)
@@ -355,16 +416,16 @@ def _launch_blocks(
     u, y = buf[: m * d_ff].view(m, d_ff), buf[m * d_ff :].view(m, d_out)
     ieee = _dot_in_fp32(g.dtype)
     cfg = TUNING["blocks"]
-    block_n = min(cfg["block_n"], _pow2_at_least(d_ff, 16))
+    block_n = max(16, min(cfg["block_n"], _pow2_at_least(d_ff, 16)))  # tl.dot: 16 at least
     if w_up is not None and x2 is not None:
         d = x2.shape[1]
-        block_k = min(cfg["block_k"], _pow2_at_least(d, 16))
+        block_k = max(16, min(cfg["block_k"], _pow2_at_least(d, 16)))
         _up_kernel[(triton.cdiv(d_ff, block_n), triton.cdiv(d, block_k))](
             x2, g, w_up, u, m, d, d_ff, float(threshold),
             x2.stride(0), g.stride(0), w_up.stride(0), u.stride(0),
             IEEE=ieee, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"],
         )  # fmt: skip
-    block_d = min(cfg["block_d"], _pow2_at_least(d_out, 16))
+    block_d = max(16, min(cfg["block_d"], _pow2_at_least(d_out, 16)))
     _down_kernel[(triton.cdiv(d_ff, block_n), triton.cdiv(d_out, block_d))](
         g, u, w_down_t, y, m, d_ff, d_out, float(threshold),
         g.stride(0), u.stride(0), w_down_t.stride(0), y.stride(0),

@@ -5,6 +5,7 @@ as a whole so that a kill at any moment leaves one complete checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ except ImportError:  # pragma: no cover - not on POSIX: runs are not locked
     fcntl = None  # type: ignore[assignment]
 
 STATE_FILE = "training_state.pt"
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(
@@ -96,6 +98,8 @@ def run_folder_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
                 f"another prosparse-fx run is writing to {folder}; wait for it to finish (or stop "
                 "it), or give another output folder"
             ) from None
+        except OSError as exc:  # a file system without locks (some network mounts)
+            log.warning("cannot lock %s (%s); running without the one-writer check", folder, exc)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
