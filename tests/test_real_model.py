@@ -51,3 +51,19 @@ def test_main_job_short_run_on_real_inputs(tmp_path) -> None:
     assert sweep[1]["sparsity"] > sweep[0]["sparsity"]
     assert report["sparsity"] > report["before_threshold_shift"]["sparsity"]
     assert len(report["per_layer_sparsity"]) == 30
+
+
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch) -> None:
+    """Copies of one GGUF file (another clone, another venv) share one converted cache folder;
+    a file whose bytes differ gets its own."""
+    from prosparse_fx.models import _gguf_cache
+
+    monkeypatch.setenv("PROSPARSE_FX_CACHE", str(tmp_path / "cache"))
+    payload = bytes(range(256)) * 4096
+    a, b, c = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for path, data in ((a, payload), (b, payload), (c, payload[:-1] + b"x")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    assert _gguf_cache(a) == _gguf_cache(b)
+    assert _gguf_cache(a) != _gguf_cache(c)
+    assert _gguf_cache(a).parent == tmp_path / "cache" and _gguf_cache(a).name.startswith("m-")
