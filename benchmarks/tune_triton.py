@@ -3,9 +3,10 @@ widths, one and 16 tokens, 0% and 90% sparsity), timing CUDA-graph replays; prin
 configuration, writes JSON whose "best" is a complete ``triton_ffn.TUNING`` table (apply it
 with ``bench_ffn.py --tuning``, or copy it into ``prosparse_fx.kernels.triton_ffn.TUNING``).
 
-"blocks" is swept over a small grid around its earlier best; "compact" coordinate by
-coordinate (the up kernel's tiles first, then the down kernel's), since its full grid would not
-fit a lent GPU's time.
+The measured default comes first, then "compact" coordinate by coordinate (the up kernel's tiles
+first, then the down kernel's), since its full grid would not fit a lent GPU's time, then a small
+"blocks" grid around its earlier best. The JSON is rewritten after every configuration, so a
+sweep cut short by a timeout still leaves the best table so far.
 """
 
 from __future__ import annotations
@@ -80,15 +81,25 @@ def main() -> None:
     start = copy.deepcopy(triton_ffn.TUNING)
     best: tuple[float, dict] | None = None
 
+    def save() -> dict:
+        """Write the best table so far (a sweep cut short by a timeout still leaves one)."""
+        chosen = best[1] if best else start
+        write_json(
+            args.out / "tune_triton.json",
+            {"machine": machine(), "best": chosen, "dense_ms": dense, "results": results},
+        )
+        return chosen
+
     def consider(table: dict) -> float | None:
         nonlocal best
         score = measure(table)
         if score is not None and (best is None or score < best[0]):
             best = (score, copy.deepcopy(table))
+        save()
         return score
 
-    for cfg in BLOCKS_GRID:
-        consider({**start, "design": "blocks", "blocks": cfg})
+    # the measured default first, then the compact design, then the rest of the blocks grid
+    consider({**start, "design": "blocks"})
     compact = dict(start["compact"])
     for grid in (COMPACT_UP, COMPACT_DOWN):
         scored = []
@@ -99,14 +110,13 @@ def main() -> None:
                 scored.append((score, change))
         if scored:
             compact.update(min(scored, key=lambda sc: sc[0])[1])
-    chosen = best[1] if best else start
+    for cfg in BLOCKS_GRID:
+        if cfg != start["blocks"]:
+            consider({**start, "design": "blocks", "blocks": cfg})
+    chosen = save()
     triton_ffn.TUNING.clear()
     triton_ffn.TUNING.update(chosen)
     print("best", chosen["design"], chosen[chosen["design"]], flush=True)
-    write_json(
-        args.out / "tune_triton.json",
-        {"machine": machine(), "best": chosen, "dense_ms": dense, "results": results},
-    )
 
 
 if __name__ == "__main__":
