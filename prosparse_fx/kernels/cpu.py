@@ -126,13 +126,8 @@ def _helper(tokens: int, *tensors: torch.Tensor) -> Any | None:
     return None
 
 
-def _rows_times(
-    x2: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ext: Any | None
-) -> torch.Tensor:
-    """``x2 @ w[idx].T`` as ``[n, k]``: in place by the C++ helper ``ext``, else gathering
-    ``w``'s rows chunk by chunk."""
-    if ext is not None:
-        return ext.gather_gemv(w, idx, x2)
+def _rows_times(x2: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x2 @ w[idx].T`` as ``[n, k]``, gathering ``w``'s rows chunk by chunk for BLAS."""
     n, k = x2.shape[0], idx.numel()
     out_t = torch.empty((k, n), dtype=x2.dtype)
     step = _chunk_rows(w.shape[1], w.dtype)
@@ -145,12 +140,8 @@ def _rows_times(
     return out_t.T
 
 
-def _times_rows(
-    x1: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor, ext: Any | None
-) -> torch.Tensor:
+def _times_rows(x1: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x1 @ w_t[idx]`` as ``[n, d_out]``; x1 is ``[n, k]``."""
-    if ext is not None:
-        return ext.gather_axpy(w_t, idx, x1.contiguous())
     if x1.shape[0] == 1 and w_t.dtype == torch.float32:
         # a weighted sum of the active rows, read once, no copy; one bag per thread
         k, bags = idx.numel(), max(torch.get_num_threads(), 1)
@@ -185,18 +176,21 @@ def gated_ffn(
 ) -> torch.Tensor:
     """CPU ``sparse_gated_ffn`` (inputs already checked by the op)."""
     d_ff, d = w_gate.shape
-    x2 = x.reshape(-1, d)
+    x2 = x.reshape(-1, d).contiguous()
+    n = x2.shape[0]
+    ext = _helper(n, x2, w_gate, w_up, w_down_t)
+    if ext is not None:  # the whole FFN in one C++ call
+        y = ext.sparse_gated(x2, w_gate, w_up, w_down_t, threshold, get_cpu_crossover(n, cpp=True))
+        return y.reshape(*x.shape[:-1], w_down_t.shape[1])
     gate = x2 @ w_gate.T
     keep, idx = _active(gate, threshold)
-    ext = _helper(x2.shape[0], x2, w_up, w_down_t)
-    if idx.numel() > get_cpu_crossover(x2.shape[0], cpp=ext is not None) * d_ff:
+    if idx.numel() > get_cpu_crossover(n, cpp=False) * d_ff:
         y = (fatrelu_ref(gate, threshold) * (x2 @ w_up.T)) @ w_down_t
     elif idx.numel() == 0:
-        y = x2.new_zeros((x2.shape[0], w_down_t.shape[1]))
+        y = x2.new_zeros((n, w_down_t.shape[1]))
     else:
         a = torch.where(keep[:, idx], gate[:, idx], 0)
-        x1 = a * _rows_times(x2, w_up, idx, ext)
-        y = _times_rows(x1, w_down_t, idx, ext)
+        y = _times_rows(a * _rows_times(x2, w_up, idx), w_down_t, idx)
     return y.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 
@@ -210,16 +204,20 @@ def plain_ffn(
 ) -> torch.Tensor:
     """CPU ``sparse_plain_ffn`` (inputs already checked by the op)."""
     d_ff, d = w1.shape
-    x2 = x.reshape(-1, d)
+    x2 = x.reshape(-1, d).contiguous()
+    n = x2.shape[0]
+    ext = _helper(n, x2, w1, w2_t)
+    if ext is not None:  # the whole FFN in one C++ call
+        y = ext.sparse_plain(x2, w1, b1, w2_t, b2, threshold, get_cpu_crossover(n, cpp=True))
+        return y.reshape(*x.shape[:-1], w2_t.shape[1])
     h = torch.addmm(b1, x2, w1.T) if b1 is not None else x2 @ w1.T
     keep, idx = _active(h, threshold)
-    ext = _helper(x2.shape[0], x2, w2_t)
-    if idx.numel() > get_cpu_crossover(x2.shape[0], cpp=ext is not None) * d_ff:
+    if idx.numel() > get_cpu_crossover(n, cpp=False) * d_ff:
         y = fatrelu_ref(h, threshold) @ w2_t
     elif idx.numel() == 0:
-        y = x2.new_zeros((x2.shape[0], w2_t.shape[1]))
+        y = x2.new_zeros((n, w2_t.shape[1]))
     else:
-        y = _times_rows(torch.where(keep[:, idx], h[:, idx], 0), w2_t, idx, ext)
+        y = _times_rows(torch.where(keep[:, idx], h[:, idx], 0), w2_t, idx)
     if b2 is not None:
         y = y + b2
     return y.reshape(*x.shape[:-1], w2_t.shape[1])
