@@ -206,8 +206,9 @@ def test_sigterm_under_torchrun_then_sharded_resume_matches_one_process(
     assert run.returncode != 0
     output = run.stdout + run.stderr
     assert "stopped by SIGTERM after step 3" in output, output[-3000:]
-    # torchrun's failure summary lists both ranks with SIGTERM's exit code
-    assert len(re.findall(r"exitcode\s+:\s+143", output)) == 2, output[-3000:]
+    # torchrun's failure summary lists SIGTERM's exit code (both ranks, or only the first to
+    # exit when torchrun stops the other itself; the checkpoint is written before either exits)
+    assert re.search(r"exitcode\s+:\s+143", output), output[-3000:]
     assert not (two / "report.json").exists()
     from prosparse_fx.training.checkpoint import find_checkpoint, load_state
 
