@@ -140,6 +140,39 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _kept(g, threshold, mask):
+        """Where FATReLU_t keeps g (g >= t, or NaN, which propagates as in the dense model)."""
+        return ((g >= threshold) | (g != g)) & mask
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """``a @ b`` accumulated in float32: fp32 inputs multiply in full fp32 (``IEEE``), the
+        others in ``b``'s dtype on the tensor cores."""
+        if IEEE:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(b.dtype), b)
+
+    @triton.jit
+    def _listed_group(idx_ptr, g_ptr, pid_r, n_active, M, threshold, stride_gm,
+                      BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                      WITH_GATE: tl.constexpr):  # fmt: skip
+        """Group ``pid_r`` of the active list: its positions, their mask, the neurons (rows),
+        the token offsets and mask, and (``WITH_GATE``; else zeros, nothing read) the gate
+        values and FATReLU keep mask of those neurons."""
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < n_active
+        rows = tl.load(idx_ptr + offs_r, mask=r_mask, other=0)
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        mr_mask = m_mask[:, None] & r_mask[None, :]
+        if WITH_GATE:
+            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + rows[None, :], mask=mr_mask,
+                        other=0.0).to(tl.float32)  # fmt: skip
+        else:
+            g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        return offs_r, r_mask, rows, offs_m, m_mask, g, _kept(g, threshold, mr_mask)
+
+    @triton.jit
     def _keep_block(g_ptr, pid_n, M, DFF, threshold, stride_gm,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
         """Pre-activations of a block of neurons, which are kept (>= t, or NaN), and which
@@ -149,7 +182,7 @@ if triton is not None:
         mask = (offs_m < M)[:, None] & (offs_n < DFF)[None, :]
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], mask=mask, other=0.0)
         g = g.to(tl.float32)
-        keep = ((g >= threshold) | (g != g)) & mask
+        keep = _kept(g, threshold, mask)
         row_active = tl.max(keep.to(tl.int32), axis=0) > 0
         return g, keep, row_active
 
@@ -182,11 +215,7 @@ if triton is not None:
                 mask=row_active[:, None] & k_mask[None, :],
                 other=0.0,
             )
-            if IEEE:
-                part = tl.dot(xk.to(tl.float32), tl.trans(wu.to(tl.float32)),
-                              input_precision="ieee")  # fmt: skip
-            else:
-                part = tl.dot(xk, tl.trans(wu))
+            part = _dot(xk, tl.trans(wu), IEEE)
             tl.atomic_add(
                 u_ptr + offs_m[:, None] * stride_um + offs_n[None, :],
                 part,
@@ -231,10 +260,7 @@ if triton is not None:
                 mask=row_active[:, None] & d_mask[None, :],
                 other=0.0,
             )
-            if IEEE:
-                part = tl.dot(x1, w.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(x1.to(w.dtype), w)
+            part = _dot(x1, w, IEEE)
             tl.atomic_add(
                 y_ptr + offs_m[:, None] * stride_ym + offs_d[None, :],
                 part,
@@ -255,7 +281,7 @@ if triton is not None:
         active = tl.zeros([BLOCK_C], dtype=tl.int32)
         for m in range(0, M):
             g = tl.load(g_ptr + m * stride_gm + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            active = active | (((g >= threshold) | (g != g)) & n_mask).to(tl.int32)
+            active = active | _kept(g, threshold, n_mask).to(tl.int32)
         count = tl.sum(active, axis=0)
         if count > 0:
             base = tl.atomic_add(count_ptr, count, sem="relaxed")
@@ -276,15 +302,9 @@ if triton is not None:
         pid_k = tl.program_id(1)
         n_active = tl.load(count_ptr)
         if pid_r * BLOCK_R < n_active:  # programs past the list return at once
-            offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < n_active
-            rows = tl.load(idx_ptr + offs_r, mask=r_mask, other=0)
-            offs_m = tl.arange(0, BLOCK_M)
-            m_mask = offs_m < M
-            mr_mask = m_mask[:, None] & r_mask[None, :]
-            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + rows[None, :], mask=mr_mask,
-                        other=0.0).to(tl.float32)  # fmt: skip
-            keep = ((g >= threshold) | (g != g)) & mr_mask
+            offs_r, r_mask, rows, offs_m, m_mask, g, keep = _listed_group(
+                idx_ptr, g_ptr, pid_r, n_active, M, threshold, stride_gm, BLOCK_M, BLOCK_R, True
+            )
             acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
             k_start = pid_k * k_per_split
             for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
@@ -301,16 +321,13 @@ if triton is not None:
                     other=0.0,
                 )
                 if USE_DOT:
-                    if IEEE:
-                        acc += tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)),
-                                      input_precision="ieee")  # fmt: skip
-                    else:
-                        acc += tl.dot(xk, tl.trans(w))
+                    acc += _dot(xk, tl.trans(w), IEEE)
                 else:  # few tokens: a GEMV on CUDA cores
                     prod = xk.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
                     acc += tl.sum(prod, axis=2)
             part = tl.where(keep, g * acc, 0.0)
             x1_ptrs = x1_ptr + offs_m[:, None] * stride_x1m + offs_r[None, :]
+            mr_mask = m_mask[:, None] & r_mask[None, :]
             if ATOMIC:
                 tl.atomic_add(x1_ptrs, part, mask=mr_mask, sem="relaxed")
             else:
@@ -330,19 +347,23 @@ if triton is not None:
         pid_d = tl.program_id(1)
         n_active = tl.load(count_ptr)
         if pid_r * BLOCK_R < n_active:
-            offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < n_active
-            rows = tl.load(idx_ptr + offs_r, mask=r_mask, other=0)
-            offs_m = tl.arange(0, BLOCK_M)
-            m_mask = offs_m < M
-            mr_mask = m_mask[:, None] & r_mask[None, :]
+            offs_r, r_mask, rows, offs_m, m_mask, g, keep = _listed_group(
+                idx_ptr,
+                g_ptr,
+                pid_r,
+                n_active,
+                M,
+                threshold,
+                stride_gm,
+                BLOCK_M,
+                BLOCK_R,
+                not HAS_UP,  # the gated x1 is already in the compact buffer
+            )
             if HAS_UP:
                 x1 = tl.load(x1_ptr + offs_m[:, None] * stride_x1m + offs_r[None, :],
-                             mask=mr_mask, other=0.0)  # fmt: skip
+                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # fmt: skip
             else:
-                g = tl.load(g_ptr + offs_m[:, None] * stride_gm + rows[None, :], mask=mr_mask,
-                            other=0.0).to(tl.float32)  # fmt: skip
-                x1 = tl.where(((g >= threshold) | (g != g)) & mr_mask, g, 0.0)
+                x1 = tl.where(keep, g, 0.0)
             if ROUND:  # x1 is in the input dtype in the dense model
                 x1 = x1.to(wd_ptr.dtype.element_ty).to(tl.float32)
             offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -353,10 +374,7 @@ if triton is not None:
                 other=0.0,
             )
             if USE_DOT:
-                if IEEE:
-                    part = tl.dot(x1, w.to(tl.float32), input_precision="ieee")
-                else:
-                    part = tl.dot(x1.to(w.dtype), w)
+                part = _dot(x1, w, IEEE)
             else:
                 part = tl.sum(x1[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
             tl.atomic_add(
