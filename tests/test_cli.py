@@ -324,29 +324,17 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_matches(
     """A real SIGTERM to this process during step 5 of 8, with no interval checkpoint due
     (checkpoint_every 1000): the run finishes step 5, writes its checkpoint and exits 143; the
     resumed run's losses and final sparsity equal an uninterrupted run's."""
-    import os
     import signal
 
     import prosparse_fx.training.loop as loop
+    from tests.preempt import sigterm_at_step
 
     config = _config(tmp_path, stages=[[0.0, 3], [0.5, 8]], checkpoint_every=1000)
     whole = tmp_path / "whole"
     assert runner.invoke(app, _run_args(tiny_model_dir, text_file, config, whole)).exit_code == 0
 
     real_train = loop.train
-
-    def train_killed_at_step_5(*args, **kw):
-        done, inner = [kw["start_step"]], kw["should_stop"]
-
-        def should_stop():
-            done[0] += 1
-            if done[0] == 5:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return inner()
-
-        return real_train(*args, **{**kw, "should_stop": should_stop})
-
-    monkeypatch.setattr("prosparse_fx.pipeline.train", train_killed_at_step_5)
+    monkeypatch.setattr("prosparse_fx.pipeline.train", sigterm_at_step(real_train, 5))
     part = tmp_path / "part"
     result = runner.invoke(app, _run_args(tiny_model_dir, text_file, config, part))
     assert result.exit_code == 128 + signal.SIGTERM, result.output

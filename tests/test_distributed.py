@@ -165,19 +165,11 @@ def test_sparsify_under_torchrun_matches_one_process(tmp_path, tiny_model_dir, s
 # Imported by every Python process started with this folder on PYTHONPATH: in torchrun's rank 0
 # it sends SIGTERM to its own process during step 3, as a scheduler's preemption would.
 _SIGTERM_RANK0_AT_STEP_3 = """
-import os, signal
+import os
 if os.environ.get("RANK") == "0":
     import prosparse_fx.pipeline as pipeline
-    real_train = pipeline.train
-    def train(*args, **kw):
-        done, inner = [kw["start_step"]], kw["should_stop"]
-        def should_stop():
-            done[0] += 1
-            if done[0] == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return inner()
-        return real_train(*args, **{**kw, "should_stop": should_stop})
-    pipeline.train = train
+    from tests.preempt import sigterm_at_step
+    pipeline.train = sigterm_at_step(pipeline.train, 3)
 """
 
 
@@ -193,7 +185,8 @@ def test_sigterm_under_torchrun_then_sharded_resume_matches_one_process(
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_SIGTERM_RANK0_AT_STEP_3)
-    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    root = str(Path(__file__).resolve().parent.parent)  # for tests.preempt
+    path = os.pathsep.join(filter(None, [str(hook), root, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     two = tmp_path / "two"
     run = subprocess.run(
