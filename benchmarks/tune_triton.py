@@ -60,8 +60,7 @@ def main() -> None:
 
     def measure(table: dict) -> float | None:
         """Sum of the four cases' times (ms) with ``table`` applied, or None if it fails."""
-        triton_ffn.TUNING.clear()
-        triton_ffn.TUNING.update(copy.deepcopy(table))
+        triton_ffn.apply_tuning(table)  # a full table: checked, then it replaces every entry
         try:
             fns = {
                 f"{tok}x{s}": graphed(sparse_gated_ffn, x, w, t)
@@ -114,8 +113,7 @@ def main() -> None:
         if cfg != start["blocks"]:
             consider({**start, "design": "blocks", "blocks": cfg})
     chosen = save()
-    triton_ffn.TUNING.clear()
-    triton_ffn.TUNING.update(chosen)
+    triton_ffn.apply_tuning(chosen)
     print("best", chosen["design"], chosen[chosen["design"]], flush=True)
 
 
