@@ -55,6 +55,9 @@ _ATEN_OPS: dict[str, str] = {
     "alias": "view",
     "dropout": "dropout",
     "fatrelu": "fatrelu",
+    "chunk": "chunk",
+    "split": "split",
+    "split_with_sizes": "split",
 }
 
 # Canonical op names for the Dynamo dialect: torch callables and Tensor method names.
@@ -87,6 +90,9 @@ _TORCH_FUNCTIONS: dict[Any, str] = {
     operator.neg: "neg",
     torch.reshape: "view",
     F.dropout: "dropout",
+    torch.chunk: "chunk",
+    torch.split: "split",
+    operator.getitem: "getitem",
 }
 _TENSOR_METHODS: dict[str, str] = {
     "view": "view",
@@ -103,6 +109,8 @@ _TENSOR_METHODS: dict[str, str] = {
     "div": "div",
     "sub": "sub",
     "neg": "neg",
+    "chunk": "chunk",
+    "split": "split",
 }
 
 
@@ -116,7 +124,8 @@ def canonical_op(node: fx.Node) -> str | None:
         One of ``"linear"``, ``"addmm"``, ``"mm"``, ``"matmul"``, ``"silu"``, ``"gelu"``,
         ``"gelu_tanh"``, ``"relu"``, ``"fatrelu"``, ``"sigmoid"``, ``"tanh"``, ``"erf"``,
         ``"pow"``, ``"mul"``, ``"add"``, ``"div"``, ``"sub"``, ``"neg"``, ``"view"`` (any
-        shape-only op), ``"dropout"``, or ``None`` for anything else.
+        shape-only op), ``"dropout"``, ``"chunk"``, ``"split"``, ``"getitem"``, or ``None`` for
+        anything else.
     """
     name: str | None = None
     if node.op == "call_method":
@@ -338,6 +347,37 @@ def insert_contiguous(graph: fx.Graph, node: fx.Node, dialect: Dialect) -> fx.No
         kwargs = {"memory_format": torch.contiguous_format}
         return graph.call_function(torch.ops.aten.clone.default, (node,), kwargs)
     return graph.call_method("contiguous", (node,))
+
+
+def narrow_target(dialect: Dialect) -> Any:
+    """The callable to insert for ``narrow(tensor, dim, start, length)`` in a graph."""
+    return torch.ops.aten.narrow.default if dialect == "aten" else torch.narrow
+
+
+def nested_graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The GraphModules that higher-order ops of ``gm`` call, recursively, in graph order.
+
+    Dynamo puts the body of a ``torch.utils.checkpoint`` region (activation checkpointing,
+    ``tag_activation_checkpoint``) and of other higher-order ops such as ``wrap`` in a submodule
+    called by the higher-order-op node; an FFN inside such a region is only in that body.
+
+    Returns:
+        The bodies (not ``gm`` itself); empty for a graph without higher-order ops.
+    """
+    found: list[fx.GraphModule] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(
+            node.target, torch._ops.HigherOrderOperator
+        ):
+            continue
+        for arg in node.all_input_nodes:
+            if arg.op != "get_attr":
+                continue
+            sub = getattr(gm, str(arg.target), None)
+            if isinstance(sub, fx.GraphModule) and sub not in found:
+                found.append(sub)
+                found += [g for g in nested_graph_modules(sub) if g not in found]
+    return found
 
 
 def transpose_target(dialect: Dialect) -> Any:
