@@ -93,11 +93,33 @@ def sink_for(weight: torch.Tensor) -> tuple[TapSink, int] | None:
     return sink, i
 
 
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward on this thread.
+
+    A module forward seen then is activation checkpointing's recompute
+    (``torch.utils.checkpoint``, reentrant or not: both rerun the checkpointed forward from inside
+    the backward), not a new forward of the model. Inside a graph being compiled this is ``False``:
+    there checkpointing is a higher-order op whose recompute does not rerun Python hooks.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 @contextmanager
 def tap_inputs(
-    model: nn.Module, paths: Sequence[str], fn: Callable[[int, torch.Tensor], None]
+    model: nn.Module,
+    paths: Sequence[str],
+    fn: Callable[[int, torch.Tensor], None],
+    *,
+    on_recompute: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Iterator[None]:
     """Call ``fn(i, x)`` with the first input of module ``paths[i]`` on every forward.
+
+    Forwards that run inside a backward (:func:`in_backward`: activation checkpointing's
+    recompute) are not forwards of the model: ``fn`` is not called for them, so each forward is
+    seen once whether or not the model uses gradient checkpointing; ``on_recompute(i, x)`` is
+    called instead when given.
 
     Raises:
         LookupError: a path is not a submodule of ``model``.
@@ -108,6 +130,10 @@ def tap_inputs(
             module = resolve_module(model, path)
 
             def hook(_mod: nn.Module, args: tuple, _i: int = i) -> None:
+                if in_backward():
+                    if on_recompute is not None:
+                        on_recompute(_i, args[0])
+                    return
                 fn(_i, args[0])
 
             handles.append(module.register_forward_pre_hook(hook))

@@ -133,3 +133,33 @@ def test_plugin_must_be_attached_and_eval_loss_is_the_lm_loss(tmp_path) -> None:
         expected = float(model(input_ids=batch, labels=batch).loss)
     reg.clear()
     assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_gradient_checkpointing_trains_as_without_it(tmp_path) -> None:
+    """Trainer(gradient_checkpointing=True) reruns each layer in the backward; the plugin's penalty,
+    its logged values and the weights after three steps are those of a run without it."""
+    kw = dict(per_device_train_batch_size=2, max_steps=3)
+    ref_model, ref_logs = _train(tmp_path / "a", LAM, **kw)
+    model, logs = _train(tmp_path / "b", LAM, gradient_checkpointing=True, **kw)
+    assert model.model.layers[0].gradient_checkpointing
+    assert len(logs) == len(ref_logs) == 3
+    for got, ref in zip(logs, ref_logs):
+        for key in ("loss", "prosparse/l1", "prosparse/sparsity"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert (p - q).abs().max() < 1e-5, name
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_reentrant_gradient_checkpointing_is_refused(tmp_path) -> None:
+    model = _model()
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_data())
+    with pytest.raises(ValueError, match="use_reentrant"):
+        ProSparseTrainerPlugin(ActivationRegularizer(model, LAM)).attach(trainer)

@@ -94,3 +94,84 @@ def test_l1_is_float32_under_bf16_autocast(ids) -> None:
     assert seen[0].dtype == torch.bfloat16
     assert penalty.dtype == torch.float32 and loss.dtype == torch.float32
     assert reg.last_l1[0] == pytest.approx(float(seen[0].double().abs().mean()), rel=1e-6)
+
+
+def _sgd_steps(ids, checkpointing, steps: int = 3, lam: float = 2.0):
+    """``steps`` SGD steps of LM loss + penalty on a relufied tiny LLaMA in train mode; returns
+    each step's penalty and gradients, and the final weights."""
+    model = tiny("llama")
+    relufy_(model)
+    model.train()
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    reg = ActivationRegularizer(model, lam)
+    penalties, grads = [], []
+    for step in range(steps):
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        penalty = reg.penalty(step)
+        (loss + penalty).backward()
+        penalties.append(float(penalty.detach()))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    reg.remove()
+    return penalties, grads, dict(model.named_parameters())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_gradient_checkpointing_gives_the_penalty_and_gradients_of_a_plain_run(ids) -> None:
+    """Checkpointing reruns each layer's forward inside the backward; the taps must not record
+    that recompute (a stale, already-backwarded L1 in the next step's penalty), and the penalty's
+    gradient must still reach the FFN weights."""
+    ref_pen, ref_grads, ref_weights = _sgd_steps(ids, None)
+    pen, grads, weights = _sgd_steps(ids, {"use_reentrant": False})
+    assert pen == pytest.approx(ref_pen, rel=1e-5)
+    for step, (g, r) in enumerate(zip(grads, ref_grads)):
+        for name in r:
+            assert (g[name] - r[name]).abs().max() < 1e-5, (step, name)
+    for name, w in ref_weights.items():
+        assert (weights[name] - w).abs().max() < 1e-5, name
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_reentrant_gradient_checkpointing_is_refused(ids) -> None:
+    """Reentrant checkpointing runs the layer under no_grad: the L1 recorded has no gradient, so
+    the penalty would silently not train; the backward's recompute refuses it by name."""
+    with pytest.raises(RuntimeError, match="use_reentrant.*False"):
+        _sgd_steps(ids, {"use_reentrant": True}, steps=1)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_taps_see_each_forward_once_under_checkpointing(ids) -> None:
+    """tap_inputs calls fn once per forward (not again in the backward's recompute); measurement
+    and threshold calibration on a checkpointed model in train mode are those of a plain one."""
+    from prosparse_fx.measure import measure_sparsity
+    from prosparse_fx.taps import down_paths, tap_inputs
+    from prosparse_fx.threshold import calibrate_thresholds
+
+    plain = tiny("llama")
+    relufy_(plain)
+    model = tiny("llama")
+    relufy_(model)
+    model.train()
+    model.gradient_checkpointing_enable()
+    sites = find_ffn_sites(plain)
+    seen, recomputed = [], []
+    with tap_inputs(
+        model,
+        down_paths(sites),
+        lambda i, x: seen.append(i),
+        on_recompute=lambda i, x: recomputed.append(i),
+    ):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert seen == [0, 1] and recomputed == [1, 0]
+    windows = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    assert measure_sparsity(model, windows, sites=sites) == measure_sparsity(
+        plain, windows, sites=sites
+    )
+    assert model.training
+    with torch.no_grad():
+        got = calibrate_thresholds(model, windows, 0.5, sites=sites)
+    assert got == calibrate_thresholds(plain, windows, 0.5, sites=sites)

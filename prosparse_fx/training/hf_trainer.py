@@ -38,9 +38,15 @@ class ProSparseTrainerPlugin(TrainerCallback):
     Args:
         regularizer: an :class:`ActivationRegularizer` on the model the Trainer trains.
 
+    Gradient checkpointing (``gradient_checkpointing=True``): the penalty and its gradients are
+    those of a run without it (the taps ignore the backward's recompute); only non-reentrant
+    checkpointing, the default of transformers 5, is supported.
+
     Raises:
-        ValueError (from :meth:`attach`): the Trainer already has a ``compute_loss_func`` or a
-            label smoother, which the plugin would silently replace.
+        ValueError (from :meth:`attach` and at the start of training): the Trainer already has a
+            ``compute_loss_func`` or a label smoother, which the plugin would silently replace; or
+            its arguments ask for reentrant gradient checkpointing, under which the penalty would
+            have no gradient.
     """
 
     def __init__(self, regularizer: ActivationRegularizer) -> None:
@@ -59,6 +65,7 @@ class ProSparseTrainerPlugin(TrainerCallback):
                 "plugin computes the loss itself: remove them, or add reg.penalty(step) to your "
                 "own compute_loss_func"
             )
+        _refuse_reentrant_checkpointing(trainer.args)
         self.trainer = trainer
         trainer.compute_loss_func = self
         trainer.callback_handler.callbacks.insert(0, self)
@@ -96,6 +103,7 @@ class ProSparseTrainerPlugin(TrainerCallback):
                 "ProSparseTrainerPlugin was passed as a callback but not attached: the penalty "
                 "would not be applied; call ProSparseTrainerPlugin(reg).attach(trainer) instead"
             )
+        _refuse_reentrant_checkpointing(args)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
@@ -117,3 +125,18 @@ class ProSparseTrainerPlugin(TrainerCallback):
         logs["prosparse/l1"] = sum(v[1] for v in self._logged) / n
         logs["prosparse/sparsity"] = sum(v[2] for v in self._logged) / n
         self._logged.clear()
+
+
+def _refuse_reentrant_checkpointing(args: TrainingArguments) -> None:
+    """Reentrant checkpointing runs the checkpointed forward under ``no_grad``: the taps would
+    see x1 without gradient and the penalty would not train the FFNs."""
+    enabled = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None)
+    kwargs = kwargs or args.gradient_checkpointing_kwargs or {}
+    if enabled and isinstance(kwargs, dict) and kwargs.get("use_reentrant"):
+        raise ValueError(
+            "ProSparse plugin: gradient checkpointing with use_reentrant=True runs the "
+            "checkpointed forward without gradients, so the sparsity penalty would have no "
+            "gradient; set gradient_checkpointing_kwargs={'use_reentrant': False} (the default of "
+            "transformers 5) or remove use_reentrant"
+        )

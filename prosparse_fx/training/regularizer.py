@@ -85,8 +85,12 @@ class ActivationRegularizer:
         self._lambda = torch.zeros((), dtype=torch.float32)
         self._weights: list[torch.Tensor] = []
         self._ctx = None
+        # per site: did its last forward run with gradients disabled (see _recomputed)
+        self._forward_without_grad = [False] * len(self.sites)
         if taps == "hooks":
-            self._ctx = tap_inputs(model, down_paths(self.sites), self._record)
+            self._ctx = tap_inputs(
+                model, down_paths(self.sites), self._record, on_recompute=self._recomputed
+            )
             self._ctx.__enter__()
         else:
             for i, site in enumerate(self.sites):
@@ -95,7 +99,31 @@ class ActivationRegularizer:
                 self._weights.append(weight)
 
     def _record(self, i: int, x1: torch.Tensor) -> None:
+        self._forward_without_grad[i] = not torch.is_grad_enabled()
         self.receive(i, activation_l1(x1, self.norm), zero_fraction(x1))
+
+    def _recomputed(self, i: int, x1: torch.Tensor) -> None:
+        """Site ``i`` recomputed by gradient checkpointing inside the backward: not a new forward,
+        so nothing is recorded. The L1 is computed again and dropped: its ops saved x1 for their
+        backward inside the checkpointed region, so the recompute must save them again (the
+        checkpoint checks that it does, and the penalty's backward reads them from it).
+
+        Raises:
+            RuntimeError: the forward ran without gradients, i.e. reentrant checkpointing (its
+                forward runs under ``no_grad``): the L1 recorded then has no gradient and the
+                penalty would not reach the FFN weights.
+        """
+        if self._forward_without_grad[i]:
+            raise RuntimeError(
+                "ActivationRegularizer: this model uses reentrant gradient checkpointing "
+                "(torch.utils.checkpoint with use_reentrant=True), which runs the checkpointed "
+                "forward without gradients, so the sparsity penalty would have no gradient; use "
+                "non-reentrant checkpointing: model.gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False}) (the default of "
+                "transformers 5), or TrainingArguments(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False})"
+            )
+        activation_l1(x1, self.norm)
 
     def receive(self, i: int, l1: torch.Tensor, zeros: torch.Tensor) -> None:
         """Record site ``i``'s L1(x1) (0-dim, with gradient) and fraction of zeros of one forward.
