@@ -18,6 +18,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 EXIT_BAD_INPUT = 2
 
+_TOKENIZER_HELP = (
+    "Tokenizer folder (default: the model folder's own); needed when the model folder holds "
+    "no tokenizer."
+)
+
 
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
@@ -72,6 +77,7 @@ def sparsify(
         str,
         typer.Option(help="Under torchrun: 'ddp' (a model copy per process) or 'fsdp' (FSDP2)."),
     ] = "ddp",
+    tokenizer: Annotated[Path | None, typer.Option(help=_TOKENIZER_HELP)] = None,
 ) -> None:
     """Run ProSparse on a model: ReLU substitution, progressive L1 training, threshold shift."""
     from .pipeline import PRESETS, SparsifyConfig, run_sparsify
@@ -103,6 +109,7 @@ def sparsify(
                 device=device,
                 resume=True,
                 sharding=sharding,
+                tokenizer_path=tokenizer,
             )
         elif out is None:
             raise InputError("give --out DIR (or --resume DIR to continue an interrupted run)")
@@ -115,6 +122,7 @@ def sparsify(
                 overwrite=overwrite,
                 device=device,
                 sharding=sharding,
+                tokenizer_path=tokenizer,
             )
     except InputError as exc:
         _fail(str(exc))
@@ -147,11 +155,18 @@ def measure(
         typer.Option(help="Text to measure on (default: the Wikipedia sample's held-out split)"),
     ] = None,
     windows: Annotated[int, typer.Option(help="Windows to evaluate.")] = 16,
-    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
+    seq_len: Annotated[
+        int, typer.Option(help="Tokens per window (BOS included when the tokenizer adds it).")
+    ] = 128,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    tokenizer: Annotated[Path | None, typer.Option(help=_TOKENIZER_HELP)] = None,
 ) -> None:
-    """Per-layer sparsity of x1 and perplexity of a model on held-out text."""
-    from .data import load_documents, split_documents, token_windows
+    """Per-layer sparsity of x1 and perplexity of a model on held-out text.
+
+    Windows follow the tokenizer's BOS convention: when it adds BOS to a text (Gemma, LLaMA-2),
+    every window starts with BOS, which is not scored.
+    """
+    from .data import bos_token_id, load_documents, split_documents, token_windows
     from .ffn import FFNNotFoundError, find_ffn_sites
     from .measure import evaluate
     from .models import check_model_path, load_model
@@ -162,8 +177,9 @@ def measure(
             raise InputError("--windows must be >= 1 and --seq-len >= 2")
         check_model_path(model)
         docs = load_documents(data)
-        lm, tok = load_model(model)
+        lm, tok = load_model(model, tokenizer=tokenizer)
         text = split_documents(docs).held_out if data is None else docs
+        bos = bos_token_id(tok)
         win = _spread(token_windows(tok, text, seq_len), windows)
         try:
             sites = find_ffn_sites(lm)
@@ -178,6 +194,10 @@ def measure(
         "sparsity": ev.sparsity.sparsity,
         "per_layer_sparsity": dict(zip(ev.sparsity.sites, ev.sparsity.per_layer)),
         "tokens": ev.sparsity.tokens,
+        "windows": int(win.shape[0]),
+        "seq_len": seq_len,
+        "bos": bos is not None,  # each window starts with BOS (not scored)
+        "bos_token_id": bos,
         "activation": sorted({s.activation for s in sites}),
     }
     if json_out:
@@ -186,9 +206,11 @@ def measure(
     typer.echo(f"{'FFN site':40s} sparsity")
     for path, value in result["per_layer_sparsity"].items():
         typer.echo(f"{path:40s} {value:.4f}")
+    start = f"each starting with BOS (id {bos}, not scored)" if bos is not None else "no BOS"
     typer.echo(
         f"overall sparsity {ev.sparsity.sparsity:.4f}, perplexity {ev.perplexity:.2f} "
-        f"({ev.sparsity.tokens} tokens, activation {', '.join(result['activation'])})"
+        f"({ev.sparsity.tokens} tokens in {win.shape[0]} windows of {seq_len}, {start}; "
+        f"activation {', '.join(result['activation'])})"
     )
 
 
@@ -220,7 +242,7 @@ def export(
     """Export a relufied model to ONNX (standard operators, sparse FFNs, KV cache)."""
     onnx_api = _onnx_api()
     from .ffn import FFNNotFoundError
-    from .models import check_model_path, load_model
+    from .models import check_model_path, load_causal_lm
     from .sparse_modules import NotSparseError
 
     try:
@@ -228,7 +250,7 @@ def export(
         if crossover is not None and not 0.0 <= crossover <= 1.0:
             raise InputError(f"--crossover must be an active fraction in [0, 1], got {crossover}")
         source = check_model_path(model)
-        lm, _ = load_model(source)
+        lm = load_causal_lm(source)  # no tokenizer needed: export works on token ids
         path = onnx_api.export_onnx(
             lm,
             target,
@@ -236,7 +258,7 @@ def export(
             kv_cache=not no_cache,
             crossover=onnx_api.DEFAULT_CROSSOVER if crossover is None else crossover,
             overwrite=overwrite,
-            metadata={"source": str(source.resolve())},
+            metadata={"source": str(source.resolve()), "architecture": type(lm).__name__},
         )
     except (InputError, NotSparseError, FFNNotFoundError, onnx_api.ONNXExportError) as exc:
         _fail(str(exc))
@@ -257,21 +279,29 @@ def generate(
 ) -> None:
     """Greedy generation in ONNX Runtime with an exported model."""
     onnx_api = _onnx_api()
-    from transformers import AutoTokenizer
+    from .models import causal_lm_architectures, check_causal_lm, load_tokenizer, model_folder
 
     try:
         lm = onnx_api.OnnxCausalLM(onnx_file)
-        tok_path = tokenizer or lm.metadata.get("source")
+        arch = lm.metadata.get("architecture")
+        if arch is not None and arch not in causal_lm_architectures():
+            raise InputError(
+                f"{onnx_file} was exported from a {arch}, which has no causal language-model "
+                "head; generate needs a causal LM (a *ForCausalLM class such as LlamaForCausalLM)"
+            )
+        source = lm.metadata.get("source")
+        if source is not None and (Path(source) / "config.json").is_file():
+            check_causal_lm(source)  # files written before the architecture was recorded
+        if tokenizer is None and source is not None and source.endswith(".gguf"):
+            if not Path(source).is_file():
+                raise InputError(
+                    f"{onnx_file} was exported from {source}, which is gone: pass --tokenizer DIR"
+                )
+            source = model_folder(source)  # the GGUF file's tokenizer, converted and cached
+        tok_path = tokenizer or source
         if tok_path is None:
             raise InputError(f"{onnx_file} does not name its source model: pass --tokenizer DIR")
-        if not Path(tok_path).is_dir():
-            what = "is not a folder" if Path(tok_path).exists() else "does not exist"
-            fix = "give a tokenizer folder" if tokenizer else "pass --tokenizer DIR"
-            raise InputError(f"tokenizer folder {tok_path} {what}: {fix}")
-        try:
-            tok = AutoTokenizer.from_pretrained(tok_path)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"no usable tokenizer in {tok_path}: pass --tokenizer DIR") from exc
+        tok = load_tokenizer(tok_path, given=tokenizer is not None)
         ids = tok(prompt, return_tensors="np").input_ids
         if ids.shape[1] == 0:
             raise InputError("the prompt has no tokens; give some text")

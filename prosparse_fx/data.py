@@ -186,31 +186,77 @@ def split_documents(
     return DocumentSplit(train, cal, held)
 
 
+_BOS_PROBE = "Hello world"
+
+
+def bos_token_id(tokenizer) -> int | None:  # noqa: ANN001
+    """The BOS id when ``tokenizer`` puts BOS first when it encodes text by default (Gemma,
+    LLaMA-2: models trained to see BOS first), else ``None`` (SmolLM2, Qwen, GPT-2).
+
+    Decided by what the tokenizer does, not by ``add_bos_token`` (a post-processor may add BOS
+    while that flag says ``False``): ``tokenizer(text).input_ids`` must be ``[bos] + ids`` where
+    ``ids`` is the encoding without special tokens.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = list(tokenizer(_BOS_PROBE)["input_ids"])
+    plain = list(tokenizer(_BOS_PROBE, add_special_tokens=False)["input_ids"])
+    if with_special[:1] == [bos] and with_special[1 : 1 + len(plain)] == plain:
+        return int(bos)
+    return None
+
+
 def token_windows(
-    tokenizer, docs: list[str], seq_len: int, max_windows: int | None = None
-) -> torch.Tensor:  # noqa: ANN001
+    tokenizer,  # noqa: ANN001
+    docs: list[str],
+    seq_len: int,
+    max_windows: int | None = None,
+    *,
+    bos: bool | None = None,
+) -> torch.Tensor:
     """Tokenize documents, join them with EOS, cut into ``[N, seq_len]`` int64 windows.
 
+    BOS follows the tokenizer's own convention (``bos=None``, see :func:`bos_token_id`): when it
+    adds BOS to a text, every window is BOS followed by ``seq_len - 1`` text tokens, so the model
+    sees what it was trained on and every text token is predicted (the BOS position is never a
+    target); otherwise a window is ``seq_len`` text tokens. ``bos=True``/``False`` forces it.
+
     Windows never straddle the split (each split is tokenized on its own); the tail shorter
-    than ``seq_len`` is dropped.
+    than one window is dropped.
 
     Raises:
-        InputError: the text is shorter than one window.
+        InputError: the text is shorter than one window; ``bos=True`` for a tokenizer without a
+            BOS token.
     """
+    if bos is None:
+        bos_id = bos_token_id(tokenizer)
+    elif bos:
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None:
+            raise InputError("bos=True, but the tokenizer has no BOS token")
+    else:
+        bos_id = None
+    step = seq_len - 1 if bos_id is not None else seq_len
+    if step < 1:
+        raise InputError(f"a window of {seq_len} tokens holds no text after BOS; use >= 2")
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in docs:
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
-        if max_windows is not None and len(ids) >= (max_windows + 1) * seq_len:
+        if max_windows is not None and len(ids) >= (max_windows + 1) * step:
             break
-    n = len(ids) // seq_len
+    n = len(ids) // step
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
         raise InputError(
-            f"the text has {len(ids)} tokens, shorter than one window of {seq_len}; "
+            f"the text has {len(ids)} tokens, shorter than one window of {step} text tokens; "
             "give more text or a smaller --seq-len"
         )
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    windows = torch.tensor(ids[: n * step], dtype=torch.long).view(n, step)
+    if bos_id is not None:
+        windows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), windows], dim=1)
+    return windows

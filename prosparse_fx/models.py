@@ -72,10 +72,121 @@ def check_model_path(path: str | Path | None) -> Path:
     return p
 
 
-def load_model(
-    path: str | Path | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` for causal LM training and evaluation.
+def model_folder(path: str | Path | None) -> Path:
+    """The Hugging Face folder of a model path: the folder itself, or the cached conversion of
+    a ``.gguf`` file (made on first use, with the file's tokenizer).
+
+    Raises:
+        InputError: see :func:`check_model_path`, or the GGUF file cannot be converted.
+    """
+    p = check_model_path(path)
+    return _convert_gguf(p) if p.suffix == ".gguf" else p
+
+
+def causal_lm_architectures() -> set[str]:
+    """Names of the classes ``AutoModelForCausalLM`` builds (``LlamaForCausalLM``,
+    ``GPT2LMHeadModel``, ...): the architectures with a next-token (LM) head."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+_NEEDS_LM = (
+    "measure, sparsify, export and generate need a causal language model with its LM head "
+    "(a *ForCausalLM class such as LlamaForCausalLM, saved with save_pretrained)"
+)
+
+
+def check_causal_lm(folder: str | Path) -> Any:
+    """Read the config of a model folder and check it describes a causal LM.
+
+    Returns:
+        The ``transformers`` config.
+
+    Raises:
+        InputError: the config cannot be read; its ``architectures`` name no causal-LM class
+            (an encoder such as ``BertModel``, a classifier, ...); its model type has no
+            causal-LM class; or it says ``is_decoder: false`` (a BERT-style model that attends
+            both ways, whose "next-token" predictions see the tokens they predict).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read the model config in {folder}: {exc}") from exc
+    archs = list(getattr(config, "architectures", None) or [])
+    kind = f"model_type {config.model_type!r}"
+    if archs and not set(archs) & causal_lm_architectures():
+        raise InputError(
+            f"{folder} holds a {' / '.join(archs)} ({kind}), which has no causal language-model "
+            f"head; {_NEEDS_LM}"
+        )
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InputError(
+            f"{folder} holds a {kind} model, which has no causal-LM class; {_NEEDS_LM}"
+        )
+    if getattr(config, "is_decoder", True) is False:
+        raise InputError(
+            f"{folder} holds a {' / '.join(archs) or config.model_type} configured as an encoder "
+            f"(is_decoder: false, attention in both directions), so its next-token predictions "
+            f"would see the tokens they predict; {_NEEDS_LM}"
+        )
+    return config
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def load_tokenizer(folder: str | Path, *, given: bool = False) -> Any:
+    """Load the tokenizer in ``folder`` (a model folder, or a folder passed as ``--tokenizer``).
+
+    Args:
+        folder: the folder.
+        given: the user named the folder with ``--tokenizer`` (changes only the advice).
+
+    Raises:
+        InputError: no tokenizer files in the folder, or ``transformers`` cannot load them;
+            the message says to pass ``--tokenizer DIR``.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    fix = (
+        "give a folder holding the model's tokenizer (tokenizer.json / tokenizer_config.json)"
+        if given
+        else "pass --tokenizer DIR, a folder holding the model's tokenizer (for example the "
+        "folder of the model it was made from)"
+    )
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"tokenizer folder {folder} {what}; {fix}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"no usable tokenizer in {folder}: it holds none of {', '.join(TOKENIZER_FILES)}, "
+            f"and this command needs one to turn text into tokens; {fix}"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"no usable tokenizer in {folder} ({reason}); {fix}") from exc
+
+
+def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """Load a causal LM for training, evaluation or export, refusing what would be scored
+    wrongly: a model without a causal LM head (see :func:`check_causal_lm`), or one whose
+    checkpoint lacks weights (``lm_head.weight`` of an untied head, ...), which transformers
+    would initialise at random.
 
     A GGUF file is dequantised once (about 20 s for SmolLM2) and the result cached as
     safetensors under :func:`cache_dir`; later loads read the cache. Weights load with
@@ -86,19 +197,62 @@ def load_model(
         dtype: parameter dtype (default float32).
 
     Raises:
-        InputError: see :func:`check_model_path`, or transformers cannot load it.
+        InputError: see :func:`check_model_path` and :func:`check_causal_lm`; missing weights
+            (named); or transformers cannot load it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    p = check_model_path(path)
-    if p.suffix == ".gguf":
-        p = _convert_gguf(p)
+    p = model_folder(path)
+    check_causal_lm(p)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, use_safetensors=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            p, dtype=dtype, use_safetensors=True, output_loading_info=True
+        )
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot load a causal LM from {p}: {exc}") from exc
-    return model, tokenizer
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        raise InputError(
+            f"the checkpoint in {p} lacks weights of its {type(model).__name__}: {shown}; "
+            "transformers would fill them with random values, so nothing it computes would mean "
+            "anything. Save the complete model (model.save_pretrained) and pass that folder"
+        )
+    return model
+
+
+def load_model(
+    path: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    tokenizer: str | Path | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for causal LM training and evaluation.
+
+    Args:
+        path: a Hugging Face model folder, a ``.gguf`` file, or ``None`` for SmolLM2-135M.
+        dtype: parameter dtype (default float32).
+        tokenizer: the tokenizer's folder (default: the model's own folder).
+
+    Raises:
+        InputError: see :func:`load_causal_lm` and :func:`load_tokenizer`; or the tokenizer has
+            more tokens than the model's embedding (it is not this model's tokenizer).
+    """
+    folder = model_folder(path)
+    check_causal_lm(folder)
+    tok = load_tokenizer(folder if tokenizer is None else tokenizer, given=tokenizer is not None)
+    model = load_causal_lm(folder, dtype)
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and len(tok) > rows:
+        raise InputError(
+            f"the tokenizer in {tokenizer or folder} has {len(tok)} tokens but the model's "
+            f"embedding has {rows} rows: it is not this model's tokenizer; pass --tokenizer DIR "
+            "with the tokenizer the model was trained with"
+        )
+    return model, tok
 
 
 def _convert_gguf(path: Path) -> Path:

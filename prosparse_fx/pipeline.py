@@ -29,7 +29,7 @@ try:
 except ImportError:  # Python 3.10: TOML configs need 3.11; JSON works everywhere
     tomllib = None  # type: ignore[assignment]
 
-from .data import load_documents, split_documents, token_windows
+from .data import bos_token_id, load_documents, split_documents, token_windows
 from .errors import InputError
 from .ffn import FFNNotFoundError, FFNSite, check_no_unknown, find_ffn_sites
 from .measure import Evaluation, evaluate
@@ -348,6 +348,7 @@ def run_sparsify(
     show_progress: bool = True,
     resume: bool = False,
     sharding: str = "ddp",
+    tokenizer_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run ProSparse end to end and write the model, ``report.json`` and plots to ``out``.
 
@@ -364,8 +365,16 @@ def run_sparsify(
         overwrite: allow a non-empty ``out``.
         device: torch device (default: CUDA if available, else CPU).
         show_progress: show a progress bar.
-        resume: continue the interrupted run in ``out``; ``config``, ``model_path`` and
-            ``data_path`` default to the run's own and must match it when given.
+        resume: continue the interrupted run in ``out``; ``config``, ``model_path``,
+            ``data_path`` and ``tokenizer_path`` default to the run's own and must match it
+            when given.
+        sharding: under torchrun, ``"ddp"`` or ``"fsdp"``.
+        tokenizer_path: the tokenizer's folder (default: the model's own; needed when the
+            model folder holds no tokenizer). It is saved with the output model.
+
+    Perplexity windows follow the tokenizer's BOS convention (:func:`~prosparse_fx.data.
+    bos_token_id`): when it adds BOS to a text, every window starts with BOS (not scored);
+    ``report["bos"]`` and ``report["bos_token_id"]`` say which was used.
 
     Returns:
         The report (also written to ``out/report.json``).
@@ -381,7 +390,7 @@ def run_sparsify(
     resume_state = None
     if resume:
         resume_state, config, model_path, data_path = _resume_inputs(
-            out, config, model_path, data_path
+            out, config, model_path, data_path, tokenizer_path
         )
     config = config or SparsifyConfig()
     config.validate()
@@ -391,10 +400,10 @@ def run_sparsify(
     ctx.check_batch(config.batch_size)
     model_file = check_model_path(model_path)
     data_file = Path(data_path) if data_path is not None else None
+    tokenizer_dir = Path(tokenizer_path) if tokenizer_path is not None else None
     if resume_state is None:
-        out_dir = check_output_dir(
-            out, overwrite, [model_file] + ([data_file] if data_file is not None else [])
-        )
+        inputs = [model_file] + [p for p in (data_file, tokenizer_dir) if p is not None]
+        out_dir = check_output_dir(out, overwrite, inputs)
     else:
         out_dir = Path(out)
     ctx.barrier()  # every process has checked the output folder before rank 0 writes to it
@@ -411,12 +420,16 @@ def run_sparsify(
     split = split_documents(docs, seed=config.seed)
     source = model_file if resume_state is None else resume_state["checkpoint_dir"]
     try:
-        model, tokenizer = load_model(source)
+        # a resumed run reads the tokenizer saved with its checkpoint
+        model, tokenizer = load_model(
+            source, tokenizer=tokenizer_dir if resume_state is None else None
+        )
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001  (a torn or foreign file: say which, exit 2)
         raise InputError(f"cannot load the model in {source}: {exc}") from exc
     model.to(device)
+    bos_id = bos_token_id(tokenizer)  # the windows below follow the tokenizer's BOS convention
     needed = max(config.batch_size, 1)
     train_windows = token_windows(tokenizer, split.train, config.seq_len)
     if train_windows.shape[0] < needed:
@@ -453,6 +466,10 @@ def run_sparsify(
                 "model": str(Path(model_file).resolve()),
                 "data": str(data_file.resolve()) if data_file else DEFAULT_DATA_LABEL,
                 "data_fingerprint": _fingerprint(data_file),
+                "tokenizer": str(tokenizer_dir.resolve()) if tokenizer_dir else None,
+                # perplexity windows start with BOS when the tokenizer adds BOS to a text
+                "bos": bos_id is not None,
+                "bos_token_id": bos_id,
                 "data_split": {
                     "train_documents": len(split.train),
                     "calib_documents": len(split.calib),
@@ -679,12 +696,13 @@ def _resume_inputs(
     config: SparsifyConfig | None,
     model_path: str | Path | None,
     data_path: str | Path | None,
+    tokenizer_path: str | Path | None = None,
 ) -> tuple[dict[str, Any], SparsifyConfig, str | Path | None, str | Path | None]:
     """The checkpoint state of the run in ``out`` and its config, model and data paths.
 
     Raises:
-        InputError: no checkpoint; or a given config, model or data that differs from the
-            run's (naming the fields and both values).
+        InputError: no checkpoint; or a given config, model, data or tokenizer that differs
+            from the run's (naming the fields and both values).
     """
     folder = find_checkpoint(Path(out) / "checkpoint")
     if folder is None:
@@ -731,11 +749,15 @@ def _resume_inputs(
     for name, given, recorded in (
         ("model", model_path, report["model"]),
         ("data", data_path, report["data"]),
+        ("tokenizer", tokenizer_path, report.get("tokenizer")),
     ):
-        if given is not None and str(Path(given).resolve()) != str(Path(recorded).resolve()):
+        if given is None:
+            continue
+        if recorded is None or str(Path(given).resolve()) != str(Path(recorded).resolve()):
+            was = recorded if recorded is not None else "the model folder's own"
             raise InputError(
                 f"--resume {out}: the {name} differs from the interrupted run's "
-                f"(checkpoint {recorded}, now {given})"
+                f"(checkpoint {was}, now {given})"
             )
     return state, stored, report["model"], data_file
 

@@ -308,6 +308,9 @@ def test_resume_refuses_a_different_config_or_nothing(tmp_path, tiny_model_dir, 
     assert "config differs" in result.output and "seed: checkpoint 0, now 3" in result.output
     result = runner.invoke(app, ["sparsify", "--resume", str(out), "--model", str(text_file)])
     assert result.exit_code == 2 and "the model differs" in result.output
+    result = runner.invoke(app, ["sparsify", "--resume", str(out), "--tokenizer", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "the tokenizer differs" in result.output and "model folder's own" in result.output
     (out / "checkpoint" / "training_state.pt").write_bytes(b"garbage")
     result = runner.invoke(app, ["sparsify", "--resume", str(out)])
     assert result.exit_code == 2 and "delete it and start a new run" in result.output
