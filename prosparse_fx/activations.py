@@ -1,15 +1,22 @@
-"""ReLU-family activations: the ``prosparse::fatrelu`` op, the :class:`FATReLU` module, and the
-``hidden_act="fatrelu"`` entry of transformers' ``ACT2FN`` so saved models reload.
+"""The activations an FFN can be given, as one table: :data:`ACTIVATIONS` (ReLU, FATReLU), one
+:class:`Activation` record each, read through :func:`get_activation` by ``relufy_``, the
+activation-substitution pass and the compile backend's options. Also here: the
+``prosparse::fatrelu`` op, the :class:`FATReLU` module, and their names in transformers' ``ACT2FN``.
 
-FATReLU (ProSparse, Song et al. 2024, Sec. 3.3, Eq. 3): ``FATReLU_t(x) = x if x >= t else 0``.
-``t = 0`` equals ReLU.
+ReLU replaces SiLU/GELU (ProSparse, Song et al. 2024, Sec. 3.1); FATReLU (Sec. 3.3, Eq. 3) is
+``FATReLU_t(x) = x if x >= t else 0``; ``t = 0`` equals ReLU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
+from .capture import Dialect, fatrelu_target, relu_target
 from .kernels.reference import fatrelu_ref
 
 
@@ -124,14 +131,83 @@ def check_threshold(threshold: float) -> float:
     return t
 
 
+@dataclass(frozen=True)
+class Activation:
+    """One ReLU-family activation an FFN can be given: a row of :data:`ACTIVATIONS`.
+
+    Its ``name`` is the one config value that every entry point takes: ``relufy_(model, name)``,
+    ``SubstituteActivationPass(name)``, the ``activation`` option of the ``prosparse``
+    torch.compile backend, and the Hugging Face ``hidden_act`` value that a relufied model is saved
+    with (transformers' ``ACT2FN[name]`` builds :attr:`module_type`).
+
+    Attributes:
+        name: ``"relu"`` or ``"fatrelu"``.
+        module_type: the eager module class (``nn.ReLU``, :class:`FATReLU`).
+        graph_target: dialect (``"aten"`` from torch.export, ``"torch"`` from Dynamo) -> the
+            callable that a graph node of this activation calls (see :mod:`prosparse_fx.capture`).
+        takes_threshold: the module is built as ``module_type(t)`` and the node called as
+            ``target(x, t)``; otherwise ``module_type()`` and ``target(x)``.
+        exact_zeros: inactive outputs are exactly ``0.0`` (so the sparsity metric counts them and
+            the sparse-FFN kernels may skip them).
+        hf_param: the config key that holds the threshold in the published ProSparse format
+            (``hidden_act_param``); a FATReLU whose threshold is missing from the weights takes it
+            from there on ``from_pretrained``. ``None`` when there is no parameter.
+    """
+
+    name: str
+    module_type: type[nn.Module]
+    graph_target: Callable[[Dialect], Any]
+    takes_threshold: bool
+    exact_zeros: bool
+    hf_param: str | None
+
+    def make_module(self, threshold: float = 0.0) -> nn.Module:
+        """A new eager module (on the CPU); ``threshold`` is validated, and ignored for ReLU.
+
+        Raises:
+            ValueError: a negative or non-finite ``threshold``.
+        """
+        t = check_threshold(threshold)
+        return self.module_type(t) if self.takes_threshold else self.module_type()
+
+    def graph_args(self, x: Any, threshold: float) -> tuple[Any, ...]:
+        """Arguments of :attr:`graph_target` for input node ``x``."""
+        return (x, check_threshold(threshold)) if self.takes_threshold else (x,)
+
+
+# ReLU (paper Sec. 3.1, the substitution) and FATReLU (Sec. 3.3, Eq. 3, threshold shifting).
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("relu", nn.ReLU, relu_target, False, True, None),
+        Activation("fatrelu", FATReLU, fatrelu_target, True, True, "hidden_act_param"),
+    )
+}
+
+
+def get_activation(name: str) -> Activation:
+    """The :class:`Activation` record called ``name``.
+
+    Raises:
+        ValueError: ``name`` is not in :data:`ACTIVATIONS`; the message lists the valid names.
+    """
+    if isinstance(name, str) and name in ACTIVATIONS:
+        return ACTIVATIONS[name]
+    valid = " or ".join(repr(n) for n in ACTIVATIONS)
+    raise ValueError(f"activation must be {valid}, got {name!r}")
+
+
 def _register_with_transformers() -> None:
-    """Make ``hidden_act="fatrelu"`` resolve in transformers' ``ACT2FN``."""
+    """Make every activation's ``name`` resolve in transformers' ``ACT2FN`` (``"relu"`` is there
+    already), so ``hidden_act="fatrelu"`` builds a :class:`FATReLU`. Its threshold on loading is
+    set by the hooks in :mod:`prosparse_fx.relufy`."""
     try:
         from transformers import activations as hf_activations
     except ImportError:  # pragma: no cover - transformers is a dependency
         return
-    hf_activations.ACT2CLS.setdefault("fatrelu", FATReLU)
-    hf_activations.ACT2FN.setdefault("fatrelu", FATReLU)
+    for a in ACTIVATIONS.values():
+        hf_activations.ACT2CLS.setdefault(a.name, a.module_type)
+        hf_activations.ACT2FN.setdefault(a.name, a.module_type)
 
 
 _register_with_transformers()

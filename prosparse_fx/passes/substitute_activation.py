@@ -9,7 +9,8 @@ from typing import Literal
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..capture import dialect_of, fatrelu_target, relu_target
+from ..activations import get_activation
+from ..capture import dialect_of
 from ..ffn import REPLACEABLE, check_no_unknown, find_sites_in_graph
 from ..relufy import thresholds_per_site
 
@@ -18,7 +19,8 @@ class SubstituteActivationPass(PassBase):
     """Replace each FFN site's activation region by one ReLU or ``prosparse::fatrelu`` node.
 
     Args:
-        activation: ``"relu"`` or ``"fatrelu"``.
+        activation: a name in :data:`~prosparse_fx.activations.ACTIVATIONS`: ``"relu"`` or
+            ``"fatrelu"``; the node inserted is its graph target for the graph's dialect.
         threshold: FATReLU t >= 0, one float or one per site (ignored for ``"relu"``).
 
     Raises (when called):
@@ -33,31 +35,28 @@ class SubstituteActivationPass(PassBase):
         threshold: float | Sequence[float] = 0.0,
     ) -> None:
         super().__init__()
-        if activation not in ("relu", "fatrelu"):
-            raise ValueError(f"activation must be 'relu' or 'fatrelu', got {activation!r}")
-        self.activation = activation
+        self._act = get_activation(activation)
+        self.activation = self._act.name
         self.threshold = threshold
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         sites = find_sites_in_graph(graph_module)
         check_no_unknown(sites, REPLACEABLE)
-        if self.activation == "fatrelu":
+        act = self._act
+        if act.takes_threshold:
             ts = thresholds_per_site(self.threshold, len(sites))
         else:
             ts = [0.0] * len(sites)
-        dialect = dialect_of(graph_module)
+        target = act.graph_target(dialect_of(graph_module))
         graph = graph_module.graph
         modified = False
         for site, t in zip(sites, ts):
-            if site.activation == self.activation and (site.threshold or 0.0) == t:
+            if site.activation == act.name and (site.threshold or 0.0) == t:
                 continue
             nodes = site.nodes
             assert nodes is not None
             with graph.inserting_before(nodes.act_output):
-                if self.activation == "relu":
-                    new = graph.call_function(relu_target(dialect), (nodes.act_input,))
-                else:
-                    new = graph.call_function(fatrelu_target(dialect), (nodes.act_input, t))
+                new = graph.call_function(target, act.graph_args(nodes.act_input, t))
             new.meta.update(
                 {k: v for k, v in nodes.act_output.meta.items() if k != "source_fn_stack"}
             )
