@@ -1,21 +1,47 @@
 """Eager activation substitution for ``nn.Module`` users: ``relufy_`` swaps the activation
-modules that the FFN sites point to, in place, and updates the Hugging Face config so that
-``save_pretrained`` / ``from_pretrained`` round-trip (ProSparse Sec. 3.1, and Sec. 3.3 for
-FATReLU)."""
+modules that the FFN sites point to, in place (ProSparse Sec. 3.1, and Sec. 3.3 for FATReLU), and
+records the change in the Hugging Face config so that ``save_pretrained`` / ``from_pretrained``
+round-trip exactly, without remote code.
+
+The config record (written by :func:`relufy_`, applied by transformers hooks installed on import):
+
+* the activation key (``hidden_act``, ``hidden_activation`` or ``activation_function``) becomes
+  the activation's name, and for FATReLU ``hidden_act_param = t``: the format of the published
+  ProSparse / MiniCPM-S checkpoints, which plain transformers reads for ReLU;
+* ``prosparse_thresholds``: ``{activation module path: t}`` per FFN site (FATReLU only);
+* ``prosparse_kept_activations``: ``{module path: name}`` for the modules that read the same key
+  but are not FFN sites (BERT's masked-LM head transform); absent when there are none (LLaMA).
+
+Paths drop the model's ``base_model_prefix`` (``model.layers.0.mlp.act_fn`` is stored as
+``layers.0.mlp.act_fn``), so a checkpoint saved from ``LlamaForCausalLM`` also loads into
+``LlamaModel``.
+
+On ``from_pretrained`` (and ``from_config`` or plain construction), after ``import prosparse_fx``:
+the recorded non-FFN modules get their own activation back; a FATReLU threshold missing from the
+weights is taken from ``prosparse_thresholds``, else from ``hidden_act_param`` (so the published
+checkpoints, which ship no threshold tensor, load exactly), and neither is a ``ValueError``; a
+threshold in the weights that disagrees with the config is kept, with a ``UserWarning`` naming both.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from torch import nn
+from transformers.activations import ACT2CLS, ACT2FN
 
-from .activations import FATReLU, check_threshold
+from .activations import ACTIVATIONS, FATReLU, check_threshold, get_activation
 from .ffn import REPLACEABLE, FFNSite, check_no_unknown, find_ffn_sites, resolve_module
 
 # Config attributes that name the FFN activation in Hugging Face configs.
 _ACT_CONFIG_KEYS = ("hidden_act", "hidden_activation", "activation_function")
+_THRESHOLDS_KEY = "prosparse_thresholds"
+_KEPT_KEY = "prosparse_kept_activations"
 
 
 def thresholds_per_site(threshold: float | Sequence[float], n_sites: int) -> list[float]:
@@ -46,14 +72,15 @@ def relufy_(
     """Replace the FFN activation (SiLU/GELU/GELU-tanh/ReLU/FATReLU) by ReLU or FATReLU, in place.
 
     Only the activation of each FFN changes: for gated FFNs the gate's activation (up_proj stays
-    linear), for plain FFNs the activation between fc1 and fc2. The model's config gets
-    ``hidden_act="relu"``, or ``"fatrelu"`` with ``hidden_act_param=t`` (the format of the
-    published ProSparse checkpoints); per-layer thresholds live in each :class:`FATReLU`'s
-    ``threshold`` buffer, so they are saved with the weights.
+    linear), for plain FFNs the activation between fc1 and fc2; other modules that read the same
+    config key (BERT's masked-LM head) keep theirs, also after ``save_pretrained`` and
+    ``from_pretrained`` (see the module docstring for the config record). Per-layer thresholds
+    live in each :class:`FATReLU`'s buffer, so they are saved with the weights, and in the config.
 
     Args:
         model: the model; changed in place (nothing is changed if any check fails).
-        activation: ``"relu"`` or ``"fatrelu"``.
+        activation: a name in :data:`~prosparse_fx.activations.ACTIVATIONS`: ``"relu"`` or
+            ``"fatrelu"``.
         threshold: FATReLU t >= 0, one float or one per site (ignored for ``"relu"``).
         sites: FFN sites from :func:`find_ffn_sites` (found by capture when ``None``).
         example_inputs: inputs for the capture when ``sites`` is ``None``.
@@ -66,8 +93,7 @@ def relufy_(
         ValueError: unknown ``activation``, bad threshold, or a site whose activation is unknown
             or is a functional call with no module to swap (the message lists all sites).
     """
-    if activation not in ("relu", "fatrelu"):
-        raise ValueError(f"activation must be 'relu' or 'fatrelu', got {activation!r}")
+    act = get_activation(activation)
     sites = list(sites) if sites is not None else find_ffn_sites(model, example_inputs)
     check_no_unknown(sites, REPLACEABLE)
     functional = [s for s in sites if s.activation_module is None]
@@ -78,28 +104,27 @@ def relufy_(
             f"the FFN's forward, with no module to swap ({', '.join(s.path for s in functional)}); "
             "use SubstituteActivationPass on a captured graph instead. Sites found: " + listing
         )
-    ts = thresholds_per_site(threshold, len(sites)) if activation == "fatrelu" else None
+    ts = thresholds_per_site(threshold, len(sites)) if act.takes_threshold else [0.0] * len(sites)
     for s in sites:  # resolve all before changing anything
         resolve_module(model, s.activation_module or "")
 
+    kept = _kept_activations(model, {s.activation_module or "" for s in sites})
     new_sites = []
-    for i, site in enumerate(sites):
-        path = site.activation_module or ""
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
+    for site, t in zip(sites, ts):
+        parent, name = _parent_and_name(model, site.activation_module or "")
         current = getattr(parent, name)
-        if ts is None:
-            setattr(parent, name, nn.ReLU())
-            t = 0.0
+        if isinstance(current, FATReLU) and act.module_type is FATReLU:
+            current.set_threshold(t)
         else:
-            t = ts[i]
-            if isinstance(current, FATReLU):
-                current.set_threshold(t)
-            else:
-                setattr(parent, name, FATReLU(t).to(_device_of(parent)))
-        new_sites.append(dataclasses.replace(site, activation=activation, threshold=t, nodes=None))
-    _update_config(model, activation, ts)
+            setattr(parent, name, act.make_module(t).to(_device_of(parent)))
+        new_sites.append(dataclasses.replace(site, activation=act.name, threshold=t, nodes=None))
+    _record_in_config(model, act.name, sites, ts if act.takes_threshold else None, kept)
     return new_sites
+
+
+def _parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
 
 
 def _device_of(module: nn.Module) -> Any:
@@ -108,17 +133,180 @@ def _device_of(module: nn.Module) -> Any:
     return "cpu"
 
 
-def _update_config(model: nn.Module, activation: str, ts: list[float] | None) -> None:
+def _canonical(model: nn.Module, path: str) -> str:
+    """``path`` without the model's ``base_model_prefix`` (``model.layers.0`` -> ``layers.0``)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return path[len(prefix) + 1 :] if prefix and path.startswith(prefix + ".") else path
+
+
+def _hf_class(name: Any) -> type | None:
+    """The module class that transformers' ``ACT2FN[name]`` builds, or ``None``."""
+    entry = ACT2CLS.get(name) if isinstance(name, str) else None
+    return entry[0] if isinstance(entry, tuple) else entry
+
+
+def _kept_activations(model: nn.Module, ffn_paths: set[str]) -> dict[str, str]:
+    """``{canonical path: name}`` of the modules that are not FFN sites but that reloading would
+    build from the activation config key: those of the class ``ACT2FN[key value]`` builds, plus
+    those already recorded by an earlier ``relufy_``. Read before the config changes."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    kept = dict(getattr(config, _KEPT_KEY, None) or {})
+    ffn = {_canonical(model, p) for p in ffn_paths}
+    by_class = {}
+    for key in _ACT_CONFIG_KEYS:
+        value = getattr(config, key, None)
+        cls = _hf_class(value)
+        if cls is not None:
+            by_class.setdefault(cls, value)
+    for path, module in model.named_modules():
+        name = by_class.get(type(module))
+        if name is not None:
+            kept.setdefault(_canonical(model, path), name)
+    return {p: n for p, n in kept.items() if p not in ffn}
+
+
+def _record_in_config(
+    model: nn.Module,
+    activation: str,
+    sites: Sequence[FFNSite],
+    ts: list[float] | None,
+    kept: dict[str, str],
+) -> None:
     config = getattr(model, "config", None)
     if config is None:
         return
     for key in _ACT_CONFIG_KEYS:
         if hasattr(config, key):
             setattr(config, key, activation)
+    for key in ("hidden_act_param", _THRESHOLDS_KEY, _KEPT_KEY):
+        if hasattr(config, key):
+            delattr(config, key)
     if ts is not None:
         config.hidden_act_param = ts[0] if len(set(ts)) == 1 else max(ts)
-        config.prosparse_thresholds = ts
-    else:
-        for key in ("hidden_act_param", "prosparse_thresholds"):
-            if hasattr(config, key):
-                delattr(config, key)
+        setattr(
+            config,
+            _THRESHOLDS_KEY,
+            {_canonical(model, s.activation_module or ""): t for s, t in zip(sites, ts)},
+        )
+    if kept:
+        setattr(config, _KEPT_KEY, kept)
+
+
+# --- Loading: transformers hooks -------------------------------------------------------------
+#
+# transformers builds ``ACT2FN[config.hidden_act]`` with no arguments, so a FATReLU cannot see
+# ``hidden_act_param`` when it is made, and every module that reads the key gets the same class.
+# In ``from_pretrained`` the model is built on the meta device; a buffer missing from the
+# checkpoint is then replaced by ``torch.empty_like`` (uninitialised memory) and left to the
+# model's ``_init_weights``, which knows no FATReLU; a loaded tensor is marked
+# ``_is_hf_initialized``. Two hooks on ``PreTrainedModel`` close this, for ``from_pretrained``,
+# ``from_config`` and plain construction alike:
+#
+# * before ``post_init`` (the module tree exists, no weights yet): the modules recorded in
+#   ``prosparse_kept_activations`` get their own activation back, and each FATReLU is told the
+#   threshold its config gives it (``prosparse_thresholds[path]``, else ``hidden_act_param``);
+# * before ``_initialize_weights(module)`` (transformers' per-module "initialise what was not
+#   loaded" step): a FATReLU whose buffer was not loaded takes that threshold (none: ValueError),
+#   and one whose loaded buffer disagrees with it keeps the loaded value with a warning.
+
+
+def _apply_config_record(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    kept = getattr(config, _KEPT_KEY, None) or {}
+    if kept:
+        types = tuple(a.module_type for a in ACTIVATIONS.values())
+        for path, module in list(model.named_modules()):
+            name = kept.get(_canonical(model, path))
+            if name is None or not isinstance(module, types) or _hf_class(name) is type(module):
+                continue
+            parent, child = _parent_and_name(model, path)
+            setattr(parent, child, ACT2FN[name])
+    fatrelus = [(p, m) for p, m in model.named_modules() if isinstance(m, FATReLU)]
+    if not fatrelus:
+        return
+    per_site = getattr(config, _THRESHOLDS_KEY, None)
+    if isinstance(per_site, (list, tuple)):  # written before paths were recorded: site order
+        per_site = (
+            {_canonical(model, p): t for (p, _), t in zip(fatrelus, per_site)}
+            if len(per_site) == len(fatrelus)
+            else None
+        )
+    per_site = per_site if isinstance(per_site, dict) else {}
+    param_key = ACTIVATIONS["fatrelu"].hf_param
+    param = getattr(config, param_key, None)
+    for path, module in fatrelus:
+        cpath = _canonical(model, path)
+        if cpath in per_site:
+            expected, source = per_site[cpath], f"{_THRESHOLDS_KEY}[{cpath!r}]"
+        elif param is not None:
+            expected, source = param, param_key
+        else:
+            expected, source = None, None
+        if expected is not None:
+            expected = check_threshold(expected)
+        module._config_threshold = (cpath, expected, source)
+
+
+def _init_threshold(module: FATReLU) -> None:
+    record = getattr(module, "_config_threshold", None)
+    if record is None:  # not built from a config (inserted by relufy_): its value is its own
+        return
+    path, expected, source = record
+    if getattr(module.threshold_bits, "_is_hf_initialized", False):  # loaded from the weights
+        module._sync()
+        if expected is not None and module.t != expected:
+            warnings.warn(
+                f"FATReLU at {path!r}: the checkpoint's threshold {module.t!r} disagrees with the "
+                f"config's {source} = {expected!r}; keeping the checkpoint's {module.t!r}",
+                stacklevel=2,
+            )
+        return
+    if expected is None:
+        raise ValueError(
+            f"FATReLU at {path!r} has no threshold: none in the weights and no "
+            f"{ACTIVATIONS['fatrelu'].hf_param} in the config"
+        )
+    module.set_threshold(expected)
+
+
+def _install_transformers_hooks() -> None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    if getattr(PreTrainedModel.post_init, "_prosparse_hook", False):
+        return
+    post_init = PreTrainedModel.post_init
+    initialize_weights = PreTrainedModel._initialize_weights
+
+    @functools.wraps(post_init)
+    def post_init_hook(self, *args: Any, **kwargs: Any) -> Any:
+        _apply_config_record(self)
+        out = post_init(self, *args, **kwargs)
+        if any(
+            getattr(m, "_config_threshold", (None, None))[1] is not None
+            for m in self.modules()
+            if isinstance(m, FATReLU)
+        ):  # a missing threshold is set from the config: not "newly initialised" in the report
+            self._keys_to_ignore_on_load_missing = set(
+                self._keys_to_ignore_on_load_missing or ()
+            ) | {r"\.threshold_bits$"}
+        return out
+
+    @functools.wraps(initialize_weights)
+    def initialize_weights_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(module, FATReLU) and not getattr(module, "_is_hf_initialized", False):
+            with torch.no_grad():
+                _init_threshold(module)
+        return initialize_weights(self, module, *args, **kwargs)
+
+    post_init_hook._prosparse_hook = True  # type: ignore[attr-defined]
+    PreTrainedModel.post_init = post_init_hook
+    PreTrainedModel._initialize_weights = initialize_weights_hook
+
+
+_install_transformers_hooks()

@@ -100,6 +100,11 @@ def test_fatrelu_save_and_reload_keeps_per_layer_thresholds(tmp_path, ids: torch
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.hidden_act == "fatrelu"
     assert loaded.config.hidden_act_param == pytest.approx(0.07)
+    assert loaded.config.prosparse_thresholds == {
+        f"layers.{i}.mlp.act_fn": t for i, t in enumerate([0.02, 0.07])
+    }
+    # every reader of hidden_act is an FFN: the config stays in the published format
+    assert not hasattr(loaded.config, "prosparse_kept_activations")
     acts = [m for m in loaded.modules() if isinstance(m, FATReLU)]
     assert [a.t for a in acts] == pytest.approx([0.02, 0.07])
     assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
