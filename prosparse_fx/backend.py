@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import fx
 
-from .capture import specialize_symbolic_thresholds
-from .ffn import find_sites_in_graph, linear_operands
+from .capture import canonical_op, module_path, nested_graph_modules, specialize_symbolic_thresholds
+from .ffn import FFNSite, find_sites_in_graph, forward_through_views, linear_operands
 from .passes import InsertActivationTapsPass, SparseFFNRewritePass, SubstituteActivationPass
 from .passes.activation_taps import TAPS_META_KEY
-from .sparse_modules import check_relu_family
+from .sparse_modules import check_sparse_rewritable, sparse_rewrite_refusal
 from .taps import sink_for
 
 log = logging.getLogger(__name__)
@@ -159,40 +159,142 @@ def prosparse_backend(
     """
     opts = BackendOptions.parse(options)
     specialize_symbolic_thresholds(gm)
-    sites = find_sites_in_graph(gm)
-    if not sites:
+    # FFNs inside activation-checkpointed regions live in higher-order-op bodies
+    graphs = [gm, *nested_graph_modules(gm)]
+    per_graph = [find_sites_in_graph(g) for g in graphs]
+    if opts.activation is not None or opts.regularize:
+        _refuse_under_ddp_optimizer(opts)
+    if not any(per_graph):
+        if opts.activation is not None:
+            _refuse_unmatched_activations(graphs, per_graph)
         _say_no_sites_once()
         return _compile(gm, example_inputs, opts, mode)
     if opts.activation is not None:
-        threshold = list(opts.threshold) if isinstance(opts.threshold, tuple) else opts.threshold
-        SubstituteActivationPass(opts.activation, threshold)(gm)
-        sites = find_sites_in_graph(gm)
+        thresholds = _thresholds_per_graph(opts, [len(s) for s in per_graph])
+        for g, t in zip(graphs, thresholds):
+            SubstituteActivationPass(opts.activation, t)(g)
+        per_graph = [find_sites_in_graph(g) for g in graphs]
+        _refuse_unmatched_activations(graphs, per_graph)
+    sites = per_graph[0]
+    all_sites = [s for found in per_graph for s in found]
     sinks = None
     if opts.regularize:
+        nested = [s.path for found in per_graph[1:] for s in found]
+        if nested:
+            raise ValueError(
+                f"options regularize=True: {len(nested)} FFN site(s) ({', '.join(nested[:3])}"
+                f"{' ...' if len(nested) > 3 else ''}) are inside an activation-checkpointed "
+                "region, where graph taps cannot reach. Train without gradient checkpointing "
+                "under torch.compile, or train eagerly with hook taps "
+                "(ActivationRegularizer(model, schedule), which supports checkpointing)"
+            )
         sinks = _sinks(gm, example_inputs, sites)
         InsertActivationTapsPass(norm=sinks[0][0].norm, zeros=True)(gm)
     inference = not torch.is_grad_enabled()
     rewritten = False
-    if opts.sparse_ffn is True or (
-        opts.sparse_ffn == "auto"
-        and inference
-        and not opts.regularize
-        and all(s.is_relu_family for s in sites)
-    ):
-        check_relu_family(sites)
+    if opts.sparse_ffn is True:
+        check_sparse_rewritable(all_sites)
         if not inference:
             raise ValueError(
                 "options sparse_ffn=True: the sparse-FFN ops have no backward; compile under "
                 "torch.no_grad() / torch.inference_mode() for inference, or use "
                 "sparse_ffn='auto' (dense FFNs while training)"
             )
+    if opts.sparse_ffn is True or (
+        opts.sparse_ffn == "auto" and inference and not opts.regularize and _rewritable(all_sites)
+    ):
         # frozen: the row-major transposed down weights are constants, folded once by Inductor
-        SparseFFNRewritePass(materialize_transposes=opts.freeze)(gm)
+        for g in graphs:
+            SparseFFNRewritePass(materialize_transposes=opts.freeze)(g)
         rewritten = True
     compiled = _compile(gm, example_inputs, opts, mode, freeze=rewritten and opts.freeze)
     if sinks is None:
         return compiled
     return _TapDelivery(compiled, gm.meta[TAPS_META_KEY]["n_outputs"], sinks)
+
+
+def _rewritable(sites: Sequence[FFNSite]) -> bool:
+    """``sparse_ffn='auto'``: every site is ReLU-family and the ops compute it exactly; when
+    some site is not (a gated FFN with biases), the log says why and the FFNs stay dense."""
+    if not all(s.is_relu_family for s in sites):
+        return False
+    refused = [(s.path, r) for s in sites if (r := sparse_rewrite_refusal(s)) is not None]
+    if refused:
+        log.warning(
+            "prosparse backend: FFNs kept dense (sparse_ffn='auto'): %s",
+            "; ".join(f"{p}: {r}" for p, r in refused[:3]),
+        )
+        return False
+    return True
+
+
+def _thresholds_per_graph(opts: BackendOptions, counts: list[int]) -> list[Any]:
+    """The ``threshold`` option split over the graph and its nested bodies, in site order."""
+    if not isinstance(opts.threshold, tuple):
+        return [opts.threshold] * len(counts)
+    total = sum(counts)
+    if len(opts.threshold) != total:
+        raise ValueError(
+            f"options threshold: got {len(opts.threshold)} per-site thresholds for {total} FFN "
+            "site(s); pass one per site or a single float"
+        )
+    out, k = [], 0
+    for n in counts:
+        out.append(list(opts.threshold[k : k + n]))
+        k += n
+    return out
+
+
+_GATE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def _refuse_unmatched_activations(
+    graphs: Sequence[fx.GraphModule], per_graph: Sequence[Sequence[FFNSite]]
+) -> None:
+    """Raise when a SiLU/GELU that gates a multiply, as in a gated FFN, belongs to no FFN site.
+
+    With ``activation`` set, such an FFN would silently keep its activation: an expert of a
+    mixture-of-experts layer (its weights are slices of 3-D parameters), or an FFN cut in two by
+    a graph break.
+    """
+    for g, sites in zip(graphs, per_graph):
+        matched = {n for s in sites if s.nodes is not None for n in s.nodes.region}
+        for node in g.graph.nodes:
+            if canonical_op(node) not in _GATE_ACTIVATIONS or node in matched:
+                continue
+            if any(canonical_op(u) == "mul" for u in forward_through_views(node).users):
+                raise ValueError(
+                    f"options activation=relu/fatrelu: the {canonical_op(node)} at "
+                    f"{module_path(node) or node.name} gates a multiply like a gated FFN, but it "
+                    "is not part of an FFN site the backend can rewrite (a mixture-of-experts "
+                    "expert, or an FFN split by a graph break), so it would keep its activation. "
+                    "Relufy the model eagerly first (prosparse_fx.relufy_, which handles "
+                    "experts) and compile without the activation option, or compile with "
+                    "fullgraph=True to find the graph break"
+                )
+
+
+def _refuse_under_ddp_optimizer(opts: BackendOptions) -> None:
+    """Raise when Dynamo's DDP optimizer calls the backend on pieces of a graph split at
+    DDP's bucket boundaries: an FFN cut by a boundary would keep its activation, and graph taps
+    see fake weights. The way out is to give the backend the whole graph."""
+    try:
+        from torch._dynamo.utils import get_optimize_ddp_mode
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # pragma: no cover - torch without these internals
+        return
+    if get_optimize_ddp_mode() != "ddp_optimizer":
+        return
+    if DistributedDataParallel._get_active_ddp_module() is None:
+        return
+    asked = "activation" if opts.activation is not None else "regularize"
+    raise ValueError(
+        f"options {asked}=...: the model is a DistributedDataParallel module and Dynamo's DDP "
+        "optimizer splits its graph at gradient-bucket boundaries, which can cut an FFN in two "
+        "(its activation would silently stay). Set torch._dynamo.config.optimize_ddp = False "
+        "before compiling (the backend then sees the whole graph; DDP still all-reduces the "
+        "gradients), or wrap after compiling: DDP(torch.compile(model, backend='prosparse', ...))"
+    )
 
 
 def _sinks(

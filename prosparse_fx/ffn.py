@@ -80,6 +80,13 @@ class FFNSite:
         threshold: FATReLU threshold t (``0.0`` for ReLU, ``None`` otherwise).
         hidden_size: width d of the FFN input.
         intermediate_size: width d_ff of x1.
+        bias: some linear of the site (gate, up or down) adds a bias.
+        gate_up_split: for a gate and up computed by one fused linear whose output is split
+            (Phi-3's ``gate_up_proj`` then ``chunk``): the first output row of the gate's and of
+            the up's part, each ``intermediate_size`` rows; ``gate`` and ``up`` then name the
+            same module. ``None`` for separate linears.
+        expert: the expert index for an expert of a mixture-of-experts layer (``path`` is the
+            experts module; see :mod:`prosparse_fx.moe`), else ``None``.
         nodes: graph nodes of the site (``None`` once detached from its graph).
     """
 
@@ -93,6 +100,9 @@ class FFNSite:
     threshold: float | None
     hidden_size: int
     intermediate_size: int
+    bias: bool = False
+    gate_up_split: tuple[int, int] | None = None
+    expert: int | None = None
     nodes: SiteNodes | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -172,6 +182,45 @@ def forward_through_views(node: fx.Node) -> fx.Node:
             break
         node = user
     return node
+
+
+def _split_part(node: fx.Node, linears: dict[fx.Node, fx.Node]) -> tuple[fx.Node, int, int] | None:
+    """``(linear, first row, rows)`` when ``node`` is one part of a linear's output split along
+    its last dimension (``chunk``/``split`` then ``getitem``, as Phi-3's fused ``gate_up_proj``),
+    else ``None``."""
+    if canonical_op(node) != "getitem" or len(node.args) != 2:
+        return None
+    src, index = node.args
+    if not isinstance(src, fx.Node) or canonical_op(src) not in ("chunk", "split"):
+        return None
+    if not isinstance(index, int) or len(src.args) < 2:
+        return None
+    linear = back_through_views(src.args[0])
+    if linear not in linears:
+        return None
+    shape = node_shape(linear)
+    dim = src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0)
+    if not shape or not isinstance(dim, int) or dim not in (-1, len(shape) - 1):
+        return None
+    width = shape[-1]
+    if width < 0:
+        return None
+    how = src.args[1]
+    if canonical_op(src) == "chunk":
+        if not isinstance(how, int) or how < 1:
+            return None
+        step = -(-width // how)
+        sizes = [min(step, width - k) for k in range(0, width, step)]
+    elif isinstance(how, int):
+        sizes = [min(how, width - k) for k in range(0, width, how)]
+    elif isinstance(how, (list, tuple)) and all(isinstance(v, int) for v in how):
+        sizes = list(how)
+    else:
+        return None
+    if not -len(sizes) <= index < len(sizes):
+        return None
+    index %= len(sizes)
+    return linear, sum(sizes[:index]), sizes[index]
 
 
 def _region(end: fx.Node, starts: dict[fx.Node, fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -274,6 +323,12 @@ def find_sites_in_graph(gm: fx.GraphModule) -> list[FFNSite]:
         if x is not None:
             linears[node] = x
             out_to_linear[forward_through_views(node)] = node
+    parts: dict[fx.Node, tuple[int, int]] = {}  # part of a split linear output -> (row, rows)
+    for node in gm.graph.nodes:
+        part = _split_part(node, linears)
+        if part is not None:
+            out_to_linear[node] = part[0]
+            parts[node] = part[1:]
 
     sites: list[FFNSite] = []
     used: set[fx.Node] = set()
@@ -281,7 +336,7 @@ def find_sites_in_graph(gm: fx.GraphModule) -> list[FFNSite]:
         x1 = back_through_views(x_in)
         if not isinstance(x1, fx.Node) or x1 in used:
             continue
-        site = _match_gated(down, x1, linears, out_to_linear) or _match_plain(
+        site = _match_gated(down, x1, linears, out_to_linear, parts) or _match_plain(
             down, x1, out_to_linear
         )
         if site is not None:
@@ -290,11 +345,16 @@ def find_sites_in_graph(gm: fx.GraphModule) -> list[FFNSite]:
     return sites
 
 
+def _has_bias(*linears: fx.Node | None) -> bool:
+    return any(n is not None and linear_operands(n)[2] is not None for n in linears)
+
+
 def _match_gated(
     down: fx.Node,
     x1: fx.Node,
     linears: dict[fx.Node, fx.Node],
     out_to_linear: dict[fx.Node, fx.Node],
+    parts: dict[fx.Node, tuple[int, int]],
 ) -> FFNSite | None:
     if canonical_op(x1) != "mul" or len(x1.all_input_nodes) != 2:
         return None
@@ -302,19 +362,28 @@ def _match_gated(
     for act_end, up_out in ((a_in, b_in), (b_in, a_in)):
         if not isinstance(act_end, fx.Node) or not isinstance(up_out, fx.Node):
             continue
-        up = (
-            out_to_linear.get(forward_through_views(back_through_views(up_out)))
-            if back_through_views(up_out) in linears
-            else None
-        )
-        if up is None:
+        up_src = back_through_views(up_out)
+        if up_src in linears:
+            up, up_part = up_src, None
+        elif up_src in parts:
+            up, up_part = out_to_linear[up_src], parts[up_src]
+        else:
             continue
         found = _region(act_end, out_to_linear)
         if found is None:
             continue
         start, region = found
-        gate = out_to_linear[start]
-        if gate is up or back_through_views(linears[gate]) is not back_through_views(linears[up]):
+        gate, gate_part = out_to_linear[start], parts.get(start)
+        if back_through_views(linears[gate]) is not back_through_views(linears[up]):
+            continue
+        split = None
+        if gate is up:  # one fused linear: two distinct, equal parts of its output
+            if gate_part is None or up_part is None or gate_part[0] == up_part[0]:
+                continue
+            if gate_part[1] != up_part[1] or gate_part[1] != _width(x1):
+                continue
+            split = (gate_part[0], up_part[0])
+        elif gate_part is not None or up_part is not None:
             continue
         kind, threshold = _classify(start, region)
         paths = [module_path(gate), module_path(up), module_path(down)]
@@ -330,6 +399,8 @@ def _match_gated(
             threshold=threshold,
             hidden_size=_width(back_through_views(linears[gate])),
             intermediate_size=_width(x1),
+            bias=_has_bias(gate, up, down),
+            gate_up_split=split,
             nodes=SiteNodes(start, act_end, tuple(region), x1, down, up, gate),
         )
     return None
@@ -365,6 +436,7 @@ def _match_plain(
             back_through_views(fc1.args[1] if canonical_op(fc1) == "addmm" else fc1.args[0])
         ),
         intermediate_size=_width(x1),
+        bias=_has_bias(fc1, down),
         nodes=SiteNodes(start, x1, tuple(region), x1, down, fc1),
     )
 

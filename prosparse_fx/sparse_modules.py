@@ -18,6 +18,47 @@ class NotSparseError(ValueError):
     """An FFN's activation has no exact zeros (SiLU/GELU): relufy and train it first."""
 
 
+class UnsupportedFFNError(NotSparseError):
+    """An FFN the sparse-FFN ops cannot compute exactly (a gated FFN with biases, an expert of a
+    mixture-of-experts layer); the message names the site, the feature and the way out."""
+
+
+def sparse_rewrite_refusal(site: FFNSite) -> str | None:
+    """Why the sparse-FFN ops cannot compute ``site`` exactly, or ``None`` when they can.
+
+    The one precondition of every sparse rewrite (eager :func:`sparsify_ffn_`, the graph pass,
+    the compile backend, the ONNX export), besides a ReLU-family activation.
+    """
+    if site.expert is not None:
+        return (
+            "an expert of a mixture-of-experts layer (the sparse ops compute one dense FFN; "
+            "token routing is not rewritten)"
+        )
+    if site.kind == "gated" and site.bias:
+        return "a gated FFN with biases (mlp_bias=True; the gated sparse op has no bias inputs)"
+    return None
+
+
+def check_sparse_rewritable(sites: Sequence[FFNSite]) -> None:
+    """Raise unless the sparse-FFN ops compute every site exactly.
+
+    Raises:
+        NotSparseError: a site's activation is SiLU/GELU (relufy and train first).
+        UnsupportedFFNError: a site has a feature the ops lack (see
+            :func:`sparse_rewrite_refusal`); the message lists the sites and the way out.
+    """
+    check_relu_family(sites)
+    bad = [(s, r) for s in sites if (r := sparse_rewrite_refusal(s)) is not None]
+    if bad:
+        listing = "; ".join(f"{s.path}: {r}" for s, r in bad[:4]) + (" ..." if len(bad) > 4 else "")
+        raise UnsupportedFFNError(
+            f"{len(bad)} FFN site(s) cannot be rewritten to the sparse-FFN ops exactly: {listing}. "
+            "Run these models with dense FFNs: the relufied model computes the same function "
+            "(compile backend: options sparse_ffn=False; ONNX: export_onnx(..., sparse=False) / "
+            "--dense; eager: do not call sparsify_ffn_)."
+        )
+
+
 def check_relu_family(sites: Sequence[FFNSite]) -> None:
     """Raise :class:`NotSparseError` listing the sites whose activation is not ReLU/FATReLU."""
     bad = [s for s in sites if not s.is_relu_family]
@@ -47,19 +88,35 @@ class SparseGatedFFN(nn.Module):
     transpose of down_proj.weight, made once; the original down weight is dropped).
 
     Args:
-        gate, up, down: the FFN's linears.
+        gate, up, down: the FFN's linears (``gate is up`` for a fused gate_up linear).
         threshold: FATReLU t >= 0 of the gate.
+        gate_up_split: for a fused gate_up linear, the first row of the gate's and of the up's
+            part of its weight (:attr:`FFNSite.gate_up_split`), each d_ff rows.
+
+    Raises:
+        UnsupportedFFNError: a linear has a bias.
     """
 
-    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, threshold: float) -> None:
+    def __init__(
+        self,
+        gate: nn.Module,
+        up: nn.Module,
+        down: nn.Module,
+        threshold: float,
+        gate_up_split: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         w_gate, b_gate = _linear_weight(gate)
         w_up, b_up = _linear_weight(up)
         w_down, b_down = _linear_weight(down)
         if any(b is not None for b in (b_gate, b_up, b_down)):
-            raise NotImplementedError("gated FFNs with biases are not supported by the sparse op")
-        self.w_gate = nn.Parameter(w_gate.detach(), requires_grad=False)
-        self.w_up = nn.Parameter(w_up.detach(), requires_grad=False)
+            raise UnsupportedFFNError("gated FFNs with biases are not supported by the sparse op")
+        if gate_up_split is not None:
+            d_ff = w_down.shape[1]
+            w_gate = w_gate[gate_up_split[0] : gate_up_split[0] + d_ff]
+            w_up = w_up[gate_up_split[1] : gate_up_split[1] + d_ff]
+        self.w_gate = nn.Parameter(w_gate.detach().contiguous(), requires_grad=False)
+        self.w_up = nn.Parameter(w_up.detach().contiguous(), requires_grad=False)
         self.w_down_t = nn.Parameter(w_down.detach().T.contiguous(), requires_grad=False)
         self.threshold = float(threshold)
 
@@ -123,10 +180,11 @@ def sparsify_ffn_(
 
     Raises:
         NotSparseError: a site's activation is SiLU/GELU (relufy and train first).
+        UnsupportedFFNError: a gated FFN with biases, or a mixture-of-experts expert.
         ValueError: a site whose module layout cannot be swapped (nothing is changed).
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model, example_inputs)
-    check_relu_family(sites)
+    check_sparse_rewritable(sites)
     plans = []
     for site in sites:
         if site.activation_module is None:
@@ -147,6 +205,7 @@ def sparsify_ffn_(
                 resolve_module(model, site.up),
                 resolve_module(model, site.down),
                 site.threshold or 0.0,
+                site.gate_up_split,
             )
             plans.append([(site.path, module)])
         else:

@@ -8,7 +8,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import kernels  # noqa: F401  (registers the ops)
-from ..capture import dialect_of, insert_contiguous, transpose_target
+from ..capture import dialect_of, insert_contiguous, narrow_target, transpose_target
 from ..ffn import (
     FFNSite,
     back_through_views,
@@ -16,7 +16,7 @@ from ..ffn import (
     forward_through_views,
     linear_operands,
 )
-from ..sparse_modules import check_relu_family
+from ..sparse_modules import UnsupportedFFNError, check_sparse_rewritable
 
 
 def _attr_owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
@@ -50,6 +50,19 @@ def _transposed_weight(
     return node, None
 
 
+def _weight_rows(
+    gm: fx.GraphModule, graph: fx.Graph, weight: fx.Node, start: int, rows: int, name: str
+) -> fx.Node:
+    """A node holding rows ``start:start+rows`` of a ``[out, in]`` weight (one part of a fused
+    gate_up weight): a parameter copied once for a ``get_attr`` weight, else a ``narrow``."""
+    if weight.op == "get_attr":
+        owner, attr = _attr_owner(gm, str(weight.target))
+        part = getattr(owner, attr).detach()[start : start + rows].contiguous()
+        setattr(gm, f"_prosparse_{name}", nn.Parameter(part, requires_grad=False))
+        return graph.get_attr(f"_prosparse_{name}")
+    return graph.call_function(narrow_target(dialect_of(gm)), (weight, 0, start, rows))
+
+
 def _site_nodes(site: FFNSite) -> list[fx.Node]:
     """The nodes a site's rewrite may leave unused (erased only if nothing reads them)."""
     nodes = site.nodes
@@ -60,7 +73,9 @@ def _site_nodes(site: FFNSite) -> list[fx.Node]:
         (node,) = node.users
         chain.append(node)
     region = [n for n in reversed(nodes.region) if isinstance(n, fx.Node)]
-    rest = [nodes.x1, nodes.act_output, *region, nodes.act_input, nodes.up, nodes.gate]
+    # a fused gate_up's parts and split feed x1 and the activation
+    parts = [*nodes.x1.all_input_nodes, *nodes.act_input.all_input_nodes]
+    rest = [nodes.x1, nodes.act_output, *region, nodes.act_input, *parts, nodes.up, nodes.gate]
     weights = [linear_operands(n)[1] for n in (nodes.down, nodes.up, nodes.gate) if n is not None]
     return list(reversed(chain)) + [n for n in rest + weights if isinstance(n, fx.Node)]
 
@@ -90,8 +105,12 @@ class SparseFFNRewritePass(PassBase):
     freezes weights folds into one constant (the sparse op reads rows of ``w_down_t``).
     Idempotent (a rewritten graph has no FFN sites left).
 
+    A fused gate_up linear (:attr:`FFNSite.gate_up_split`) gives the op its two row blocks.
+
     Raises (when called):
         NotSparseError: a site's activation is SiLU/GELU: relufy and train first.
+        UnsupportedFFNError: a gated site with biases (see
+            :func:`prosparse_fx.sparse_modules.sparse_rewrite_refusal`); nothing is changed.
     """
 
     def __init__(self, materialize_transposes: bool = False) -> None:
@@ -100,7 +119,7 @@ class SparseFFNRewritePass(PassBase):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         sites = find_sites_in_graph(graph_module)
-        check_relu_family(sites)
+        check_sparse_rewritable(sites)
         graph = graph_module.graph
         replaced: list[str] = []
         old_nodes: list[fx.Node] = []
@@ -143,9 +162,22 @@ class SparseFFNRewritePass(PassBase):
                 assert nodes.gate is not None
                 x, w_gate, _, gate_t = linear_operands(nodes.gate)
                 _, w_up, _, up_t = linear_operands(nodes.up)
-                if gate_t:
+                if site.gate_up_split is not None:
+                    if gate_t:
+                        raise UnsupportedFFNError(
+                            f"{site.path}: a fused gate_up weight stored [in, out] (Conv1D) is "
+                            "not supported by the sparse rewrite; compile it with "
+                            "sparse_ffn=False"
+                        )
+                    g, u = site.gate_up_split
+                    n = site.intermediate_size
+                    w_gate = _weight_rows(gm, graph, w_gate, g, n, f"w_gate_{i}")
+                    w_up = _weight_rows(gm, graph, w_up, u, n, f"w_up_{i}")
+                    if w_up.op == "get_attr":
+                        replaced.append(str(linear_operands(nodes.gate)[1].target))
+                elif gate_t:
                     w_gate, _ = _transposed_weight(gm, graph, w_gate, False, f"w_gate_{i}")
-                if up_t:
+                if up_t and site.gate_up_split is None:
                     w_up, _ = _transposed_weight(gm, graph, w_up, False, f"w_up_{i}")
                 args = (back_through_views(x), w_gate, w_up, w_down_t, t)
                 new = graph.call_function(torch.ops.prosparse.sparse_gated_ffn.default, args)
