@@ -169,13 +169,14 @@ def measure(
     from .data import bos_token_id, load_documents, split_documents, token_windows
     from .ffn import FFNNotFoundError, find_ffn_sites
     from .measure import evaluate
-    from .models import check_model_path, load_model
+    from .models import check_causal_lm, check_model_path, load_model
     from .pipeline import _spread
 
     try:
         if windows < 1 or seq_len < 2:
             raise InputError("--windows must be >= 1 and --seq-len >= 2")
-        check_model_path(model)
+        if check_model_path(model).is_dir():
+            check_causal_lm(model)  # an encoder is refused before the text is read
         docs = load_documents(data)
         lm, tok = load_model(model, tokenizer=tokenizer)
         text = split_documents(docs).held_out if data is None else docs

@@ -33,7 +33,7 @@ from .data import bos_token_id, load_documents, split_documents, token_windows
 from .errors import InputError
 from .ffn import FFNNotFoundError, FFNSite, check_no_unknown, find_ffn_sites
 from .measure import Evaluation, evaluate
-from .models import check_model_path, load_model
+from .models import check_causal_lm, check_model_path, load_model
 from .relufy import relufy_
 from .report import plot_per_layer, plot_training, write_json_atomic
 from .taps import L1_NORMS
@@ -399,6 +399,8 @@ def run_sparsify(
     ctx = init_from_env(device, sharding)  # one process, or one of torchrun's
     ctx.check_batch(config.batch_size)
     model_file = check_model_path(model_path)
+    if model_file.is_dir():
+        check_causal_lm(model_file)  # an encoder is refused before the text is read
     data_file = Path(data_path) if data_path is not None else None
     tokenizer_dir = Path(tokenizer_path) if tokenizer_path is not None else None
     if resume_state is None:
