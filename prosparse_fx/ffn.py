@@ -469,7 +469,8 @@ def find_ffn_sites(
         require: raise when no FFN is found (default) instead of returning ``[]``.
 
     Returns:
-        One :class:`FFNSite` per FFN in execution order.
+        One :class:`FFNSite` per FFN in module order; each expert of a mixture-of-experts layer
+        is a site (:mod:`prosparse_fx.moe`).
 
     Raises:
         FFNNotFoundError: no FFN site was found (the message lists the linears and activations
@@ -477,10 +478,14 @@ def find_ffn_sites(
         ValueError: no example inputs given and none can be built from the model's config.
     """
     if isinstance(model, fx.GraphModule) and _has_module_stack(model):
+        sites = find_sites_in_graph(model)
         gm = model
     else:
-        gm = capture_export(model, example_inputs)
-    sites = find_sites_in_graph(gm)
+        from .moe import find_expert_sites, traceable_experts
+
+        with traceable_experts(model):
+            gm = capture_export(model, example_inputs)
+        sites = _in_module_order(model, find_sites_in_graph(gm) + find_expert_sites(model))
     if require and not sites:
         raise FFNNotFoundError(
             f"no FFN found in {type(model).__name__}: the graph has {describe_graph(gm)}. "
@@ -488,6 +493,18 @@ def find_ffn_sites(
             "linear (gated), or a linear, an activation and a linear (plain)."
         )
     return sites
+
+
+def _in_module_order(model: nn.Module, sites: list[FFNSite]) -> list[FFNSite]:
+    """Sites sorted by where their FFN module comes in ``model.named_modules()`` (experts of one
+    module by expert index), graph order kept for ties."""
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+
+    def key(site: FFNSite) -> tuple[int, int]:
+        path = site.path.rpartition(".")[0] if site.expert is not None else site.path
+        return order.get(path, len(order)), site.expert or 0
+
+    return sorted(sites, key=key)
 
 
 def _has_module_stack(gm: fx.GraphModule) -> bool:

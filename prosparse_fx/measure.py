@@ -20,10 +20,12 @@ class SparsityReport:
     """Activation sparsity of x1.
 
     Attributes:
-        sparsity: mean over layers of the per-layer sparsity (0..1).
+        sparsity: mean over sites of the per-site sparsity (0..1); each expert of a
+            mixture-of-experts layer is a site.
         per_layer: per FFN site, the fraction of exact zeros in x1 per token, averaged over
-            tokens (0..1).
-        tokens: number of tokens measured.
+            the tokens that reached the site (0..1; for an expert, the tokens routed to it;
+            NaN for an expert that none reached).
+        tokens: number of token positions measured (a BOS that starts a window included).
         sites: module paths of the FFN sites, in the order of ``per_layer``.
     """
 
@@ -54,7 +56,10 @@ def evaluate(
 
     Sparsity: per token, the fraction of exact zeros in x1 (the down_proj input), averaged over
     tokens, per FFN site; overall = mean over sites. Perplexity: ``exp(mean next-token NLL)``,
-    every window scored on its own, all predicted tokens weighted equally.
+    every window scored on its own, all predicted tokens weighted equally. The first token of a
+    window is context only, never a target: windows that start with BOS (as
+    :func:`~prosparse_fx.data.token_windows` makes them for tokenizers that add BOS) score
+    every text token and never the BOS.
 
     Args:
         model: a causal LM whose forward takes ``input_ids`` (and ``labels`` when
@@ -75,11 +80,13 @@ def evaluate(
         )
     sites = list(sites) if sites is not None else find_ffn_sites(model)
     zero_sums = [0.0] * len(sites)
+    site_tokens = [0] * len(sites)  # tokens that reached each site (an expert sees some)
     tokens = 0
     nll, count = 0.0, 0
 
     def record(i: int, x1: torch.Tensor) -> None:
         zero_sums[i] += float((x1 == 0).float().mean(-1).sum())
+        site_tokens[i] += x1.shape[:-1].numel()
 
     was_training = model.training
     model.eval()
@@ -98,15 +105,21 @@ def evaluate(
                 tokens += batch.numel()
     finally:
         model.train(was_training)
-    per_layer = [z / tokens for z in zero_sums]
+    per_layer = [z / n if n else float("nan") for z, n in zip(zero_sums, site_tokens)]
     report = SparsityReport(
-        sparsity=sum(per_layer) / max(len(per_layer), 1),
+        sparsity=_mean(per_layer),
         per_layer=per_layer,
         tokens=tokens,
         sites=[s.path for s in sites],
     )
     ppl = math.exp(nll / count) if with_loss else float("nan")
     return Evaluation(perplexity=ppl, sparsity=report)
+
+
+def _mean(values: Sequence[float]) -> float:
+    """Mean over the sites that saw tokens (an expert may see none)."""
+    seen = [v for v in values if not math.isnan(v)]
+    return sum(seen) / len(seen) if seen else float("nan")
 
 
 def measure_sparsity(

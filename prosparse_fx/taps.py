@@ -40,9 +40,13 @@ def activation_l1(x1: torch.Tensor, norm: L1Norm = "mean") -> torch.Tensor:
         x1: ``[..., d_ff]`` float tensor, the input of down_proj.
         norm: ``"mean"`` or ``"token_l1"``.
 
+    An empty x1 (a mixture-of-experts expert that no token reached) gives 0.
+
     Raises:
         ValueError: unknown ``norm``.
     """
+    if x1.numel() == 0:  # an expert no token was routed to: no activation, no penalty
+        return x1.abs().sum(dtype=torch.float32)
     if norm == "mean":
         return x1.abs().mean(dtype=torch.float32)
     if norm == "token_l1":
@@ -52,7 +56,7 @@ def activation_l1(x1: torch.Tensor, norm: L1Norm = "mean") -> torch.Tensor:
 
 def zero_fraction(x1: torch.Tensor) -> torch.Tensor:
     """Fraction of exact zeros in x1 (0-dim float32, no gradient): the activation sparsity of
-    one layer on one forward."""
+    one layer on one forward; NaN for an empty x1 (an expert that no token reached)."""
     return (x1.detach() == 0).float().mean()
 
 
@@ -109,12 +113,16 @@ def in_backward() -> bool:
 @contextmanager
 def tap_inputs(
     model: nn.Module,
-    paths: Sequence[str],
+    paths: Sequence[str | FFNSite],
     fn: Callable[[int, torch.Tensor], None],
     *,
     on_recompute: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Iterator[None]:
     """Call ``fn(i, x)`` with the first input of module ``paths[i]`` on every forward.
+
+    An entry that is an expert site (:attr:`FFNSite.expert`, as :func:`down_paths` gives for
+    mixture-of-experts layers) is tapped through :func:`prosparse_fx.moe.expert_taps`: ``fn``
+    gets that expert's x1, ``[n_e, d_ff]`` with ``n_e`` the tokens routed to it (maybe 0).
 
     Forwards that run inside a backward (:func:`in_backward`: activation checkpointing's
     recompute) are not forwards of the model: ``fn`` is not called for them, so each forward is
@@ -124,25 +132,36 @@ def tap_inputs(
     Raises:
         LookupError: a path is not a submodule of ``model``.
     """
+    from .moe import expert_taps
+
+    def seen(i: int, x: torch.Tensor) -> None:
+        if in_backward():
+            if on_recompute is not None:
+                on_recompute(i, x)
+            return
+        fn(i, x)
+
+    experts = [(i, p) for i, p in enumerate(paths) if isinstance(p, FFNSite)]
     handles = []
     try:
         for i, path in enumerate(paths):
+            if isinstance(path, FFNSite):
+                continue
             module = resolve_module(model, path)
 
             def hook(_mod: nn.Module, args: tuple, _i: int = i) -> None:
-                if in_backward():
-                    if on_recompute is not None:
-                        on_recompute(_i, args[0])
-                    return
-                fn(_i, args[0])
+                seen(_i, args[0])
 
             handles.append(module.register_forward_pre_hook(hook))
-        yield
+        with expert_taps(model, experts, seen):
+            yield
     finally:
         for h in handles:
             h.remove()
 
 
-def down_paths(sites: Sequence[FFNSite]) -> list[str]:
-    """Module paths of the down_proj (fc2) of each site: where x1 enters."""
-    return [s.down for s in sites]
+def down_paths(sites: Sequence[FFNSite]) -> list[str | FFNSite]:
+    """Where each site's x1 is tapped for :func:`tap_inputs`: the module path of its down_proj
+    (fc2), where x1 enters; an expert site itself (its down_proj is a slice of a 3-D
+    parameter, not a module)."""
+    return [s if s.expert is not None else s.down for s in sites]

@@ -151,7 +151,8 @@ class ActivationRegularizer:
             )
         per_layer = [torch.stack(v).mean() for v in self._l1]
         self.last_l1 = [float(v.detach()) for v in per_layer]
-        self.last_sparsity = [float(torch.stack(v).mean()) for v in self._zero]
+        # nanmean: an expert that no token reached has no fraction of zeros in that forward
+        self.last_sparsity = [float(torch.stack(v).nanmean()) for v in self._zero]
         for v in self._l1 + self._zero:
             v.clear()
         return torch.stack(per_layer).sum()
