@@ -96,3 +96,28 @@ def test_token_windows() -> None:
     assert token_windows(_CharTokenizer(), ["abcdefgh"] * 5, 2, max_windows=3).shape == (3, 2)
     with pytest.raises(InputError, match="shorter than one window"):
         token_windows(_CharTokenizer(), ["ab"], seq_len=8)
+
+
+class _BosCharTokenizer(_CharTokenizer):
+    """Puts BOS (1) first when it encodes a text with its special tokens (the default)."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_token_windows_follow_the_tokenizers_bos() -> None:
+    from prosparse_fx.data import bos_token_id
+
+    assert bos_token_id(_BosCharTokenizer()) == 1 and bos_token_id(_CharTokenizer()) is None
+    # BOS, then seq_len - 1 text tokens: every text token is predicted, BOS never is
+    w = token_windows(_BosCharTokenizer(), ["abc", "de"], seq_len=3)
+    assert w.tolist() == [[1, 97, 98], [1, 99, 0], [1, 100, 101]]
+    assert token_windows(_BosCharTokenizer(), ["abc", "de"], 3, bos=False).tolist() == [
+        [97, 98, 99],
+        [0, 100, 101],
+    ]
+    with pytest.raises(InputError, match="no BOS token"):
+        token_windows(_CharTokenizer(), ["abc"], 2, bos=True)
