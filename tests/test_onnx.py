@@ -92,6 +92,11 @@ INPUTS = {
     "one token": lambda: torch.randn(1, 1, 8),
     "batch of sequences": lambda: torch.randn(2, 3, 8),
     "odd shape": lambda: torch.randn(5, 7, 8),
+    # empty inputs keep their shape, as in torch (Reshape's default reads a 0 in the target
+    # shape as "copy the input's dim": [2, 0, 8] failed, [0, 0, 8] came back as [0, 8, 8])
+    "zero-length sequence": lambda: torch.randn(2, 0, 8),
+    "zero-size batch": lambda: torch.randn(0, 3, 8),
+    "empty batch and sequence": lambda: torch.randn(0, 0, 8),
     "all zero x1": lambda: -50 * torch.ones(1, 2, 8) - torch.rand(1, 2, 8),
 }
 
@@ -115,8 +120,12 @@ def test_translation_matches_reference(tmp_path, kind, threshold, bias, crossove
         (y,) = session.run(None, {name: x.numpy()})
         with torch.no_grad():
             expected = module.reference(x).numpy()
+            assert module(x).shape == expected.shape, label  # the op itself, in torch
         assert y.shape == expected.shape, label
-        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5, err_msg=label)
+        # float32 rounding scales with the magnitudes summed ("all zero x1" has |x| ~ 50 and
+        # outputs ~ 2500, where one ulp is 2.4e-4)
+        atol = 1e-5 * max(1.0, float(np.abs(expected).max(initial=0.0)))
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=atol, err_msg=label)
 
 
 def test_chunked_translation_matches_reference(tmp_path, monkeypatch) -> None:
@@ -146,6 +155,9 @@ def test_chunked_translation_matches_reference(tmp_path, monkeypatch) -> None:
             expected = module.reference(x).numpy()
         assert kept == active
         np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6, err_msg=str(active))
+        for empty in ((2, 0, 8), (0, 3, 8)):  # no tokens: every chunk is empty
+            (y,) = session.run(None, {session.get_inputs()[0].name: np.zeros(empty, np.float32)})
+            assert y.shape == empty, (active, empty)
 
 
 @pytest.mark.parametrize("crossover", [0.0, 1.0])
@@ -294,6 +306,39 @@ def test_encoder_exports_without_cache(tmp_path) -> None:
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
     np.testing.assert_allclose(hidden, expected.numpy(), atol=1e-5)
+
+
+def test_zero_length_inputs_of_a_whole_model(tmp_path, llama_onnx) -> None:
+    """The FFN ops take empty inputs (above), but a whole Hugging Face model does not, in torch
+    itself: its attention reshapes with an inferred dim that 0 elements leave ambiguous. The
+    exported file fails the same way for a zero-length sequence (not a silent wrong shape), an
+    empty batch gives empty logits, and the runner refuses both by name."""
+    model = tiny("llama")
+    relufy_(model, "fatrelu", 0.05)
+    path = export_onnx(model, tmp_path / "nocache.onnx", kv_cache=False, crossover=1.0)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(6))
+    for shape in ((2, 0), (0, 3)):  # torch, with the inputs the export takes
+        empty = ids[: shape[0], : shape[1]]
+        with pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements"):
+            with torch.no_grad():
+                model(input_ids=empty, attention_mask=torch.ones_like(empty), use_cache=False)
+    with pytest.raises(Exception, match="Reshape"):
+        session.run(None, {"input_ids": ids[:, :0].numpy(), "attention_mask": ids[:, :0].numpy()})
+    empty = ids[:0].numpy()
+    (logits,) = session.run(None, {"input_ids": empty, "attention_mask": np.ones_like(empty)})
+    assert logits.shape == (0, 3, 128)
+    mask = np.ones((2, 3), np.int64)
+    (logits,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask})
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits.numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    for lm in (OnnxCausalLM(path), OnnxCausalLM(llama_onnx[1])):
+        for bad in (ids[:, :0], ids[:0]):
+            with pytest.raises(InputError, match="at least one row and one token"):
+                lm.forward(bad.numpy(), np.ones(bad.shape, np.int64))
+            with pytest.raises(InputError, match="at least one row and one token"):
+                lm.generate(bad.numpy(), 3)
 
 
 def test_sliding_window_cache_is_refused(tmp_path) -> None:

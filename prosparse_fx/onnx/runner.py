@@ -116,7 +116,11 @@ class OnnxCausalLM:
             attention_mask: ``[batch, past + seq]`` int64 (1 = attend, 0 = padding).
             position_ids: ``[batch, seq]`` int64 (default: from the mask).
             past: the present of the previous call (default: empty).
+
+        Raises:
+            InputError: ``input_ids`` is not 2-D, or has no rows or no tokens.
         """
+        _check_not_empty(np.asarray(input_ids), "seq")
         self._check_ids(np.asarray(input_ids))
         feeds: dict[str, Any] = {
             "input_ids": input_ids.astype(np.int64),
@@ -150,9 +154,10 @@ class OnnxCausalLM:
             ``[batch, prompt + new]`` int64; fewer new tokens when every row ended.
 
         Raises:
-            InputError: ``max_new_tokens`` not a whole number >= 0, ``input_ids`` not 2-D or
-                not integers or outside the vocabulary, or an ``attention_mask`` of another
-                shape, not 0/1, with an all-zero row, or right-padded.
+            InputError: ``max_new_tokens`` not a whole number >= 0, ``input_ids`` not 2-D,
+                without rows or tokens, not integers or outside the vocabulary, or an
+                ``attention_mask`` of another shape, not 0/1, with an all-zero row, or
+                right-padded.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
             raise InputError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}")
@@ -162,8 +167,7 @@ class OnnxCausalLM:
         if not np.issubdtype(ids.dtype, np.integer):
             raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
         ids = ids.astype(np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise InputError(f"input_ids must be [batch, prompt] with a prompt, got {ids.shape}")
+        _check_not_empty(ids, "prompt")
         self._check_ids(ids)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
@@ -201,3 +205,20 @@ class OnnxCausalLM:
 def _positions(mask: np.ndarray) -> np.ndarray:
     """Position of each token counting only attended ones (left padding gets 0)."""
     return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+
+
+def _check_not_empty(ids: np.ndarray, seq: str) -> None:
+    """Refuse input_ids that are not ``[batch, seq]`` with ``batch, seq >= 1`` (``seq``: the
+    name of the second dim in the message).
+
+    The exported graph computes what the torch model computes, and the Hugging Face models
+    refuse an empty batch or sequence (their attention reshapes with an inferred dim that 0
+    elements leave ambiguous): in ONNX Runtime a zero-length sequence fails in a Reshape, and
+    an empty batch would make :meth:`OnnxCausalLM.generate` stop at once (all of no rows ended).
+    """
+    if ids.ndim != 2 or 0 in ids.shape:
+        raise InputError(
+            f"input_ids must be [batch, {seq}] with at least one row and one token, got shape "
+            f"{list(ids.shape)} (the model, like its torch original, cannot run an empty batch "
+            "or sequence)"
+        )

@@ -107,13 +107,20 @@ def _active_set(z: Any, threshold: float, crossover: float) -> tuple[Any, Any, A
 
 
 def _rows(x: Any) -> Any:
-    """``[..., d]`` → ``[n, d]`` (Gemm takes 2-D inputs)."""
+    """``[..., d]`` → ``[n, d]`` (Gemm takes 2-D inputs); ``n = 0`` for an empty batch or
+    sequence (``-1`` is inferred as 0 then, since ``d > 0``)."""
     return op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), op.Shape(x, start=-1), axis=0))
 
 
 def _unrows(y: Any, x: Any, w_out_t: Any) -> Any:
-    """``[n, d_out]`` → ``[..., d_out]`` with the leading dims of ``x``."""
-    return op.Reshape(y, op.Concat(op.Shape(x, end=-1), op.Shape(w_out_t, start=1), axis=0))
+    """``[n, d_out]`` → ``[..., d_out]`` with the leading dims of ``x``.
+
+    ``allowzero=1``: a 0 in the target shape is a real empty dim (a zero-length sequence or
+    batch), not Reshape's default "copy this dim from the input", which would turn ``[0, d]``
+    into ``[2, d, d]`` for ``x [2, 0, d]`` (an error) or ``[0, d, d]`` for ``x [0, 0, d]``.
+    """
+    shape = op.Concat(op.Shape(x, end=-1), op.Shape(w_out_t, start=1), axis=0)
+    return op.Reshape(y, shape, allowzero=1)
 
 
 # weight matrices above this size (bytes) gather their active rows in chunks; below it (SmolLM2:
