@@ -63,6 +63,9 @@ class FATReLU(nn.Module):
     torch.compile see a constant, not a data-dependent value). The float follows the buffer on
     :meth:`set_threshold`, ``load_state_dict``, ``train()``/``eval()`` (``from_pretrained`` ends
     with ``eval()``) and on any eager forward after the buffer was replaced or changed in place.
+    A checkpoint without the buffer (the published ProSparse format) gets its threshold from the
+    config's ``hidden_act_param`` on ``from_pretrained``, never uninitialised memory (the hooks in
+    :mod:`prosparse_fx.relufy`).
 
     Args:
         threshold: t >= 0 (float, in the units of the gate pre-activation).
