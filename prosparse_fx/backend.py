@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from .capture import canonical_op, module_path, nested_graph_modules, specialize_symbolic_thresholds
-from .ffn import FFNSite, find_sites_in_graph, forward_through_views, linear_operands
+from .capture import nested_graph_modules, specialize_symbolic_thresholds
+from .ffn import FFNSite, check_gates_covered, find_sites_in_graph, linear_operands
 from .passes import InsertActivationTapsPass, SparseFFNRewritePass, SubstituteActivationPass
 from .passes.activation_taps import TAPS_META_KEY
 from .sparse_modules import check_sparse_rewritable, sparse_rewrite_refusal
@@ -166,7 +166,8 @@ def prosparse_backend(
         _refuse_under_ddp_optimizer(opts)
     if not any(per_graph):
         if opts.activation is not None:
-            _refuse_unmatched_activations(graphs, per_graph)
+            for g in graphs:
+                check_gates_covered(g, [])
         _say_no_sites_once()
         return _compile(gm, example_inputs, opts, mode)
     if opts.activation is not None:
@@ -174,7 +175,6 @@ def prosparse_backend(
         for g, t in zip(graphs, thresholds):
             SubstituteActivationPass(opts.activation, t)(g)
         per_graph = [find_sites_in_graph(g) for g in graphs]
-        _refuse_unmatched_activations(graphs, per_graph)
     sites = per_graph[0]
     all_sites = [s for found in per_graph for s in found]
     sinks = None
@@ -243,35 +243,6 @@ def _thresholds_per_graph(opts: BackendOptions, counts: list[int]) -> list[Any]:
         out.append(list(opts.threshold[k : k + n]))
         k += n
     return out
-
-
-_GATE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
-
-
-def _refuse_unmatched_activations(
-    graphs: Sequence[fx.GraphModule], per_graph: Sequence[Sequence[FFNSite]]
-) -> None:
-    """Raise when a SiLU/GELU that gates a multiply, as in a gated FFN, belongs to no FFN site.
-
-    With ``activation`` set, such an FFN would silently keep its activation: an expert of a
-    mixture-of-experts layer (its weights are slices of 3-D parameters), or an FFN cut in two by
-    a graph break.
-    """
-    for g, sites in zip(graphs, per_graph):
-        matched = {n for s in sites if s.nodes is not None for n in s.nodes.region}
-        for node in g.graph.nodes:
-            if canonical_op(node) not in _GATE_ACTIVATIONS or node in matched:
-                continue
-            if any(canonical_op(u) == "mul" for u in forward_through_views(node).users):
-                raise ValueError(
-                    f"options activation=relu/fatrelu: the {canonical_op(node)} at "
-                    f"{module_path(node) or node.name} gates a multiply like a gated FFN, but it "
-                    "is not part of an FFN site the backend can rewrite (a mixture-of-experts "
-                    "expert, or an FFN split by a graph break), so it would keep its activation. "
-                    "Relufy the model eagerly first (prosparse_fx.relufy_, which handles "
-                    "experts) and compile without the activation option, or compile with "
-                    "fullgraph=True to find the graph break"
-                )
 
 
 def _refuse_under_ddp_optimizer(opts: BackendOptions) -> None:

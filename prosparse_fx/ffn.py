@@ -50,6 +50,10 @@ class FFNNotFoundError(ValueError):
     """No FFN site could be found; the message lists what the graph does contain."""
 
 
+class UncoveredFFNError(ValueError):
+    """An activation that looks like an FFN's gate is in no FFN site a graph pass can change."""
+
+
 @dataclass(frozen=True)
 class SiteNodes:
     """Graph nodes of one FFN site (valid only for the graph they were found in)."""
@@ -524,6 +528,35 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
             f"module {path!r} of an FFN site is not in {type(model).__name__}; were the sites "
             "found on a different model?"
         ) from exc
+
+
+_GATE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def check_gates_covered(gm: fx.GraphModule, sites: list[FFNSite]) -> None:
+    """Raise when a SiLU/GELU in ``gm`` gates a multiply, as in a gated FFN, but belongs to no
+    site: a pass that changes the FFN activations would silently leave that FFN as it was.
+
+    Such an FFN is an expert of a mixture-of-experts layer (its weights are slices of 3-D
+    parameters picked by the router; see :mod:`prosparse_fx.moe`) or an FFN cut in two by a
+    graph break.
+
+    Raises:
+        UncoveredFFNError: naming the activation's module and the way out.
+    """
+    matched = {n for s in sites if s.nodes is not None for n in s.nodes.region}
+    for node in gm.graph.nodes:
+        if canonical_op(node) not in _GATE_ACTIVATIONS or node in matched:
+            continue
+        if any(canonical_op(u) == "mul" for u in forward_through_views(node).users):
+            raise UncoveredFFNError(
+                f"the {canonical_op(node)} at {module_path(node) or node.name} gates a multiply "
+                "like a gated FFN, but it is not part of an FFN site a graph pass can change (a "
+                "mixture-of-experts expert, or an FFN split by a graph break), so it would keep "
+                "its activation. Relufy the model eagerly first (prosparse_fx.relufy_, which "
+                "handles experts) and capture or compile it without activation substitution; "
+                "for a graph break, compile with fullgraph=True to find it"
+            )
 
 
 def check_no_unknown(sites: list[FFNSite], allowed: tuple[str, ...] = REPLACEABLE) -> None:

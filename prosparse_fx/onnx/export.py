@@ -25,6 +25,7 @@ from torch import fx, nn
 from ..capture import capture_export, example_inputs_for, module_path
 from ..errors import InputError
 from ..ffn import FFNNotFoundError, find_sites_in_graph
+from ..moe import find_expert_sites
 from ..passes import SparseFFNRewritePass
 from ..sparse_modules import NotSparseError
 from .cached_decoder import CachedDecoder, check_full_attention, dynamic_shapes, example_inputs
@@ -223,8 +224,9 @@ def export_onnx(
             without the config the chosen export needs.
         NotSparseError: ``sparse`` and an FFN's activation is SiLU/GELU (relufy and train
             first, or export with ``sparse=False``).
-        ONNXExportError: ``torch.export`` cannot capture the model, or an operator has no ONNX
-            translation (the message names it and its module).
+        ONNXExportError: ``torch.export`` cannot capture the model, an operator has no ONNX
+            translation (the message names it and its module), or the model has
+            mixture-of-experts layers (named).
     """
     import onnx
 
@@ -238,6 +240,14 @@ def export_onnx(
         raise InputError("export_onnx takes a float32 model; load it with dtype=torch.float32")
     if any(p.is_meta for p in params):
         raise InputError("the model has weights on the meta device; load real weights first")
+    experts = sorted({s.path.rpartition(".")[0] for s in find_expert_sites(model)})
+    if experts:
+        raise ONNXExportError(
+            f"{type(model).__name__} has mixture-of-experts layers ({', '.join(experts[:2])}"
+            f"{' ...' if len(experts) > 2 else ''}): their token routing does not export to ONNX "
+            "with dynamic shapes here, dense or sparse; run the model in torch (relufy_, "
+            "measure and generate work on experts)"
+        )
     if example_inputs is not None:
         wrapper, inputs, shapes = model, tuple(example_inputs), dynamic_shapes
         input_names = [f"input_{i}" for i in range(len(inputs))]

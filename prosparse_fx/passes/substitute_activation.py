@@ -11,7 +11,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..activations import get_activation
 from ..capture import dialect_of
-from ..ffn import REPLACEABLE, check_no_unknown, find_sites_in_graph
+from ..ffn import REPLACEABLE, check_gates_covered, check_no_unknown, find_sites_in_graph
 from ..relufy import thresholds_per_site
 
 
@@ -27,6 +27,8 @@ class SubstituteActivationPass(PassBase):
         FFNNotFoundError: never; a graph without FFN sites is returned unchanged.
         ValueError: a site with an activation that cannot be replaced (message lists the sites),
             a bad threshold, or an unknown ``activation``.
+        UncoveredFFNError: a SiLU/GELU gates a multiply outside every site (a mixture-of-experts
+            expert), which would silently keep its activation; nothing is changed.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class SubstituteActivationPass(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         sites = find_sites_in_graph(graph_module)
         check_no_unknown(sites, REPLACEABLE)
+        check_gates_covered(graph_module, sites)
         act = self._act
         if act.takes_threshold:
             ts = thresholds_per_site(self.threshold, len(sites))

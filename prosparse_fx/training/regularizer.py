@@ -93,6 +93,13 @@ class ActivationRegularizer:
             )
             self._ctx.__enter__()
         else:
+            experts = [s.path for s in self.sites if s.expert is not None]
+            if experts:
+                raise ValueError(
+                    f"taps='graph' cannot reach the experts of a mixture-of-experts layer "
+                    f"({', '.join(experts[:2])} ...): the compile backend does not rewrite "
+                    "them. Use taps='hooks' (the default) and train the model eagerly"
+                )
             for i, site in enumerate(self.sites):
                 weight = resolve_module(model, site.down).weight
                 register_sink(weight, self, i)
