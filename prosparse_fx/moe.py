@@ -144,11 +144,13 @@ def _expert_linear(module: nn.Module, x: torch.Tensor, name: str, e: int) -> tor
     return F.linear(x, weight, bias)
 
 
-def _tapped_forward(
-    module: nn.Module, taps: dict[int, int], fn: Callable[[int, torch.Tensor], None]
-) -> Callable[..., torch.Tensor]:
+_TAPS_ATTR = "_prosparse_expert_taps"
+
+
+def _tapped_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
     """The experts forward of transformers' eager implementation (a loop over experts), calling
-    ``fn(taps[e], x1_e)`` with each tapped expert's x1 ``[n_e, d_ff]`` (``n_e`` may be 0)."""
+    every registered ``fn(taps[e], x1_e)`` (see :func:`expert_taps`) with each tapped expert's
+    x1 ``[n_e, d_ff]`` (``n_e`` may be 0)."""
 
     def forward(
         self: nn.Module,
@@ -163,8 +165,9 @@ def _tapped_forward(
             token_idx, k_pos = torch.where(top_k_index == e)
             h = _expert_linear(self, hidden_states[token_idx], up_name, e)
             x1 = self._apply_gate(h) if gated else self.act_fn(h)
-            if e in taps:
-                fn(taps[e], x1)
+            for taps, fn in list(getattr(self, _TAPS_ATTR)):
+                if e in taps:
+                    fn(taps[e], x1)
             out = _expert_linear(self, x1, "down_proj", e)
             if getattr(self, "has_post_expert_norm", False):
                 out = self.post_expert_norm(out)
@@ -186,7 +189,8 @@ def expert_taps(
 
     Each tapped experts module runs transformers' eager per-expert loop (the reference the other
     implementations are checked against), so every tapped expert is seen once per forward, with
-    an empty ``[0, d_ff]`` x1 when no token was routed to it.
+    an empty ``[0, d_ff]`` x1 when no token was routed to it. Contexts nest (a regularizer's
+    taps and a measurement's at once); the module's own forward returns when the last closes.
 
     Raises:
         LookupError: a site's experts module is not in ``model``.
@@ -195,16 +199,24 @@ def expert_taps(
     for i, site in sites:
         assert site.expert is not None
         by_module.setdefault(experts_path(site), {})[site.expert] = i
-    patched = []
+    added = []
     try:
         for path, taps in by_module.items():
             try:
                 module = model.get_submodule(path)
             except AttributeError as exc:
                 raise LookupError(f"experts module {path!r} is not in the model") from exc
-            module.forward = _tapped_forward(module, taps, fn)
-            patched.append(module)
+            if not hasattr(module, _TAPS_ATTR):
+                setattr(module, _TAPS_ATTR, [])
+                module.forward = _tapped_forward(module)
+            entry = (taps, fn)
+            getattr(module, _TAPS_ATTR).append(entry)
+            added.append((module, entry))
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for module, entry in reversed(added):
+            registered = getattr(module, _TAPS_ATTR)
+            registered.remove(entry)
+            if not registered:
+                delattr(module, _TAPS_ATTR)
+                del module.forward

@@ -91,7 +91,8 @@ def relufy_(
     Raises:
         FFNNotFoundError: the model has no FFN.
         ValueError: unknown ``activation``, bad threshold, or a site whose activation is unknown
-            or is a functional call with no module to swap (the message lists all sites).
+            or is a functional call with no module to swap (the message lists all sites), or
+            different thresholds for sites that share one activation module (MoE experts).
     """
     act = get_activation(activation)
     sites = list(sites) if sites is not None else find_ffn_sites(model, example_inputs)
@@ -107,6 +108,17 @@ def relufy_(
     ts = thresholds_per_site(threshold, len(sites)) if act.takes_threshold else [0.0] * len(sites)
     for s in sites:  # resolve all before changing anything
         resolve_module(model, s.activation_module or "")
+    shared: dict[str, set[float]] = {}
+    for s, t in zip(sites, ts):
+        shared.setdefault(s.activation_module or "", set()).add(t)
+    differing = {path: sorted(v) for path, v in shared.items() if len(v) > 1}
+    if differing:
+        path, values = next(iter(differing.items()))
+        raise ValueError(
+            f"sites that share one activation module were given different thresholds ({path}: "
+            f"{values}); the experts of a mixture-of-experts layer share one act_fn, so give "
+            "them one threshold"
+        )
 
     kept = _kept_activations(model, {s.activation_module or "" for s in sites})
     new_sites = []

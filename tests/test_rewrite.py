@@ -90,4 +90,15 @@ def test_real_model_generate_equal(smollm2) -> None:
         sparse = model.generate(ids, max_new_tokens=64, do_sample=False)
     # float32 summation order differs (chunks of active rows vs one matmul): relative 1e-5
     assert (sparse_logits - dense_logits).abs().max() < 1e-5 * dense_logits.abs().max()
-    assert torch.equal(sparse, dense)
+    # greedy tokens are equal up to the first step whose two best logits are within float
+    # rounding (seen on AMD EPYC: a near-tie that the summation order decides; issue 12, case 13)
+    n = min(sparse.shape[1], dense.shape[1])
+    diverged = (sparse[0, :n] != dense[0, :n]).nonzero()
+    if len(diverged):
+        step = int(diverged[0])
+        with torch.no_grad():
+            logits = model(input_ids=dense[:, :step]).logits[0, -1]
+        top2 = logits.topk(2).values
+        assert float(top2[0] - top2[1]) < 1e-4 * float(logits.abs().max()), (
+            f"greedy tokens differ at {step} where the logits are not tied: {top2.tolist()}"
+        )

@@ -1,0 +1,103 @@
+"""What every conformance cell must do: ``exact`` unless listed here as refused, with the words
+its error must contain and the reason the README's support table gives. The cells' tests check
+both directions (an exact cell that starts refusing fails too), and the README's table is
+rendered from this file by :func:`render_table`, so the table cannot drift from the code."""
+
+from __future__ import annotations
+
+from tests.conformance.families import FAMILIES, MOE
+
+PATHS = (
+    "relufy_relu",
+    "relufy_fatrelu",
+    "graph_export",
+    "compile_inference",
+    "compile_train",
+    "sparsify_ffn",
+    "onnx",
+    "eager_train",
+)
+SETUP_CELLS = tuple(
+    f"{path}:{setup}"
+    for path in ("eager_train", "compile_train")
+    for setup in ("checkpointing", "ddp", "bf16")
+)
+
+# reason key -> (words the error message must contain, the README's explanation)
+REASONS = {
+    "bias": (
+        "gated FFN with biases",
+        "gated FFN with MLP biases: the gated sparse op has no bias inputs (run it dense)",
+    ),
+    "moe-graph": (
+        "is not part of an FFN site",
+        "mixture-of-experts experts are not graph sites: relufy_ eagerly, then compile/export "
+        "without activation substitution",
+    ),
+    "moe-sparse": (
+        "an expert of a mixture-of-experts layer",
+        "the sparse-FFN ops compute one dense FFN, not routed experts (run experts dense)",
+    ),
+    "moe-onnx": (
+        "mixture-of-experts layers",
+        "routed experts do not export to ONNX with dynamic shapes (dense or sparse): run them in "
+        "torch",
+    ),
+    "moe-taps": (
+        "cannot reach the experts",
+        "graph taps cannot reach experts: train with hook taps (eager)",
+    ),
+    "gc-taps": (
+        "activation-checkpointed region",
+        "graph taps cannot reach FFNs inside checkpointed regions: hook taps (eager) support "
+        "checkpointing",
+    ),
+    "ddp": (
+        "optimize_ddp",
+        "Dynamo's DDP optimizer splits the graph: set torch._dynamo.config.optimize_ddp = False "
+        "or compile before wrapping in DDP",
+    ),
+}
+
+
+def _expected() -> dict[tuple[str, str], str]:
+    refused: dict[tuple[str, str], str] = {}
+    for path in ("graph_export", "sparsify_ffn", "onnx"):
+        refused[("llama-mlp-bias", path)] = "bias"
+    for family in MOE:
+        refused[(family, "graph_export")] = "moe-graph"
+        refused[(family, "compile_inference")] = "moe-graph"
+        refused[(family, "sparsify_ffn")] = "moe-sparse"
+        refused[(family, "compile_train")] = "moe-taps"
+        for setup in ("checkpointing", "ddp", "bf16"):
+            refused[(family, f"compile_train:{setup}")] = "moe-taps"
+        refused[(family, "onnx")] = "moe-onnx"
+    for family in FAMILIES:
+        if family not in MOE:
+            refused[(family, "compile_train:checkpointing")] = "gc-taps"
+            refused[(family, "compile_train:ddp")] = "ddp"
+    return refused
+
+
+REFUSED = _expected()
+
+
+def expected(family: str, cell: str) -> str | None:
+    """The reason key of a refused cell, or ``None`` for an exact one."""
+    return REFUSED.get((family, cell))
+
+
+def render_table() -> str:
+    """The README's support table (markdown), families x paths and training setups."""
+    cells = PATHS + SETUP_CELLS
+    keys = list(REASONS)
+    head = "| family | " + " | ".join(c.replace(":", " ") for c in cells) + " |"
+    rows = [head, "|---|" + "---|" * len(cells)]
+    for family in FAMILIES:
+        marks = []
+        for cell in cells:
+            reason = expected(family, cell)
+            marks.append("exact" if reason is None else f"refused ({keys.index(reason) + 1})")
+        rows.append(f"| {family} | " + " | ".join(marks) + " |")
+    notes = [f"({i + 1}) {REASONS[k][1]}" for i, k in enumerate(keys)]
+    return "\n".join(rows) + "\n\n" + "\n".join(f"{n}  " if n != notes[-1] else n for n in notes)

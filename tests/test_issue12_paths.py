@@ -1,0 +1,69 @@
+"""Regressions of issue 12's graph-path cases that the conformance suite's cells do not cover:
+FFNs inside activation-checkpointed regions under the compile backend (case 3), and the way out
+of the DDP refusal (case 4)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from prosparse_fx import relufy_
+from tests.models import tiny
+
+
+def _loss_and_grads(model, call, ids):
+    out = call(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return float(out.loss), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_compile_substitutes_inside_checkpointed_regions(ids) -> None:
+    """Case 3: with gradient checkpointing, Dynamo puts each decoder layer in a higher-order-op
+    body; the backend must substitute the FFN activations there too (it left them SiLU)."""
+    model = tiny("llama").train()
+    ref = copy.deepcopy(model)
+    relufy_(ref)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        model, backend="prosparse", options={"activation": "relu", "compiler": "eager"}
+    )
+    loss, grads = _loss_and_grads(model, compiled, ids)
+    want_loss, want = _loss_and_grads(ref, ref, ids)
+    assert abs(loss - want_loss) < 1e-5
+    for name in want:
+        torch.testing.assert_close(grads[name], want[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def gloo():
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 500))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+
+
+def test_ddp_refused_then_whole_graph_with_optimize_ddp_off(gloo, ids, monkeypatch) -> None:
+    """Case 4: under Dynamo's DDP optimizer the backend refuses, naming optimize_ddp; with
+    optimize_ddp=False (the fix it names) the relufied DDP model matches eager."""
+    model = tiny("llama").train()
+    ref = copy.deepcopy(model)
+    relufy_(ref)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opts = {"activation": "relu", "compiler": "eager"}
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="optimize_ddp"):
+        torch.compile(ddp, backend="prosparse", options=opts)(input_ids=ids, labels=ids)
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", False)
+    torch._dynamo.reset()
+    compiled = torch.compile(ddp, backend="prosparse", options=opts)
+    loss, grads = _loss_and_grads(model, compiled, ids)
+    want_loss, want = _loss_and_grads(ref, ref, ids)
+    assert abs(loss - want_loss) < 1e-5
+    for name in want:
+        torch.testing.assert_close(grads[name], want[name], atol=1e-5, rtol=1e-5)
