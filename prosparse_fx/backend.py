@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .activations import ACTIVATIONS
 from .capture import nested_graph_modules, specialize_symbolic_thresholds
 from .ffn import FFNSite, check_gates_covered, find_sites_in_graph, linear_operands
 from .passes import InsertActivationTapsPass, SparseFFNRewritePass, SubstituteActivationPass
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 BACKEND_NAME = "prosparse"
 
 _VALID: dict[str, str] = {
-    "activation": "None (leave the activations alone), 'relu' or 'fatrelu'",
+    "activation": "None (leave the activations alone) or a name in prosparse_fx.activations."
+    "ACTIVATIONS: " + ", ".join(repr(name) for name in ACTIVATIONS),
     "threshold": "FATReLU t >= 0, one float or one per FFN site (with activation='fatrelu')",
     "regularize": "True or False: feed the ActivationRegularizer(model, ..., taps='graph')",
     "sparse_ffn": "'auto' (in inference, when every site is ReLU/FATReLU), True or False",
@@ -99,7 +101,7 @@ class BackendOptions:
                 f"{_VALID[name]}. {_valid_text()}"
             )
 
-        if self.activation not in (None, "relu", "fatrelu"):
+        if self.activation is not None and self.activation not in ACTIVATIONS:
             raise bad("activation", self.activation)
         ts = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,)
         if not ts or not all(

@@ -48,7 +48,7 @@ def gloo():
     yield
 
 
-def test_ddp_refused_then_whole_graph_with_optimize_ddp_off(gloo, ids, monkeypatch) -> None:
+def test_ddp_refused_then_whole_graph_with_optimize_ddp_off(gloo, ids) -> None:
     """Case 4: under Dynamo's DDP optimizer the backend refuses, naming optimize_ddp; with
     optimize_ddp=False (the fix it names) the relufied DDP model matches eager."""
     model = tiny("llama").train()
@@ -59,10 +59,10 @@ def test_ddp_refused_then_whole_graph_with_optimize_ddp_off(gloo, ids, monkeypat
     torch._dynamo.reset()
     with pytest.raises(Exception, match="optimize_ddp"):
         torch.compile(ddp, backend="prosparse", options=opts)(input_ids=ids, labels=ids)
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", False)
     torch._dynamo.reset()
-    compiled = torch.compile(ddp, backend="prosparse", options=opts)
-    loss, grads = _loss_and_grads(model, compiled, ids)
+    with torch._dynamo.config.patch(optimize_ddp=False):
+        compiled = torch.compile(ddp, backend="prosparse", options=opts)
+        loss, grads = _loss_and_grads(model, compiled, ids)
     want_loss, want = _loss_and_grads(ref, ref, ids)
     assert abs(loss - want_loss) < 1e-5
     for name in want:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prosparse_fx import relufy_
+from prosparse_fx.activations import FATReLU
 from prosparse_fx.capture import capture_export
 from prosparse_fx.kernels import set_cpu_crossover
 from prosparse_fx.passes import SparseFFNRewritePass
@@ -81,6 +82,7 @@ def test_real_model_generate_equal(smollm2) -> None:
     model, tok = smollm2
     model = copy.deepcopy(model)  # the session model stays SiLU
     relufy_(model, "fatrelu", 0.3)
+    dense_model = copy.deepcopy(model)
     ids = tok("The history of Wikipedia", return_tensors="pt").input_ids
     with torch.no_grad():
         dense_logits = model(input_ids=ids).logits
@@ -90,15 +92,27 @@ def test_real_model_generate_equal(smollm2) -> None:
         sparse = model.generate(ids, max_new_tokens=64, do_sample=False)
     # float32 summation order differs (chunks of active rows vs one matmul): relative 1e-5
     assert (sparse_logits - dense_logits).abs().max() < 1e-5 * dense_logits.abs().max()
-    # greedy tokens are equal up to the first step whose two best logits are within float
-    # rounding (seen on AMD EPYC: a near-tie that the summation order decides; issue 12, case 13)
+    # greedy tokens are equal up to the first step where two correct implementations may part
+    # (issue 12, case 13): the two best logits tied within float rounding, or a gate within float
+    # rounding of t on the way there (a threshold flip; seen on AMD EPYC at step 36)
     n = min(sparse.shape[1], dense.shape[1])
     diverged = (sparse[0, :n] != dense[0, :n]).nonzero()
     if len(diverged):
         step = int(diverged[0])
+        near = []
+        hooks = [
+            m.register_forward_pre_hook(
+                lambda _m, a: near.append(int(((a[0] - 0.3).abs() < 1e-5).sum()))
+            )
+            for m in dense_model.modules()
+            if isinstance(m, FATReLU)
+        ]
         with torch.no_grad():
-            logits = model(input_ids=dense[:, :step]).logits[0, -1]
+            logits = dense_model(input_ids=dense[:, :step]).logits[0, -1]
+        for h in hooks:
+            h.remove()
         top2 = logits.topk(2).values
-        assert float(top2[0] - top2[1]) < 1e-4 * float(logits.abs().max()), (
-            f"greedy tokens differ at {step} where the logits are not tied: {top2.tolist()}"
+        tied = float(top2[0] - top2[1]) < 1e-4 * float(logits.abs().max())
+        assert tied or sum(near) > 0, (
+            f"greedy tokens differ at {step} with no tie ({top2.tolist()}) and no gate near t"
         )
