@@ -215,46 +215,41 @@ def _train_reference(model: nn.Module, family: str, x: torch.Tensor, dtype: torc
     return _reference_step(model, family, x, dtype)
 
 
-def eager_train(family: str, setup: str = "plain") -> float:
-    """relufy_ + ActivationRegularizer (hook taps), one forward/backward: loss and gradients
-    against the reference. ``setup``: ``plain``, ``checkpointing`` (gradient checkpointing),
-    ``bf16``, ``ddp`` (a one-process gloo DistributedDataParallel wrapper)."""
+def _train_cell(family: str, setup: str, compiled: bool) -> float:
+    """One training step in ``setup`` against the reference: loss and every gradient."""
     dtype = torch.bfloat16 if setup == "bf16" else torch.float32
     model, x = build(family).to(dtype), ids()
-    relufy_(model, "relu", sites=sites_of(family))
-    want_loss, want = _train_reference(model, family, x, dtype)
-    model.train()
-    if setup == "checkpointing":
-        _checkpointing(model)
-    call = _ddp(model) if setup == "ddp" else None
-    reg = ActivationRegularizer(model, LAMBDA, sites=sites_of(family))
-    loss, got = _train_step(model, reg, x, call)
-    reg.remove()
-    compare(torch.tensor(loss), torch.tensor(want_loss), dtype)
-    return _compare_grads(got, want, dtype)
-
-
-def compile_train(family: str, setup: str = "plain") -> float:
-    """torch.compile(backend="prosparse", activation=relu, regularize=True) on the SiLU/GELU
-    model with an ActivationRegularizer(taps="graph"): loss and gradients against the
-    reference."""
-    dtype = torch.bfloat16 if setup == "bf16" else torch.float32
-    model, x = build(family).to(dtype), ids()
-    relufied = copy.deepcopy(model)
+    relufied = copy.deepcopy(model) if compiled else model
     relufy_(relufied, "relu", sites=sites_of(family))
     want_loss, want = _train_reference(relufied, family, x, dtype)
     model.train()
     if setup == "checkpointing":
         _checkpointing(model)
     target = _ddp(model) if setup == "ddp" else model
-    reg = ActivationRegularizer(model, LAMBDA, sites=sites_of(family), taps="graph")
-    torch._dynamo.reset()
-    opts = {"activation": "relu", "regularize": True, "compiler": "eager"}
-    compiled = torch.compile(target, backend="prosparse", options=opts)
-    loss, got = _train_step(model, reg, x, compiled)
+    taps = "graph" if compiled else "hooks"
+    reg = ActivationRegularizer(model, LAMBDA, sites=sites_of(family), taps=taps)
+    if compiled:
+        torch._dynamo.reset()
+        opts = {"activation": "relu", "regularize": True, "compiler": "eager"}
+        target = torch.compile(target, backend="prosparse", options=opts)
+    loss, got = _train_step(model, reg, x, target)
     reg.remove()
     compare(torch.tensor(loss), torch.tensor(want_loss), dtype)
     return _compare_grads(got, want, dtype)
+
+
+def eager_train(family: str, setup: str = "plain") -> float:
+    """relufy_ + ActivationRegularizer (hook taps), one forward/backward: loss and gradients
+    against the reference. ``setup``: ``plain``, ``checkpointing`` (gradient checkpointing),
+    ``bf16``, ``ddp`` (a one-process gloo DistributedDataParallel wrapper)."""
+    return _train_cell(family, setup, compiled=False)
+
+
+def compile_train(family: str, setup: str = "plain") -> float:
+    """torch.compile(backend="prosparse", activation=relu, regularize=True) on the SiLU/GELU
+    model with an ActivationRegularizer(taps="graph"): loss and gradients against the
+    reference."""
+    return _train_cell(family, setup, compiled=True)
 
 
 def _checkpointing(model: nn.Module) -> None:
