@@ -188,13 +188,46 @@ def forward_through_views(node: fx.Node) -> fx.Node:
     return node
 
 
+def _part_rows(width: int, start: Any, stop: Any) -> tuple[int, int] | None:
+    """``(first row, rows)`` of ``[start:stop]`` over ``width`` outputs, or ``None``."""
+    start = 0 if start is None else start
+    stop = width if stop is None else stop
+    if not isinstance(start, int) or not isinstance(stop, int):
+        return None
+    start, stop = (v + width if v < 0 else v for v in (start, stop))
+    stop = min(stop, width)
+    return (start, stop - start) if 0 <= start < stop else None
+
+
 def _split_part(node: fx.Node, linears: dict[fx.Node, fx.Node]) -> tuple[fx.Node, int, int] | None:
     """``(linear, first row, rows)`` when ``node`` is one part of a linear's output split along
-    its last dimension (``chunk``/``split`` then ``getitem``, as Phi-3's fused ``gate_up_proj``),
-    else ``None``."""
-    if canonical_op(node) != "getitem" or len(node.args) != 2:
+    its last dimension (``chunk``/``split`` then ``getitem``, as Phi-3's fused ``gate_up_proj``,
+    or a slice ``h[..., a:b]``), else ``None``."""
+    op = canonical_op(node)
+    if op is None and node.op == "call_function" and "slice" in str(node.target):
+        # ATen slice.Tensor(x, dim, start, end)
+        src = back_through_views(node.args[0])
+        shape = node_shape(src)
+        if src not in linears or not shape or shape[-1] < 0 or len(node.args) < 3:
+            return None
+        dim = node.args[1]
+        if dim not in (-1, len(shape) - 1) or (len(node.args) > 4 and node.args[4] != 1):
+            return None
+        rows = _part_rows(shape[-1], node.args[2], node.args[3] if len(node.args) > 3 else None)
+        return None if rows is None else (src, *rows)
+    if op != "getitem" or len(node.args) != 2:
         return None
     src, index = node.args
+    if isinstance(src, fx.Node) and back_through_views(src) in linears:
+        # Dynamo's h[..., a:b]: an Ellipsis, then one step-1 slice of the last dimension
+        linear, shape = back_through_views(src), node_shape(src)
+        if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis):
+            return None
+        part = index[1]
+        if not isinstance(part, slice) or part.step not in (None, 1) or not shape:
+            return None
+        rows = _part_rows(shape[-1], part.start, part.stop) if shape[-1] >= 0 else None
+        return None if rows is None else (linear, *rows)
     if not isinstance(src, fx.Node) or canonical_op(src) not in ("chunk", "split"):
         return None
     if not isinstance(index, int) or len(src.args) < 2:

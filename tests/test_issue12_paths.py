@@ -67,3 +67,59 @@ def test_ddp_refused_then_whole_graph_with_optimize_ddp_off(gloo, ids) -> None:
     assert abs(loss - want_loss) < 1e-5
     for name in want:
         torch.testing.assert_close(grads[name], want[name], atol=1e-5, rtol=1e-5)
+
+
+class _FusedMLP(torch.nn.Module):
+    """A gated FFN with one fused gate/up linear, split by slicing or ``split``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.gate_up = torch.nn.Linear(8, 32, bias=False)
+        self.down = torch.nn.Linear(16, 8, bias=False)
+        self.act = torch.nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up(x)
+        if self.how == "slice":
+            gate, up = h[..., :16], h[..., 16:]
+        else:
+            gate, up = h.split(16, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.mlp = _FusedMLP(how)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x)
+
+
+@pytest.mark.parametrize("how", ["slice", "split"])
+def test_fused_gate_up_split_or_sliced_is_a_gated_site(how) -> None:
+    """Case 6 beyond Phi-3's chunk: the sparse rewrite on export, the compile backend and
+    relufy_ equal a hand-made reference ``down(relu(x Wg^T) * (x Wu^T))``."""
+    from prosparse_fx import find_ffn_sites
+    from prosparse_fx.capture import capture_export
+    from prosparse_fx.passes import SparseFFNRewritePass, SubstituteActivationPass
+
+    model, x = _Block(how).eval(), torch.randn(2, 3, 8)
+    w = model.mlp.gate_up.weight.detach()
+    want = x + (torch.relu(x @ w[:16].T) * (x @ w[16:].T)) @ model.mlp.down.weight.detach().T
+    (site,) = find_ffn_sites(model, (x,))
+    assert (site.kind, site.gate_up_split, site.activation_module) == ("gated", (0, 16), "mlp.act")
+    gm = capture_export(model, (x,))
+    SubstituteActivationPass("relu")(gm)
+    SparseFFNRewritePass()(gm)
+    assert any("sparse_gated_ffn" in str(n.target) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), want, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    opts = {"activation": "relu", "compiler": "eager"}
+    with torch.no_grad():
+        got = torch.compile(model, backend="prosparse", options=opts)(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    relufy_(model, sites=[site])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
