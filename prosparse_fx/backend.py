@@ -288,7 +288,10 @@ def _sinks(
             raise ValueError(
                 f"options regularize=True, but no ActivationRegularizer receives graph taps for "
                 f"FFN site {site.path}: create ActivationRegularizer(model, schedule, "
-                f"taps='graph') before the first call of the compiled model"
+                f"taps='graph') before the first call of the compiled model. Under FSDP2 "
+                "(fully_shard) the compiled graph sees unsharded copies of the weights, which "
+                "graph taps cannot match: use hook taps, ActivationRegularizer(model, schedule, "
+                "sites=...), with options={'activation': ...} and without regularize"
             )
         found.append(sink)
     return found

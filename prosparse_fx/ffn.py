@@ -512,7 +512,8 @@ def find_ffn_sites(
     Raises:
         FFNNotFoundError: no FFN site was found (the message lists the linears and activations
             the graph does have).
-        ValueError: no example inputs given and none can be built from the model's config.
+        ValueError: no example inputs given and none can be built from the model's config, or
+            the model is already sharded (FSDP2): find its sites before sharding.
     """
     if isinstance(model, fx.GraphModule) and _has_module_stack(model):
         sites = find_sites_in_graph(model)
@@ -520,6 +521,12 @@ def find_ffn_sites(
     else:
         from .moe import find_expert_sites, traceable_experts
 
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            raise ValueError(
+                f"{type(model).__name__} is sharded (FSDP2/DTensor weights), which torch.export "
+                "cannot capture: find the sites before sharding (sites = find_ffn_sites(model) "
+                "before fully_shard) and pass them as sites=..."
+            )
         with traceable_experts(model):
             gm = capture_export(model, example_inputs)
         sites = _in_module_order(model, find_sites_in_graph(gm) + find_expert_sites(model))

@@ -123,3 +123,45 @@ def test_fused_gate_up_split_or_sliced_is_a_gated_site(how) -> None:
     relufy_(model, sites=[site])
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_fsdp2_compile_hook_taps_exact_graph_taps_refused(gloo, ids) -> None:
+    """FSDP2 + compile: the backend's activation option with hook taps gives the eager relufied
+    model's loss, penalty and gradients; graph taps (which cannot match the unsharded weight
+    copies) are refused naming the way out; finding sites on a sharded model is refused too."""
+    from torch.distributed.fsdp import fully_shard
+
+    from prosparse_fx import ActivationRegularizer, find_ffn_sites
+
+    model = tiny("llama").train()
+    ref = copy.deepcopy(model)
+    relufy_(ref)
+    ref_reg = ActivationRegularizer(ref, 0.1)
+    want_loss = ref(input_ids=ids, labels=ids).loss + ref_reg.penalty(0)
+    want_loss.backward()
+    sites = find_ffn_sites(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    with pytest.raises(ValueError, match="before sharding"):
+        find_ffn_sites(model)
+    with torch.no_grad():
+        model(input_ids=ids)  # FSDP2 initialises lazily; torch.compile cannot trace that
+    torch._dynamo.reset()
+    graph_reg = ActivationRegularizer(model, 0.1, sites=sites, taps="graph")
+    opts = {"activation": "relu", "regularize": True, "compiler": "eager"}
+    with pytest.raises(Exception, match="hook taps"):
+        torch.compile(model, backend="prosparse", options=opts)(input_ids=ids, labels=ids)
+    graph_reg.remove()
+    torch._dynamo.reset()
+    reg = ActivationRegularizer(model, 0.1, sites=sites)
+    compiled = torch.compile(
+        model, backend="prosparse", options={"activation": "relu", "compiler": "eager"}
+    )
+    loss = compiled(input_ids=ids, labels=ids).loss + reg.penalty(0)
+    loss.backward()
+    assert abs(float(loss) - float(want_loss)) < 1e-5
+    assert reg.last_l1 == pytest.approx(ref_reg.last_l1, abs=1e-6)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        torch.testing.assert_close(grad, q.grad, atol=1e-5, rtol=1e-5, msg=name)
