@@ -29,8 +29,19 @@ import torch
 from torch import fx
 
 from .activations import ACTIVATIONS
-from .capture import nested_graph_modules, specialize_symbolic_thresholds
-from .ffn import FFNSite, check_gates_covered, find_sites_in_graph, linear_operands
+from .capture import (
+    canonical_op,
+    module_path,
+    nested_graph_modules,
+    specialize_symbolic_thresholds,
+)
+from .ffn import (
+    FFNSite,
+    UncoveredFFNError,
+    check_gates_covered,
+    find_sites_in_graph,
+    linear_operands,
+)
 from .passes import InsertActivationTapsPass, SparseFFNRewritePass, SubstituteActivationPass
 from .passes.activation_taps import TAPS_META_KEY
 from .sparse_modules import check_sparse_rewritable, sparse_rewrite_refusal
@@ -170,6 +181,7 @@ def prosparse_backend(
         if opts.activation is not None:
             for g in graphs:
                 check_gates_covered(g, [])
+                _refuse_activation_without_sites(g)
         _say_no_sites_once()
         return _compile(gm, example_inputs, opts, mode)
     if opts.activation is not None:
@@ -238,13 +250,33 @@ def _thresholds_per_graph(opts: BackendOptions, counts: list[int]) -> list[Any]:
     if len(opts.threshold) != total:
         raise ValueError(
             f"options threshold: got {len(opts.threshold)} per-site thresholds for {total} FFN "
-            "site(s); pass one per site or a single float"
+            "site(s) in this graph; pass one per site or a single float (a graph break splits "
+            "the FFNs over several graphs: compile with fullgraph=True to find it)"
         )
     out, k = [], 0
     for n in counts:
         out.append(list(opts.threshold[k : k + n]))
         k += n
     return out
+
+
+_ACTIVATION_OPS = ("silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "erf")
+
+
+def _refuse_activation_without_sites(gm: fx.GraphModule) -> None:
+    """With ``activation`` asked for, a graph with no FFN site but with an activation op may hold
+    an FFN the matcher does not know (Falcon's ``x @ weight.T`` linears, GPT-OSS's clamped
+    SwiGLU experts): leaving it unchanged would be silent, so refuse, naming the op."""
+    for node in gm.graph.nodes:
+        op = canonical_op(node)
+        if op in _ACTIVATION_OPS:
+            raise UncoveredFFNError(
+                f"options activation=...: this graph has no FFN site the backend can rewrite, "
+                f"but it computes {op} at {module_path(node) or node.name}, which may belong to an "
+                "FFN written in a form the matcher does not know; it would keep its activation. "
+                "Relufy the model eagerly (prosparse_fx.relufy_) if find_ffn_sites finds its "
+                "FFNs, or compile without the activation option"
+            )
 
 
 def _refuse_under_ddp_optimizer(opts: BackendOptions) -> None:

@@ -226,8 +226,9 @@ def example_inputs_for(model: torch.nn.Module, seq_len: int = 8, batch: int = 1)
     """Keyword inputs to capture a Hugging Face model with: ``input_ids`` ``[batch, seq_len]``
     int64.
 
-    Built from ``model.config.vocab_size``; ``use_cache=False`` is added when the forward takes it
-    (a KV cache object is not a graph output).
+    Built from ``model.config.vocab_size``; ``use_cache=False`` is added when the forward takes it,
+    by name or through ``**kwargs`` of a model whose config has ``use_cache`` (a KV cache object
+    is not a graph output).
 
     Raises:
         InputError: the model has no ``config.vocab_size``; pass ``example_inputs`` yourself.
@@ -243,7 +244,8 @@ def example_inputs_for(model: torch.nn.Module, seq_len: int = 8, batch: int = 1)
     ids = torch.randint(0, min(vocab, 1000), (batch, seq_len), generator=gen)
     kwargs: dict[str, Any] = {"input_ids": ids}
     params = inspect.signature(model.forward).parameters
-    if "use_cache" in params:
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "use_cache" in params or (takes_kwargs and hasattr(config, "use_cache")):
         kwargs["use_cache"] = False
     return kwargs
 

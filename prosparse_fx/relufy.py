@@ -5,19 +5,24 @@ round-trip exactly, without remote code.
 
 The config record (written by :func:`relufy_`, applied by transformers hooks installed on import):
 
-* the activation key (``hidden_act``, ``hidden_activation`` or ``activation_function``) becomes
-  the activation's name, and for FATReLU ``hidden_act_param = t``: the format of the published
-  ProSparse / MiniCPM-S checkpoints, which plain transformers reads for ReLU;
+* when only FFN sites read it, the activation key (``hidden_act``, ``hidden_activation`` or
+  ``activation_function``) becomes the activation's name, and for FATReLU
+  ``hidden_act_param = t``: the format of the published ProSparse / MiniCPM-S checkpoints,
+  which plain transformers reads for ReLU;
 * ``prosparse_thresholds``: ``{activation module path: t}`` per FFN site (FATReLU only);
-* ``prosparse_kept_activations``: ``{module path: name}`` for the modules that read the same key
-  but are not FFN sites (BERT's masked-LM head transform); absent when there are none (LLaMA).
+* ``prosparse_ffn_activations``: ``{activation module path: name}`` per FFN site, applied on
+  load, so models that build their FFN activation without the config key (BLOOM, MPT) and models
+  whose key other modules also read keep their FFN activations;
+* when modules that are not FFN sites read the same key (BERT's masked-LM head transform,
+  Jamba's Mamba mixer, which also keeps it as a string), the key is left as it was, so they keep
+  their activation; the FFN sites get theirs from ``prosparse_ffn_activations``.
 
 Paths drop the model's ``base_model_prefix`` (``model.layers.0.mlp.act_fn`` is stored as
 ``layers.0.mlp.act_fn``), so a checkpoint saved from ``LlamaForCausalLM`` also loads into
 ``LlamaModel``.
 
 On ``from_pretrained`` (and ``from_config`` or plain construction), after ``import prosparse_fx``:
-the recorded non-FFN modules get their own activation back; a FATReLU threshold missing from the
+the FFN sites get their recorded activation; a FATReLU threshold missing from the
 weights is taken from ``prosparse_thresholds``, else from ``hidden_act_param`` (so the published
 checkpoints, which ship no threshold tensor, load exactly), and neither is a ``ValueError``; a
 threshold in the weights that disagrees with the config is kept, with a ``UserWarning`` naming both.
@@ -42,6 +47,7 @@ from .ffn import REPLACEABLE, FFNSite, check_no_unknown, find_ffn_sites, resolve
 _ACT_CONFIG_KEYS = ("hidden_act", "hidden_activation", "activation_function")
 _THRESHOLDS_KEY = "prosparse_thresholds"
 _KEPT_KEY = "prosparse_kept_activations"
+_FFN_KEY = "prosparse_ffn_activations"
 
 
 def thresholds_per_site(threshold: float | Sequence[float], n_sites: int) -> list[float]:
@@ -189,12 +195,19 @@ def _record_in_config(
     config = getattr(model, "config", None)
     if config is None:
         return
-    for key in _ACT_CONFIG_KEYS:
-        if hasattr(config, key):
-            setattr(config, key, activation)
+    ffn = dict(getattr(config, _FFN_KEY, None) or {})
+    ffn |= {_canonical(model, s.activation_module or ""): activation for s in sites}
+    if not kept:
+        # every module built from the key is an FFN site: the published format
+        for key in _ACT_CONFIG_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, activation)
+    # else the key stays: other modules read it (BERT's head), some as a plain string (Jamba's
+    # Mamba mixer), and the FFN sites get their activation back from prosparse_ffn_activations
     for key in ("hidden_act_param", _THRESHOLDS_KEY, _KEPT_KEY):
         if hasattr(config, key):
             delattr(config, key)
+    setattr(config, _FFN_KEY, ffn)
     if ts is not None:
         config.hidden_act_param = ts[0] if len(set(ts)) == 1 else max(ts)
         setattr(
@@ -202,8 +215,6 @@ def _record_in_config(
             _THRESHOLDS_KEY,
             {_canonical(model, s.activation_module or ""): t for s, t in zip(sites, ts)},
         )
-    if kept:
-        setattr(config, _KEPT_KEY, kept)
 
 
 # --- Loading: transformers hooks -------------------------------------------------------------
@@ -228,7 +239,13 @@ def _apply_config_record(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is None:
         return
-    kept = getattr(config, _KEPT_KEY, None) or {}
+    ffn = getattr(config, _FFN_KEY, None) or {}
+    for path, module in list(model.named_modules()):
+        name = ffn.get(_canonical(model, path))
+        if name in ACTIVATIONS and type(module) is not ACTIVATIONS[name].module_type:
+            parent, child = _parent_and_name(model, path)
+            setattr(parent, child, ACTIVATIONS[name].make_module(0.0))
+    kept = getattr(config, _KEPT_KEY, None) or {}  # written by earlier versions
     if kept:
         types = tuple(a.module_type for a in ACTIVATIONS.values())
         for path, module in list(model.named_modules()):

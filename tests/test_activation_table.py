@@ -227,7 +227,9 @@ def test_bert_head_keeps_gelu_after_reload(
         assert (before - ref(input_ids=ids).logits).abs().max() < 1e-5
     model.save_pretrained(tmp_path)
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
-    assert loaded.config.hidden_act == activation
+    # the head reads hidden_act too: the key stays, the FFN sites are recorded by path
+    assert loaded.config.hidden_act == "gelu"
+    assert set(loaded.config.prosparse_ffn_activations.values()) == {activation}
     assert type(loaded.cls.predictions.transform.transform_act_fn) is GELUActivation
     acts = [loaded.bert.encoder.layer[i].intermediate.intermediate_act_fn for i in range(2)]
     assert all(type(a) is get_activation(activation).module_type for a in acts)

@@ -8,7 +8,13 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import kernels  # noqa: F401  (registers the ops)
-from ..capture import dialect_of, insert_contiguous, narrow_target, transpose_target
+from ..capture import (
+    dialect_of,
+    insert_contiguous,
+    narrow_target,
+    node_shape,
+    transpose_target,
+)
 from ..ffn import (
     FFNSite,
     back_through_views,
@@ -61,6 +67,29 @@ def _weight_rows(
         setattr(gm, f"_prosparse_{name}", nn.Parameter(part, requires_grad=False))
         return graph.get_attr(f"_prosparse_{name}")
     return graph.call_function(narrow_target(dialect_of(gm)), (weight, 0, start, rows))
+
+
+def _op_input(x: fx.Node, out: fx.Node, site: FFNSite) -> fx.Node:
+    """The FFN input the op takes, ``[..., d]`` with the leading dimensions of the node it
+    replaces: the linear's own input, or the tensor before the views that flattened it (GPT-2's
+    ``Conv1D`` flattens to 2-D and views the result back; Qwen2-MoE's shared expert takes a
+    flattened input and returns it flat).
+
+    Raises:
+        UnsupportedFFNError: no candidate has the replaced node's leading shape.
+    """
+    want = node_shape(out)
+    candidates = [back_through_views(x), x]
+    if want is None:
+        return candidates[0]
+    for node in candidates:
+        shape = node_shape(node)
+        if shape is not None and shape[:-1] == want[:-1]:
+            return node
+    raise UnsupportedFFNError(
+        f"{site.path}: the FFN's output shape {list(want)} does not follow from its input's; "
+        "the sparse rewrite would change it. Compile it with sparse_ffn=False"
+    )
 
 
 def _site_nodes(site: FFNSite) -> list[fx.Node]:
@@ -179,13 +208,13 @@ class SparseFFNRewritePass(PassBase):
                     w_gate, _ = _transposed_weight(gm, graph, w_gate, False, f"w_gate_{i}")
                 if up_t and site.gate_up_split is None:
                     w_up, _ = _transposed_weight(gm, graph, w_up, False, f"w_up_{i}")
-                args = (back_through_views(x), w_gate, w_up, w_down_t, t)
+                args = (_op_input(x, out, site), w_gate, w_up, w_down_t, t)
                 new = graph.call_function(torch.ops.prosparse.sparse_gated_ffn.default, args)
             else:
                 x, w1, b1, fc1_t = linear_operands(nodes.up)
                 if fc1_t:
                     w1, _ = _transposed_weight(gm, graph, w1, False, f"w1_{i}")
-                args = (back_through_views(x), w1, b1, w_down_t, b_down, t)
+                args = (_op_input(x, out, site), w1, b1, w_down_t, b_down, t)
                 new = graph.call_function(torch.ops.prosparse.sparse_plain_ffn.default, args)
         new.meta.update({k: v for k, v in out.meta.items() if k in ("val", "nn_module_stack")})
         out.replace_all_uses_with(new)
