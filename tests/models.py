@@ -37,6 +37,17 @@ _COMMON = dict(
 )
 
 
+class HandFATReLU(torch.nn.Module):
+    """``x * (x >= t)``: FATReLU written out by hand (ProSparse Eq. 3), for references."""
+
+    def __init__(self, t: float) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (x >= self.t).to(x.dtype)
+
+
 def tiny(family: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random model of ``family`` in eval mode (float32)."""
     torch.manual_seed(seed)

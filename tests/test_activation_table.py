@@ -25,18 +25,7 @@ from prosparse_fx import FATReLU, find_ffn_sites, relufy_
 from prosparse_fx.activations import ACTIVATIONS, get_activation
 from prosparse_fx.capture import capture_export
 from prosparse_fx.passes import SubstituteActivationPass
-from tests.models import tiny
-
-
-class _HandFATReLU(nn.Module):
-    """``x * (x >= t)``: FATReLU written out by hand (ProSparse Eq. 3)."""
-
-    def __init__(self, t: float) -> None:
-        super().__init__()
-        self.t = t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (x >= self.t).to(x.dtype)
+from tests.models import HandFATReLU, tiny
 
 
 def _hand_model(model: nn.Module, acts: dict[str, nn.Module]) -> nn.Module:
@@ -98,7 +87,7 @@ def test_table_records() -> None:
 def test_pass_inserts_the_table_target(ids: torch.Tensor) -> None:
     model = tiny("llama")
     ref = _hand_model(
-        model, {s.activation_module: _HandFATReLU(0.05) for s in find_ffn_sites(model)}
+        model, {s.activation_module: HandFATReLU(0.05) for s in find_ffn_sites(model)}
     )
     inputs = {"input_ids": ids, "use_cache": False}
     gm = capture_export(model, inputs)
@@ -135,7 +124,7 @@ def test_published_format_loads_exactly(tmp_path: Path, ids: torch.Tensor) -> No
     t = 0.01
     silu = _published_checkpoint(tmp_path, t)
     sites = find_ffn_sites(silu)
-    ref = _hand_model(silu, {s.activation_module: _HandFATReLU(t) for s in sites})
+    ref = _hand_model(silu, {s.activation_module: HandFATReLU(t) for s in sites})
     with torch.no_grad():
         want = ref(input_ids=ids).logits
         assert (want - silu(input_ids=ids).logits).abs().max() > 1e-4  # FATReLU really differs
@@ -218,7 +207,7 @@ def test_bert_head_keeps_gelu_after_reload(
     assert [s.activation_module for s in sites] == [
         f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)
     ]
-    hand = _HandFATReLU(0.05) if activation == "fatrelu" else nn.ReLU()
+    hand = HandFATReLU(0.05) if activation == "fatrelu" else nn.ReLU()
     ref = _hand_model(model, {s.activation_module: hand for s in sites})
     relufy_(model, activation, 0.05, sites=sites)
     assert type(model.cls.predictions.transform.transform_act_fn) is GELUActivation

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from prosparse_fx import FATReLU, find_ffn_sites, relufy_
-from tests.models import FAMILIES, tiny
+from tests.models import FAMILIES, HandFATReLU, tiny
 
 ACT_KEY = {
     "llama": "hidden_act",
@@ -48,15 +48,6 @@ def test_relufy_matches_handmade_relu_model(family: str, ids: torch.Tensor) -> N
     assert getattr(model.config, ACT_KEY[family]) == "relu"
 
 
-class _HandFATReLU(nn.Module):
-    def __init__(self, t: float) -> None:
-        super().__init__()
-        self.t = t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (x >= self.t).to(x.dtype)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fatrelu_matches_handmade(family: str, ids: torch.Tensor) -> None:
     model = tiny(family)
@@ -64,7 +55,7 @@ def test_fatrelu_matches_handmade(family: str, ids: torch.Tensor) -> None:
     sites = find_ffn_sites(model)
     for s in sites:
         parent, _, name = s.activation_module.rpartition(".")
-        setattr(ref.get_submodule(parent), name, _HandFATReLU(0.05))
+        setattr(ref.get_submodule(parent), name, HandFATReLU(0.05))
     relufy_(model, "fatrelu", 0.05, sites=sites)
     with torch.no_grad():
         assert (_out(model, ids) - _out(ref, ids)).abs().max() < 1e-5
