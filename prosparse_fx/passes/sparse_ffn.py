@@ -149,6 +149,12 @@ class SparseFFNRewritePass(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         sites = find_sites_in_graph(graph_module)
         check_sparse_rewritable(sites)
+        for site in sites:  # before any change, so a refusal leaves the graph as it was
+            if site.gate_up_split is not None and linear_operands(site.nodes.gate)[3]:
+                raise UnsupportedFFNError(
+                    f"{site.path}: a fused gate_up weight stored [in, out] (Conv1D) is not "
+                    "supported by the sparse rewrite; compile it with sparse_ffn=False"
+                )
         graph = graph_module.graph
         replaced: list[str] = []
         old_nodes: list[fx.Node] = []
@@ -192,12 +198,6 @@ class SparseFFNRewritePass(PassBase):
                 x, w_gate, _, gate_t = linear_operands(nodes.gate)
                 _, w_up, _, up_t = linear_operands(nodes.up)
                 if site.gate_up_split is not None:
-                    if gate_t:
-                        raise UnsupportedFFNError(
-                            f"{site.path}: a fused gate_up weight stored [in, out] (Conv1D) is "
-                            "not supported by the sparse rewrite; compile it with "
-                            "sparse_ffn=False"
-                        )
                     g, u = site.gate_up_split
                     n = site.intermediate_size
                     w_gate = _weight_rows(gm, graph, w_gate, g, n, f"w_gate_{i}")
