@@ -15,9 +15,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from prosparse_fx import ActivationRegularizer, ProSparseSchedule, evaluate, relufy_
+from prosparse_fx.config import SparsifyConfig
 from prosparse_fx.data import load_documents, split_documents, token_windows
 from prosparse_fx.models import load_model
-from prosparse_fx.pipeline import SparsifyConfig
 from prosparse_fx.training.hf_trainer import ProSparseTrainerPlugin
 
 

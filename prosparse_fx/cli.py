@@ -80,7 +80,8 @@ def sparsify(
     tokenizer: Annotated[Path | None, typer.Option(help=_TOKENIZER_HELP)] = None,
 ) -> None:
     """Run ProSparse on a model: ReLU substitution, progressive L1 training, threshold shift."""
-    from .pipeline import PRESETS, SparsifyConfig, run_sparsify
+    from .config import PRESETS, SparsifyConfig
+    from .pipeline import run_sparsify
     from .training.loop import NonFiniteLossError
     from .training.preemption import Preempted
 
