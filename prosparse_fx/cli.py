@@ -129,14 +129,10 @@ def sparsify(
         _fail(str(exc))
     except Preempted as exc:
         if os.environ.get("RANK", "0") == "0":
-            typer.echo(
-                f"{exc}; its checkpoint is in {out}/checkpoint: continue with "
-                f"`prosparse-fx sparsify --resume {out}`",
-                err=True,
-            )
+            typer.echo(str(exc), err=True)
         raise typer.Exit(128 + exc.signum) from exc
     except NonFiniteLossError as exc:
-        typer.echo(f"error: {exc}; the last good model is in {out}/checkpoint", err=True)
+        typer.echo(f"error: {exc}", err=True)  # names the last good checkpoint
         raise typer.Exit(1) from exc
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports

@@ -196,7 +196,9 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_model_dir, tex
     assert "loss became inf at step 3" in result.output
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "diverged" and len(report["history"]) == 2
-    ckpt = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    kept = report["last_good_checkpoint"]
+    assert kept in result.output and "lower lr" in result.output
+    ckpt = AutoModelForCausalLM.from_pretrained(kept)
     assert all(torch.isfinite(p).all() for p in ckpt.parameters())
 
 
@@ -239,9 +241,10 @@ def _run_args(model, data, config, out):
 def _assert_resume_matches(whole, part, resumed_at: int, steps: int) -> None:
     """Resume the interrupted run in ``part``; its loss curve, L1, lambda, stage-end
     perplexities and final sparsity equal the uninterrupted run's in ``whole``."""
-    from prosparse_fx.training.checkpoint import find_checkpoint, load_state
+    from prosparse_fx.run_folder import RunFolder
+    from prosparse_fx.training.checkpoint import load_state
 
-    before = json.loads(load_state(find_checkpoint(part / "checkpoint"))["report"])["seconds"]
+    before = json.loads(load_state(RunFolder(part).latest_checkpoint())["report"])["seconds"]
     result = runner.invoke(app, ["sparsify", "--resume", str(part)])
     assert result.exit_code == 0, result.output
     a = json.loads((whole / "report.json").read_text())
@@ -291,17 +294,17 @@ def test_resume_refuses_a_different_config_or_nothing(tmp_path, tiny_model_dir, 
     result = runner.invoke(app, ["sparsify", "--resume", str(empty)])
     assert result.exit_code == 2 and "nothing to resume" in result.output
 
-    from prosparse_fx.training.checkpoint import save_checkpoint
+    from prosparse_fx.run_folder import RunFolder
 
     out = tmp_path / "run"
     out.mkdir()
-    from prosparse_fx.pipeline import _fingerprint
+    from prosparse_fx.pipeline import fingerprint
 
     report = {"config": {**FAST, "seed": 0}, "model": str(tiny_model_dir), "data": str(text_file)}
-    report["data_fingerprint"] = _fingerprint(text_file)
+    report["data_fingerprint"] = fingerprint(text_file)
     state = {k: "" for k in ("optimizer", "lr_schedule", "data", "rng", "history", "stage_ends")}
     state.update({"report": json.dumps(report), "step": 1})
-    save_checkpoint(out / "checkpoint", lambda folder: None, state)
+    checkpoint = RunFolder(out).save_checkpoint(1, lambda folder: None, state)
     other = _config(tmp_path, seed=3)
     result = runner.invoke(app, ["sparsify", "--resume", str(out), "--config", str(other)])
     assert result.exit_code == 2
@@ -311,10 +314,10 @@ def test_resume_refuses_a_different_config_or_nothing(tmp_path, tiny_model_dir, 
     result = runner.invoke(app, ["sparsify", "--resume", str(out), "--tokenizer", str(out)])
     assert result.exit_code == 2, result.output
     assert "the tokenizer differs" in result.output and "model folder's own" in result.output
-    (out / "checkpoint" / "training_state.pt").write_bytes(b"garbage")
+    (checkpoint / "training_state.pt").write_bytes(b"garbage")
     result = runner.invoke(app, ["sparsify", "--resume", str(out)])
-    assert result.exit_code == 2 and "delete it and start a new run" in result.output
-    torch.save([1, 2], out / "checkpoint" / "training_state.pt")
+    assert result.exit_code == 2 and "and start a new run" in result.output
+    torch.save([1, 2], checkpoint / "training_state.pt")
     result = runner.invoke(app, ["sparsify", "--resume", str(out)])
     assert (
         result.exit_code == 2 and "not a complete prosparse-fx sparsify checkpoint" in result.output
@@ -351,19 +354,19 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_matches(
 def test_a_second_run_into_a_busy_folder_is_refused(tmp_path, tiny_model_dir, text_file) -> None:
     """While a run holds its folder, --overwrite or --resume into it is refused (exit 2) and
     the folder is left as it was; once the lock is released the folder can be used again."""
-    from prosparse_fx.training.checkpoint import run_folder_lock
+    from prosparse_fx.run_folder import folder_lock
 
     config = _config(tmp_path, stages=[[0.0, 2], [1.0, 4]], checkpoint_every=2)
     out = tmp_path / "run"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    with run_folder_lock(out):
+    (out / "report.json").write_text("an earlier run's")
+    with folder_lock(out):
         args = _run_args(tiny_model_dir, text_file, config, out) + ["--overwrite"]
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "another prosparse-fx run is writing to" in result.output
-        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-        assert (out / "keep.txt").read_text() == "mine"
+        assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+        assert (out / "report.json").read_text() == "an earlier run's"
     assert runner.invoke(app, args).exit_code == 0
     assert (out / "report.json").is_file()
 
@@ -383,16 +386,16 @@ def test_an_unreadable_output_folder_is_named(tmp_path, monkeypatch) -> None:
     import os
     from pathlib import Path
 
-    from prosparse_fx import pipeline
+    from prosparse_fx import run_folder
     from prosparse_fx.errors import InputError
 
     out = tmp_path / "locked_out"
     out.mkdir()
     real_access = os.access
     monkeypatch.setattr(
-        pipeline.os,
+        run_folder.os,
         "access",
         lambda p, mode: False if Path(p) == out and mode & os.R_OK else real_access(p, mode),
     )
     with pytest.raises(InputError, match=r"cannot read the output folder .*locked_out"):
-        pipeline.check_output_dir(out, overwrite=True, inputs=[])
+        run_folder.check_output_dir(out, overwrite=True, inputs=[])

@@ -203,9 +203,10 @@ def test_sigterm_under_torchrun_then_sharded_resume_matches_one_process(
     # exit when torchrun stops the other itself; the checkpoint is written before either exits)
     assert re.search(r"exitcode\s+:\s+143", output), output[-3000:]
     assert not (two / "report.json").exists()
-    from prosparse_fx.training.checkpoint import find_checkpoint, load_state
+    from prosparse_fx.run_folder import RunFolder
+    from prosparse_fx.training.checkpoint import load_state
 
-    assert load_state(find_checkpoint(two / "checkpoint"))["step"] == 3
+    assert load_state(RunFolder(two).latest_checkpoint())["step"] == 3
 
     resumed = subprocess.run(
         [*launcher, common[0], "sparsify", "--resume", str(two), "--sharding", "fsdp"],

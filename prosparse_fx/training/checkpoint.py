@@ -1,105 +1,106 @@
-"""Training checkpoints of the main job: the model as a Hugging Face folder plus the training
-state (optimizer, LR schedule, step, RNG, data position, what was measured so far), replaced
-as a whole so that a kill at any moment leaves one complete checkpoint."""
+"""The training state in a checkpoint of the main job: optimizer, LR schedule, step, RNG, data
+position and what was measured so far, and the checks that a state read back is one this run
+could have written (values, not only keys) before a resumed run trusts it.
+
+Where checkpoints live and how they are written whole: :mod:`prosparse_fx.run_folder`.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import InputError
+from ..run_folder import STATE_FILE
+from .schedule import ProSparseSchedule
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on POSIX: runs are not locked
-    fcntl = None  # type: ignore[assignment]
-
-STATE_FILE = "training_state.pt"
-log = logging.getLogger(__name__)
-
-
-def save_checkpoint(
-    target: Path, write_model: Callable[[Path], None], state: dict[str, Any]
-) -> None:
-    """Write a checkpoint folder ``target`` atomically.
-
-    ``write_model(folder)`` writes the model (``save_pretrained``) into a fresh folder beside
-    ``target``; ``state`` (tensors, numbers, strings, lists, dicts: what
-    ``torch.load(weights_only=True)`` reads) goes to ``STATE_FILE`` in it. The new folder then
-    replaces ``target`` by renames: ``target`` -> ``target.old``, new -> ``target``, and the old
-    one is removed. :func:`find_checkpoint` also accepts ``target.old`` if a kill fell between
-    the two renames.
-    """
-    target = Path(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        write_model(tmp)
-        torch.save(state, tmp / STATE_FILE)
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_checkpoint(target: Path) -> None:
-    """Remove the checkpoint ``target``, its ``target.old`` and any half-written new folder that
-    :func:`save_checkpoint` left beside it (a kill during the write)."""
-    target = Path(target)
-    old = target.with_name(target.name + ".old")
-    for path in [target, old, *target.parent.glob(f".{target.name}-*")]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def find_checkpoint(target: Path) -> Path | None:
-    """The complete checkpoint at ``target`` (or ``target.old``), or ``None``."""
-    for candidate in (Path(target), Path(target).with_name(Path(target).name + ".old")):
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    return None
+STATE_KEYS = ("step", "optimizer", "lr_schedule", "data", "rng", "history", "stage_ends", "report")
 
 
 def load_state(folder: Path) -> dict[str, Any]:
-    """The training state of a checkpoint folder (``torch.load(weights_only=True)``)."""
-    return torch.load(Path(folder) / STATE_FILE, weights_only=True)
-
-
-@contextlib.contextmanager
-def run_folder_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder ``folder`` (``flock`` on the folder itself, so
-    no file is added; the system releases it when the process ends, however it ends).
-
-    Two runs writing one folder (a second ``--resume``, or ``--overwrite`` while a run is
-    going) would mix their checkpoints and report; the second one is refused instead.
+    """The training state of a checkpoint folder (``torch.load(weights_only=True)``: no code
+    runs from the file).
 
     Raises:
-        InputError: another process holds the lock on ``folder``.
+        InputError: the file cannot be read, or it is not a dict with every key of
+            :data:`STATE_KEYS`; the message says to delete the checkpoint.
     """
-    if not enabled or fcntl is None:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
+    fix = f"; delete {folder} and start a new run"
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (a torn or foreign file)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read the checkpoint in {folder} ({reason}){fix}") from exc
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise InputError(f"{folder} is not a complete prosparse-fx sparsify checkpoint{fix}")
+    return state
+
+
+def check_state(state: dict[str, Any], schedule: ProSparseSchedule, folder: Path) -> None:
+    """Check the values of a training state against the run's schedule, and decode its JSON
+    parts in place (``history``, ``stage_ends``).
+
+    A state passes when: ``step`` is a whole number in ``[0, total steps]``; ``history`` holds
+    one finite log per step, numbered ``1..step``; ``stage_ends`` lists the first ``k`` stages
+    in order, each at its schedule end, with ``k`` the number of stage ends at or before
+    ``step`` (or one fewer, when a stop came after a stage's last step but before its
+    measurement), each with finite measurements; ``rng`` is a CPU generator state; the
+    optimizer and LR-schedule states are dicts, and the data position a dict.
+
+    Raises:
+        InputError: the first value that fails, named, with the fix (delete the checkpoint).
+    """
+    fix = f"; the checkpoint in {folder} is damaged or forged: delete it and start a new run"
+    step = state["step"]
+    total = schedule.total_steps
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total:
+        raise InputError(f"checkpoint step {step!r} is not a whole number in [0, {total}]{fix}")
+    try:
+        history = json.loads(state["history"])
+        stage_ends = json.loads(state["stage_ends"])
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"checkpoint history/stage_ends are not JSON ({exc}){fix}") from exc
+    if not isinstance(history, list) or len(history) != step:
+        n = len(history) if isinstance(history, list) else type(history).__name__
+        raise InputError(f"checkpoint history holds {n} steps, its step is {step}{fix}")
+    for i, entry in enumerate(history, 1):
+        if (
+            not isinstance(entry, dict)
+            or entry.get("step") != i
+            or not all(_finite(entry.get(k)) for k in ("lam", "lm_loss", "l1", "sparsity"))
+        ):
+            raise InputError(f"checkpoint history entry {i} is not a finite log of step {i}{fix}")
+    done = sum(1 for end in schedule.ends if end <= step)
+    if not isinstance(stage_ends, list) or len(stage_ends) not in (done, done - 1):
+        raise InputError(
+            f"checkpoint stage_ends {str(stage_ends)[:80]} do not match step {step} of stage "
+            f"ends {list(schedule.ends)}{fix}"
+        )
+    for i, entry in enumerate(stage_ends):
+        if (
+            not isinstance(entry, dict)
+            or entry.get("stage") != i
+            or entry.get("step") != schedule.ends[i]
+            or not _finite(entry.get("perplexity"))
+            or not _finite(entry.get("sparsity"))
+        ):
             raise InputError(
-                f"another prosparse-fx run is writing to {folder}; wait for it to finish (or stop "
-                "it), or give another output folder"
-            ) from None
-        except OSError as exc:  # a file system without locks (some network mounts)
-            log.warning("cannot lock %s (%s); running without the one-writer check", folder, exc)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+                f"checkpoint stage_ends[{i}] is not the measurement of stage {i} at step "
+                f"{schedule.ends[i]}{fix}"
+            )
+    rng = state["rng"]
+    like = torch.get_rng_state()
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == like.dtype and rng.shape == like.shape):
+        raise InputError(f"checkpoint rng is not a CPU generator state{fix}")
+    for key in ("optimizer", "lr_schedule", "data"):
+        if not isinstance(state[key], dict):
+            raise InputError(f"checkpoint {key} is a {type(state[key]).__name__}, not a state{fix}")
+    state["history"], state["stage_ends"] = history, stage_ends
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

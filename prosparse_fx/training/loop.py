@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import failpoint
 from .distributed import DistContext
 from .regularizer import ActivationRegularizer
 
@@ -150,6 +151,7 @@ def train(
                 l1=f"{log.l1:.3g}",
                 sparsity=f"{log.sparsity:.3f}",
             )
+        failpoint("train.step")  # the crash tests stop here at a chosen step
         if should_stop is not None and should_stop():
             break
     return logs

@@ -17,12 +17,13 @@ import torch.distributed as dist
 
 
 class Preempted(RuntimeError):
-    """The run stopped on a signal after ``step``; its checkpoint holds that step."""
+    """The run stopped on a signal after ``step``; its checkpoint holds that step (``hint``:
+    where it is and how to continue, appended to the message)."""
 
-    def __init__(self, step: int, signum: int) -> None:
+    def __init__(self, step: int, signum: int, hint: str = "") -> None:
         self.step, self.signum = step, signum
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after step {step}")
+        super().__init__(f"stopped by {name} after step {step}" + (f"; {hint}" if hint else ""))
 
 
 class StopOnSignal:
