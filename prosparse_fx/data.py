@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import importlib.util
 import json
+import logging
 import random
 import re
 import xml.etree.ElementTree as ET
@@ -19,6 +20,7 @@ from .errors import InputError
 WIKI_PACKAGE = "gensim"
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
+log = logging.getLogger(__name__)
 
 
 def default_data_path() -> Path:
@@ -77,23 +79,52 @@ def _read_jsonl(path: Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}:{lineno} is not valid JSON ({exc.msg})") from exc
+            except RecursionError as exc:
+                raise InputError(
+                    f"{path}:{lineno} is nested deeper than the JSON reader can follow; each "
+                    'JSONL line must be an object like {"text": "..."}'
+                ) from exc
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise InputError(
                     f'{path}:{lineno} has no string "text" field; each JSONL line must be '
                     'an object like {"text": "..."}'
                 )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                code = ord(text[exc.start])
+                raise InputError(
+                    f'{path}:{lineno} has a lone surrogate (\\u{code:04x}) in its "text", which '
+                    "is no Unicode character and no tokenizer can encode; write the text as UTF-8 "
+                    "or pair the surrogate escapes"
+                ) from exc
             docs.append(text)
     return docs
 
 
+_RULE = re.compile(r"[ \t]*-{3,}[ \t]*")
+
+
 def _read_plain(path: Path) -> list[str]:
-    """A text file: documents are separated by lines holding only ``---`` or by 2+ blank lines;
-    a file with neither is one document per paragraph."""
-    text = path.read_text(encoding="utf-8")
-    parts = re.split(r"\n\s*-{3,}\s*\n|\n\s*\n\s*\n+", text)
+    """A text file: documents are separated by a ``---`` line standing alone between blank
+    lines (or at the start or end of the file) or by 2+ blank lines; a file with neither is one
+    document per paragraph. A ``---`` line under a line of text (a reST heading underline) or
+    above one separates nothing."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+
+    def blank(i: int) -> bool:  # outside the file counts as blank
+        return not 0 <= i < len(lines) or not lines[i].strip()
+
+    chunks: list[list[str]] = [[]]
+    for i, line in enumerate(lines):
+        if _RULE.fullmatch(line) and blank(i - 1) and blank(i + 1):
+            chunks.append([])
+        else:
+            chunks[-1].append(line)
+    parts = [p for c in chunks for p in re.split(r"\n\s*\n\s*\n+", "\n".join(c)) if p.strip()]
     if len(parts) == 1:
-        parts = re.split(r"\n\s*\n", text)
+        parts = re.split(r"\n\s*\n", parts[0])
     return [p.strip() for p in parts if p.strip()]
 
 
@@ -125,6 +156,11 @@ def load_documents(path: str | Path | None = None) -> list[str]:
                 f'unknown data format {p.name!r}: use .txt/.md, .jsonl (one {{"text": ...}} per '
                 "line), a MediaWiki .xml(.bz2) dump, or a folder"
             )
+    except EOFError as exc:  # bz2: the stream stops before its end marker
+        raise InputError(
+            f"cannot read data {str(p)!r}: the compressed file ends early (truncated? an "
+            f"interrupted download or copy): {exc}; fetch or copy it again"
+        ) from exc
     except (OSError, UnicodeDecodeError, ET.ParseError) as exc:
         raise InputError(f"cannot read data {str(p)!r}: {exc}") from exc
     docs = [d for d in docs if d.strip()]
@@ -156,11 +192,41 @@ def _read_folder(p: Path) -> list[str]:
 
 @dataclass
 class DocumentSplit:
-    """Documents split three ways by document: training, threshold calibration, held-out."""
+    """Documents split three ways by document: training, threshold calibration, held-out.
+
+    ``split_by``: ``"documents"`` (the text's own documents), or ``"size"`` when the text gave
+    fewer than 3 and was cut into :data:`SIZE_PIECES` pieces of about equal size at line (or,
+    for fewer lines, word) boundaries, which then stand for documents.
+    """
 
     train: list[str]
     calib: list[str]
     held_out: list[str]
+    split_by: str = "documents"
+
+
+SIZE_PIECES = 20  # pieces of a text without document breaks: 5% steps, as the calibration part
+
+
+def _pieces_by_size(docs: list[str], n: int) -> list[str]:
+    """Cut documents into at most ``n`` pieces of about equal length at line boundaries (at
+    word boundaries when there are fewer than 3 lines), in order; every line in one piece."""
+    units = [line for d in docs for line in d.split("\n") if line.strip()]
+    sep = "\n"
+    if len(units) < 3:
+        units, sep = [w for d in docs for w in d.split()], " "
+    if len(units) < 3:
+        return []
+    total = sum(len(u) + 1 for u in units)
+    pieces: list[list[str]] = [[]]
+    done = 0  # characters in closed pieces and the open one
+    for u in units:
+        # close the open piece once it reaches its share of the text
+        if pieces[-1] and done >= total * len(pieces) / n and len(pieces) < n:
+            pieces.append([])
+        pieces[-1].append(u)
+        done += len(u) + 1
+    return [sep.join(p) for p in pieces]
 
 
 def split_documents(
@@ -168,14 +234,32 @@ def split_documents(
 ) -> DocumentSplit:
     """Shuffle documents with ``seed`` and split them; each part gets at least one document.
 
+    A text of fewer than 3 documents (one long text without document breaks) is cut by size
+    into :data:`SIZE_PIECES` pieces at line boundaries first, with a logged warning and
+    ``split_by="size"`` in the result.
+
     Raises:
-        InputError: fewer than 3 documents.
+        InputError: fewer than 3 documents, and too little text (fewer than 3 lines or words)
+            to cut into pieces.
     """
+    split_by = "documents"
     if len(docs) < 3:
-        raise InputError(
-            f"need at least 3 documents to split into train/calibration/held-out, got "
-            f"{len(docs)}; separate documents by blank lines or use JSONL"
+        pieces = _pieces_by_size(docs, SIZE_PIECES)
+        if len(pieces) < 3:
+            raise InputError(
+                f"need at least 3 documents to split into train/calibration/held-out, got "
+                f"{len(docs)}, too short to split by size; give more text, separate documents "
+                "by blank lines or use JSONL"
+            )
+        log.warning(
+            "the text holds %d document(s), fewer than the 3 a train/calibration/held-out split "
+            "needs: split by size into %d pieces at line boundaries instead (separate documents "
+            "by two blank lines, a --- line between blank lines, or use JSONL, to split by "
+            "document)",
+            len(docs),
+            len(pieces),
         )
+        docs, split_by = pieces, "size"
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     n_held = max(1, round(held_out * len(docs)))
@@ -183,7 +267,7 @@ def split_documents(
     held = [docs[i] for i in order[:n_held]]
     cal = [docs[i] for i in order[n_held : n_held + n_cal]]
     train = [docs[i] for i in order[n_held + n_cal :]]
-    return DocumentSplit(train, cal, held)
+    return DocumentSplit(train, cal, held, split_by)
 
 
 _BOS_PROBE = "Hello world"
