@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -96,6 +97,82 @@ _NEEDS_LM = (
     "(a *ForCausalLM class such as LlamaForCausalLM, saved with save_pretrained)"
 )
 
+_RESAVE = "fix the file, or save the model again with save_pretrained"
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as one line: its message (lines joined), or its type when it has none."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) < 400 else text[:400] + " ..."
+
+
+def _check_config_json(config_file: Path) -> None:
+    """Refuse a ``config.json`` that is not JSON or not a JSON object, naming the file.
+
+    Raises:
+        InputError: the file cannot be read, is not JSON, or holds a list, string or number.
+    """
+    try:
+        raw = json.loads(config_file.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = "not valid JSON" if not isinstance(exc, OSError) else exc.strerror
+        raise InputError(
+            f"cannot read the model config {config_file} ({reason}); {_RESAVE}"
+        ) from exc
+    if not isinstance(raw, dict):
+        kind = {list: "a JSON list", str: "a JSON string"}.get(
+            type(raw), f"JSON {type(raw).__name__}"
+        )
+        raise InputError(
+            f"the model config {config_file} holds {kind}, not a JSON object of settings "
+            f'({{"model_type": ..., ...}}); {_RESAVE}'
+        )
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Check that every ``*.safetensors`` file in ``folder`` is whole: a readable header whose
+    tensors end where the file ends (a truncated copy does not). Reads the headers only.
+
+    Raises:
+        InputError: naming the damaged file.
+    """
+    for file in sorted(folder.glob("*.safetensors")):
+        fix = (
+            "it is damaged or truncated (an interrupted copy or download?): copy it again, or "
+            "save the model again with save_pretrained"
+        )
+        try:
+            size = file.stat().st_size
+            with file.open("rb") as fh:
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if n < 2 or 8 + n > size:
+                    raise InputError(
+                        f"the weights file {file} is truncated ({size} bytes, shorter than its "
+                        f"header says); {fix}"
+                    )
+                header = json.loads(fh.read(n))
+            ends = [
+                int(v["data_offsets"][1])
+                for k, v in header.items()
+                if k != "__metadata__" and isinstance(v, dict)
+            ]
+        except InputError:
+            raise
+        except OSError as exc:
+            raise InputError(f"cannot read the weights file {file}: {exc.strerror}") from exc
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
+            raise InputError(
+                f"the weights file {file} has no valid safetensors header; {fix}"
+            ) from exc
+        if 8 + n + max(ends, default=0) > size:
+            raise InputError(
+                f"the weights file {file} is truncated: its tensors need "
+                f"{8 + n + max(ends)} bytes, the file has {size}; {fix}"
+            )
+
 
 def check_causal_lm(folder: str | Path) -> Any:
     """Read the config of a model folder and check it describes a causal LM.
@@ -113,11 +190,20 @@ def check_causal_lm(folder: str | Path) -> Any:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     folder = Path(folder)
+    config_file = folder / "config.json"
+    _check_config_json(config_file)
     try:
         config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"cannot read the model config in {folder}: {exc}") from exc
-    archs = list(getattr(config, "architectures", None) or [])
+    except Exception as exc:  # noqa: BLE001  (transformers raises many types for bad values)
+        raise InputError(
+            f"cannot read the model config {config_file}: {_reason(exc)}; {_RESAVE}"
+        ) from exc
+    archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise InputError(
+            f"{config_file} gives architectures {archs!r}, not a list of class names such as "
+            f'["LlamaForCausalLM"]; {_RESAVE}'
+        )
     kind = f"model_type {config.model_type!r}"
     if archs and not set(archs) & causal_lm_architectures():
         raise InputError(
@@ -177,7 +263,7 @@ def load_tokenizer(folder: str | Path, *, given: bool = False) -> Any:
         )
     try:
         return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001  (a damaged file: the tokenizers library's own types)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"no usable tokenizer in {folder} ({reason}); {fix}") from exc
 
@@ -198,18 +284,24 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
 
     Raises:
         InputError: see :func:`check_model_path` and :func:`check_causal_lm`; missing weights
-            (named); or transformers cannot load it.
+            (named); a truncated or damaged weights file (named); or transformers cannot load
+            it (any error it raises, with its message).
     """
     from transformers import AutoModelForCausalLM
 
     p = model_folder(path)
     check_causal_lm(p)
+    _check_safetensors(p)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             p, dtype=dtype, use_safetensors=True, output_loading_info=True
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"cannot load a causal LM from {p}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001  (safetensors, torch and transformers raise many types)
+        raise InputError(
+            f"cannot load a causal LM from {p}: {_reason(exc)} ({type(exc).__name__}); the "
+            "config and weights do not fit or a file is damaged: save the model again with "
+            "save_pretrained"
+        ) from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         shown = ", ".join(missing[:8]) + (
@@ -255,6 +347,90 @@ def load_model(
     return model, tok
 
 
+def check_token_ids(windows: torch.Tensor, model: Any, tokenizer: str | Path | None = None) -> None:
+    """Check that every token id of ``windows`` has a row in the model's input embedding, before
+    any long work (an id past it fails deep in the forward with an ``IndexError``).
+
+    ``len(tokenizer)`` does not bound the ids: a tokenizer's vocabulary may skip ids, and added
+    tokens may sit past it. Used by ``measure`` and ``sparsify`` on the windows they score.
+
+    Args:
+        windows: token ids, any shape (``[N, seq_len]`` windows).
+        model: the model, with ``get_input_embeddings()``.
+        tokenizer: the tokenizer's folder, named in the message.
+
+    Raises:
+        InputError: an id below 0 or at or past the embedding's rows; the message names the id,
+            the rows and ``--tokenizer DIR``.
+    """
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        weight = getattr(embedding, "weight", None)
+        rows = None if weight is None else int(weight.shape[0])
+    if rows is None or windows.numel() == 0:
+        return
+    low, high = int(windows.min()), int(windows.max())
+    if low >= 0 and high < rows:
+        return
+    bad = low if low < 0 else high
+    where = f" in {tokenizer}" if tokenizer is not None else ""
+    raise InputError(
+        f"the tokenizer{where} gives token id {bad}, but the model's input embedding has {rows} "
+        f"rows (ids 0..{rows - 1}): it is not this model's tokenizer; pass --tokenizer DIR with "
+        "the tokenizer the model was trained with"
+    )
+
+
+LEARNED, ROTARY = "learned", "rotary"
+
+
+def model_positions(model: Any) -> tuple[str | None, int | None]:
+    """How a model encodes positions, and how many it was built for.
+
+    Args:
+        model: a Hugging Face model, or its config (then the model is built on the meta
+            device, with no weights, to look at its modules).
+
+    Returns:
+        ``(kind, max_positions)``: kind ``"learned"`` (a position-embedding table, GPT-2, OPT:
+        no position past it exists), ``"rotary"`` (RoPE, LLaMA, Qwen: later positions compute
+        but were never trained) or ``None`` (neither found); ``max_positions`` from
+        ``max_position_embeddings`` (``None`` when the config has none).
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(model)
+        except Exception:  # noqa: BLE001  (an exotic config: positions unknown, no check)
+            return None, None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    kind = None
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2].lower()
+        if (
+            isinstance(module, nn.Embedding)
+            and module is not tokens
+            and ("pos" in leaf or leaf == "wpe")
+        ):
+            kind = LEARNED
+            if limit is None:
+                limit = module.num_embeddings
+            break
+        if "rotary" in type(module).__name__.lower():
+            kind = ROTARY
+    return kind, limit
+
+
 def _convert_gguf(path: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -266,8 +442,14 @@ def _convert_gguf(path: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32
         )
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except ImportError as exc:
         raise InputError(f"cannot load GGUF file {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001  (the GGUF reader raises struct.error, ...)
+        raise InputError(
+            f"cannot load GGUF file {path}: {_reason(exc)}; it is "
+            "damaged or truncated, or not a GGUF model transformers can read: copy or "
+            "download it again, or pass a Hugging Face model folder"
+        ) from exc
     # The weights are already dequantised to float32; drop the GGUF marker so they serialise.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
