@@ -116,32 +116,70 @@ class CachedDecoder(nn.Module):
             use_cache=True,
             **kwargs,
         )
-        new_cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        new_cache = _returned_cache(out)
+        if new_cache is None:
+            raise InputError(_NO_CACHE.format(name=type(self.model).__name__))
         present: list[torch.Tensor] = []
         for layer in new_cache.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
 
+_NO_CACHE = (
+    "{name} returns no KV cache from its forward (an encoder, or a model whose config turns "
+    "the cache off), so it has no present key/values to export with the KV-cache signature: "
+    "export it with kv_cache=False (--no-cache)"
+)
+
+
+def _returned_cache(out: Any) -> Any:
+    for name in ("past_key_values", "cache"):
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
 def check_full_attention(decoder: CachedDecoder) -> None:
-    """Refuse caches that drop tokens (sliding window): their present would not be ``past+seq``.
+    """Refuse models the KV-cache signature cannot express: those whose forward returns no
+    cache (an encoder such as BERT), and caches that drop tokens (sliding window), whose
+    present would not be ``past + seq``. The first is found by one forward of one token.
 
     Raises:
-        InputError: a layer of the model's cache is not a plain full-attention layer.
+        InputError: the model returns no cache, or a layer of its cache is not a plain
+            full-attention layer; both name ``kv_cache=False`` (``--no-cache``).
     """
     from transformers import DynamicCache
 
     layout = decoder.layout
+    name = type(decoder.model).__name__
     past = layout.empty_past(1)
     pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layout.layers)]
     cache = DynamicCache(pairs, config=decoder.model.config)
     kinds = {type(layer).__name__ for layer in cache.layers}
     if kinds != {"DynamicLayer"}:
         raise InputError(
-            f"{type(decoder.model).__name__} has cache layers {sorted(kinds)}; the KV-cache export "
+            f"{name} has cache layers {sorted(kinds)}; the KV-cache export "
             "supports full-attention layers (DynamicLayer) only: export with kv_cache=False "
             "(--no-cache)"
         )
+    param = next(decoder.model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    one = torch.zeros((1, 1), dtype=torch.long, device=device)
+    probe = DynamicCache(config=decoder.model.config)
+    try:
+        with torch.no_grad():
+            out = decoder.model(
+                input_ids=one,
+                attention_mask=torch.ones_like(one),
+                position_ids=one,
+                use_cache=True,
+                **{decoder.cache_keyword: probe},
+            )
+    except Exception:  # noqa: BLE001  (the capture that follows reports what fails)
+        return
+    if _returned_cache(out) is None:
+        raise InputError(_NO_CACHE.format(name=name))
 
 
 def example_inputs(layout: CacheLayout, vocab: int) -> tuple[torch.Tensor, ...]:

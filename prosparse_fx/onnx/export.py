@@ -296,6 +296,14 @@ def export_onnx(
         "ffn_sites": str(len(sites)),
         "thresholds": ",".join(f"{s.threshold or 0.0:g}" for s in sites),
     }
+    if example_inputs is None:
+        from ..models import model_positions
+
+        # how far generation may go: learned positions end there, rotary ones were not trained
+        # past it (read by OnnxCausalLM.check_length)
+        kind, limit = model_positions(model)
+        if kind is not None and limit is not None:
+            props |= {"positions": kind, "max_positions": str(limit)}
     props |= {k.removeprefix(METADATA_PREFIX): str(v) for k, v in (metadata or {}).items()}
     for key, value in props.items():
         program.model.metadata_props[METADATA_PREFIX + key] = value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,11 @@ class OnnxCausalLM:
             for k, v in meta.items()
             if k.startswith(METADATA_PREFIX)
         }
+        # "learned" / "rotary" and the positions the model was built for (files exported before
+        # these were recorded have neither: set them from the source model's config)
+        self.positions: str | None = self.metadata.get("positions")
+        limit = self.metadata.get("max_positions", "")
+        self.max_positions: int | None = int(limit) if limit.isdigit() else None
 
     @property
     def vocab_size(self) -> int | None:
@@ -95,6 +101,46 @@ class OnnxCausalLM:
             raise InputError(
                 f"token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}"
             )
+
+    def check_length(
+        self, prompt_tokens: int, max_new_tokens: int, option: str = "max_new_tokens"
+    ) -> str | None:
+        """Check that generation stays within the model's positions: the last new token is
+        predicted from position ``prompt_tokens + max_new_tokens - 2``, the last one fed.
+
+        Args:
+            prompt_tokens: tokens of the prompt (padding included).
+            max_new_tokens: tokens to add.
+            option: how the caller names ``max_new_tokens`` (in the message).
+
+        Returns:
+            A warning when a model with rotary positions goes past those it was trained with
+            (it computes, but was never trained there), else ``None``.
+
+        Raises:
+            InputError: a model with learned positions (GPT-2) would go past its last one,
+                where it has no embedding; the message names the limit and the largest
+                ``max_new_tokens`` that fits.
+        """
+        limit = self.max_positions
+        if limit is None or max_new_tokens < 1 or prompt_tokens + max_new_tokens - 1 <= limit:
+            return None
+        fits = limit - prompt_tokens + 1
+        if self.positions == "learned":
+            sep = "=" if option.isidentifier() else " "  # max_new_tokens=13, --max-new-tokens 13
+            fix = f"pass {option}{sep}{fits} or less" if fits > 0 else "shorten the prompt"
+            raise InputError(
+                f"the prompt ({prompt_tokens} tokens) and {max_new_tokens} new tokens need "
+                f"{prompt_tokens + max_new_tokens - 1} positions, but the model has "
+                f"{limit} positions (learned position embeddings, max_position_embeddings), "
+                f"none past them; {fix}"
+            )
+        return (
+            f"the prompt ({prompt_tokens} tokens) and {max_new_tokens} new tokens go past the "
+            f"{limit} positions the model was trained with (max_position_embeddings"
+            f"{', rotary positions' if self.positions == 'rotary' else ''}); the tokens past "
+            f"them may be poor"
+        )
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """Zero-length past key/values: ``[batch, kv_heads, 0, head_dim]`` float32 per input."""
@@ -157,7 +203,8 @@ class OnnxCausalLM:
             InputError: ``max_new_tokens`` not a whole number >= 0, ``input_ids`` not 2-D,
                 without rows or tokens, not integers or outside the vocabulary, or an
                 ``attention_mask`` of another shape, not 0/1, with an all-zero row, or
-                right-padded.
+                right-padded; a model with learned positions would go past its last one (see
+                :meth:`check_length`; with rotary positions, a warning).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
             raise InputError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}")
@@ -182,6 +229,9 @@ class OnnxCausalLM:
                 "attention_mask has padding after a token (right padding): generation appends "
                 "to the end of every row, so pad on the left (tokenizer.padding_side = 'left')"
             )
+        too_long = self.check_length(ids.shape[1], int(max_new_tokens))
+        if too_long is not None:
+            warnings.warn(too_long, stacklevel=2)
         done = np.zeros(ids.shape[0], dtype=bool)
         past: list[np.ndarray] | None = None
         step_ids = ids
