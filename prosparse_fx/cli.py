@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -166,7 +167,7 @@ def measure(
     from .data import bos_token_id, load_documents, split_documents, token_windows
     from .ffn import FFNNotFoundError, find_ffn_sites
     from .measure import evaluate
-    from .models import check_causal_lm, check_model_path, load_model
+    from .models import check_causal_lm, check_model_path, check_token_ids, load_model
     from .pipeline import _spread
 
     try:
@@ -179,6 +180,7 @@ def measure(
         text = split_documents(docs).held_out if data is None else docs
         bos = bos_token_id(tok)
         win = _spread(token_windows(tok, text, seq_len), windows)
+        check_token_ids(win, lm, tokenizer or model)
         try:
             sites = find_ffn_sites(lm)
         except FFNNotFoundError as exc:
@@ -277,9 +279,24 @@ def generate(
 ) -> None:
     """Greedy generation in ONNX Runtime with an exported model."""
     onnx_api = _onnx_api()
-    from .models import causal_lm_architectures, check_causal_lm, load_tokenizer, model_folder
+    from .models import (
+        causal_lm_architectures,
+        check_causal_lm,
+        load_tokenizer,
+        model_folder,
+        model_positions,
+    )
 
     try:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(prompt[exc.start])  # bytes Python could not decode: U+DC80..U+DCFF
+            what = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+            raise InputError(
+                f"the --prompt is not UTF-8 text ({what} at character {exc.start}); give the "
+                "prompt as UTF-8 (check the encoding of the terminal or the script)"
+            ) from exc
         lm = onnx_api.OnnxCausalLM(onnx_file)
         arch = lm.metadata.get("architecture")
         if arch is not None and arch not in causal_lm_architectures():
@@ -289,7 +306,9 @@ def generate(
             )
         source = lm.metadata.get("source")
         if source is not None and (Path(source) / "config.json").is_file():
-            check_causal_lm(source)  # files written before the architecture was recorded
+            config = check_causal_lm(source)  # files written before the architecture was recorded
+            if lm.positions is None:  # files written before the positions were recorded
+                lm.positions, lm.max_positions = model_positions(config)
         if tokenizer is None and source is not None and source.endswith(".gguf"):
             if not Path(source).is_file():
                 raise InputError(
@@ -303,7 +322,12 @@ def generate(
         ids = tok(prompt, return_tensors="np").input_ids
         if ids.shape[1] == 0:
             raise InputError("the prompt has no tokens; give some text")
-        out = lm.generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id)
+        too_long = lm.check_length(ids.shape[1], max_new_tokens, "--max-new-tokens")
+        if too_long is not None:
+            typer.echo(f"warning: {too_long}", err=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"the prompt \(")  # given above
+            out = lm.generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id)
     except InputError as exc:
         _fail(str(exc))
     typer.echo(tok.decode(out[0], skip_special_tokens=True))
