@@ -36,6 +36,7 @@ TEMP_PREFIX = ".prosparse-tmp-"
 FAILPOINT_ENV = "PROSPARSE_FX_FAILPOINT"
 
 _failpoint_hits: dict[str, int] = {}  # passes through each failpoint in this process
+_writing: set[str] = set()  # names of this process's temporaries whose write is under way
 
 
 class SimulatedCrash(BaseException):
@@ -92,7 +93,7 @@ def _writer_alive(path: Path) -> bool:
         return False
     pid = int(pid_text)
     if pid == os.getpid():
-        return True
+        return Path(path).name in _writing
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -195,6 +196,7 @@ def atomic_file(target: Path, *, overwrite: bool = True) -> Iterator[Path]:
     """
     target = Path(target)
     tmp = temp_path(target.parent, target.name)
+    _writing.add(tmp.name)
     try:
         yield tmp
         fsync_path(tmp)
@@ -214,6 +216,8 @@ def atomic_file(target: Path, *, overwrite: bool = True) -> Iterator[Path]:
     except Exception:
         remove(tmp)
         raise
+    finally:
+        _writing.discard(tmp.name)
 
 
 def _finite(data: Any) -> Any:
@@ -249,6 +253,7 @@ def new_folder(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target.parent)
     tmp = temp_path(target.parent, target.name)
+    _writing.add(tmp.name)
     tmp.mkdir()
     try:
         yield tmp
@@ -264,3 +269,23 @@ def new_folder(target: Path) -> Iterator[Path]:
     except Exception:
         remove(tmp)
         raise
+    finally:
+        _writing.discard(tmp.name)
+
+
+@contextlib.contextmanager
+def serialised(folder: Path) -> Iterator[None]:
+    """Wait for, then hold, an exclusive lock on ``folder`` (``flock``), so writers of the
+    same outputs in it take turns instead of interleaving their renames."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: no serialisation
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

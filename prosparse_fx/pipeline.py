@@ -27,7 +27,7 @@ from .environment import autocast_dtype, check_device, machine_info
 from .errors import InputError
 from .ffn import FFNNotFoundError, FFNSite, check_no_unknown, find_ffn_sites
 from .measure import Evaluation, evaluate
-from .models import check_causal_lm, check_model_path, load_model
+from .models import check_causal_lm, check_model_path, check_token_ids, load_model
 from .relufy import relufy_
 from .report import plot_per_layer, plot_training
 from .run_folder import REPORT, RunFolder
@@ -220,6 +220,8 @@ def _run(
         token_windows(tokenizer, split.held_out, config.seq_len), config.eval_windows
     )
     calib = _spread(token_windows(tokenizer, split.calib, config.seq_len), config.calib_windows)
+    for windows in (train_windows, held_out, calib):
+        check_token_ids(windows, model, tokenizer_dir or model_source)
     try:
         sites = find_ffn_sites(model)
         check_no_unknown(sites)
@@ -247,6 +249,7 @@ def _run(
             "bos": bos_id is not None,
             "bos_token_id": bos_id,
             "data_split": {
+                "split_by": split.split_by,  # "size" when the text has too few documents
                 "train_documents": len(split.train),
                 "calib_documents": len(split.calib),
                 "held_out_documents": len(split.held_out),

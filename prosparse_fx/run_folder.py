@@ -62,10 +62,16 @@ _GENERATION = re.compile(r"^(\d+)-step-(\d+)$")
 
 
 def entries(folder: Path) -> list[Path]:
-    """The entries of ``folder`` that are not a writer's temporaries."""
-    return sorted(
-        e for e in Path(folder).iterdir() if not is_temp(e) and not _LEGACY_TEMP.match(e.name)
-    )
+    """The entries of ``folder`` that are not a writer's temporaries (nor a ``checkpoint``
+    folder holding only temporaries: a run killed during its first checkpoint)."""
+    found = []
+    for e in Path(folder).iterdir():
+        if is_temp(e) or _LEGACY_TEMP.match(e.name):
+            continue
+        if e.name == CHECKPOINTS and e.is_dir() and all(is_temp(c) for c in e.iterdir()):
+            continue
+        found.append(e)
+    return sorted(found)
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -173,9 +179,14 @@ def check_complete(folder: Path) -> None:
     """Refuse to read a run folder whose final save was interrupted.
 
     Raises:
-        InputError: ``folder`` holds the journal of an unfinished final save; the message names
-            the ``--resume`` command that finishes it.
+        InputError: ``folder`` holds the journal of an unfinished final save (the message names
+            the ``--resume`` command that finishes it) or of an unfinished ``--overwrite``.
     """
+    if (Path(folder) / SET_ASIDE).is_dir():
+        raise InputError(
+            f"{folder} is being replaced by a sparsify --overwrite run that was interrupted "
+            "while it set the earlier run aside; run that command again to finish"
+        )
     if (Path(folder) / JOURNAL).is_dir():
         raise InputError(
             f"the final save of the sparsify run in {folder} was interrupted, so its files are "
@@ -266,6 +277,8 @@ class RunFolder:
         for entry in self.path.iterdir():
             if _LEGACY_TEMP.match(entry.name):
                 remove(entry)
+        with contextlib.suppress(OSError):
+            (self.path / CHECKPOINTS).rmdir()  # only if empty
 
     # -- --overwrite: the earlier run set aside --------------------------------------------------
 

@@ -321,3 +321,44 @@ def test_kv_cache_export_of_a_model_without_cache_names_no_cache(tmp_path) -> No
     with pytest.raises(InputError, match="returns no KV cache.*kv_cache=False \\(--no-cache\\)"):
         export_onnx(tiny("bert"), tmp_path / "b.onnx", sparse=False)
     assert not (tmp_path / "b.onnx").exists()
+
+
+# --- problems 14 and 21 in sparsify ---------------------------------------------------------
+
+_SPARSIFY_FAST = {
+    "eval_windows": 2,
+    "calib_windows": 1,
+    "sweep_thresholds": [0.0],
+    "seq_len": SEQ,
+    "batch_size": 2,
+    "stages": [[0.0, 1], [0.5, 2]],
+}
+
+
+def _sparsify(root, tmp_path, data, *extra):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(_SPARSIFY_FAST))
+    args = ["sparsify", "--model", str(root / "llama"), "--data", str(data)]
+    return runner.invoke(
+        app, [*args, "--config", str(config), "--out", str(tmp_path / "run"), *extra]
+    )
+
+
+def test_token_ids_past_the_embedding_exit_2_in_sparsify(root, tmp_path) -> None:
+    """Problem 14 in sparsify: refused before training, nothing written."""
+    result = _sparsify(root, tmp_path, root / "text.jsonl", "--tokenizer", str(root / "far_tok"))
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "token id" in result.output and f"{len(WORDS)} rows" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_sparsify_trains_on_a_text_without_document_breaks(root, tmp_path) -> None:
+    """Problem 21 in sparsify: one long text is split by size, and the report says so."""
+    rng = random.Random(3)
+    path = tmp_path / "long.txt"
+    path.write_text("\n".join(_words(rng, rng.randrange(5, 15)) for _ in range(300)))
+    result = _sparsify(root, tmp_path, path)
+    assert result.exit_code == 0, (result.output, result.exception)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["data_split"]["split_by"] == "size"
+    assert report["data_split"]["held_out_documents"] == 2

@@ -48,7 +48,7 @@ def test_jsonl_and_errors(tmp_path) -> None:
 
 def test_plain_text_documents(tmp_path) -> None:
     path = tmp_path / "t.txt"
-    path.write_text("doc one\nstill one\n\n\ndoc two\n---\ndoc three")
+    path.write_text("doc one\nstill one\n\n\ndoc two\n\n---\n\ndoc three")
     assert load_documents(path) == ["doc one\nstill one", "doc two", "doc three"]
     paragraphs = tmp_path / "p.txt"
     paragraphs.write_text("a\n\nb\n\nc")

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import re
-import shutil
+import secrets
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -22,6 +22,17 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..atomic import (
+    OutputWriteError,
+    atomic_file,
+    clean_leftovers,
+    failpoint,
+    fsync_path,
+    remove,
+    serialised,
+    temp_path,
+    write_error,
+)
 from ..capture import capture_export, example_inputs_for, module_path
 from ..errors import InputError
 from ..ffn import FFNNotFoundError, find_sites_in_graph
@@ -228,7 +239,6 @@ def export_onnx(
             translation (the message names it and its module), or the model has
             mixture-of-experts layers (named).
     """
-    import onnx
 
     target = check_output_path(path, overwrite)
     if not 0.0 <= crossover <= 1.0:
@@ -309,18 +319,85 @@ def export_onnx(
         program.model.metadata_props[METADATA_PREFIX + key] = value
     size = sum(p.numel() * p.element_size() for p in gm.parameters())
     external = size > PROTOBUF_LIMIT // 2 if external_data is None else external_data
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        staged = tmp / target.name
-        program.save(staged, external_data=external)
-        onnx.checker.check_model(str(staged), full_check=False)
-        data = tmp / f"{target.name}.data"
-        old_data = target.with_name(data.name)
-        if data.exists():
-            os.replace(data, old_data)
-        os.replace(staged, target)
-        if not data.exists() and not external and old_data.exists():
-            old_data.unlink()  # an earlier export's weights (overwrite=True): now stale
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _save(program, target, external, overwrite)
     return target
+
+
+def _data_files(model_file: Path) -> set[str]:
+    """Names of the external-data files that the ONNX file ``model_file`` refers to."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    if not model_file.is_file():
+        return set()
+    try:
+        proto = onnx.load(str(model_file), load_external_data=False)
+    except Exception:  # noqa: BLE001  (not ONNX: refers to nothing)
+        return set()
+    names = set()
+    for tensor in _get_all_tensors(proto):
+        if uses_external_data(tensor):
+            names |= {e.value for e in tensor.external_data if e.key == "location"}
+    return names
+
+
+def _save(program: Any, target: Path, external: bool, overwrite: bool) -> None:
+    """Write the exported ``program`` to ``target`` whole or not at all.
+
+    The weights of an external-data export go to a file with a fresh name
+    (``NAME.onnx.<8 hex>.data``), placed before the ``.onnx`` that refers to it is renamed into
+    place, so a kill at any moment leaves either the old pair or the new one; the old weights
+    file is removed after. Writers into one folder take turns (:func:`~prosparse_fx.atomic.
+    serialised`); without ``overwrite`` a file made meanwhile by another export is kept, and
+    this one is refused. Weights files of killed exports that no ``.onnx`` refers to are
+    removed.
+
+    Raises:
+        OutputWriteError: ``target`` appeared meanwhile (without ``overwrite``), or the write
+            failed (a full disk: the message says so).
+    """
+    import onnx
+
+    parent = target.parent
+    orphan = re.compile(rf"^{re.escape(target.name)}\.[0-9a-f]{{8}}\.data$")
+    with serialised(parent):
+        clean_leftovers(parent)
+        before = _data_files(target)
+        for entry in parent.iterdir():
+            if orphan.match(entry.name) and entry.name not in before:
+                entry.unlink()  # the weights of a killed export, never referred to
+        tmp = temp_path(parent, target.name)
+        tmp.mkdir()
+        try:
+            staged = tmp / target.name
+            program.save(staged, external_data=external)
+            onnx.checker.check_model(str(staged), full_check=False)
+            data = tmp / f"{target.name}.data"
+            new_data = None
+            if data.exists():
+                new_data = f"{target.name}.{secrets.token_hex(4)}.data"
+                proto = onnx.load(str(staged), load_external_data=False)
+                from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+                for tensor in _get_all_tensors(proto):
+                    if uses_external_data(tensor):
+                        for entry in tensor.external_data:
+                            if entry.key == "location":
+                                entry.value = new_data
+                onnx.save(proto, str(staged))
+                fsync_path(data)
+                os.replace(data, parent / new_data)
+                failpoint("export.data_in_place")
+            with atomic_file(target, overwrite=overwrite) as final:
+                os.replace(staged, final)
+            failpoint("export.model_in_place")
+            for name in before - {new_data}:
+                (parent / name).unlink(missing_ok=True)
+        except OutputWriteError:
+            if new_data is not None:
+                (parent / new_data).unlink(missing_ok=True)
+            raise
+        except OSError as exc:
+            raise write_error(exc, "the ONNX file", target, "Nothing was replaced.") from exc
+        finally:
+            remove(tmp)
