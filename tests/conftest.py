@@ -56,3 +56,30 @@ def tiny_model_dir(tmp_path_factory, smollm2):
 
 
 __all__ = ["tiny"]
+
+
+@pytest.fixture(scope="session")
+def word_llama(tmp_path_factory):
+    """``(model_dir, text_file)``: a tiny LLaMA over the word vocabulary of
+    :func:`tests.models.word_tokenizer` (64 tokens, context 64), saved with that tokenizer, and
+    a JSONL text of 30 documents of those words. Saves and loads in milliseconds."""
+    import json
+    import random
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.models import WORDS, word_text, word_tokenizer
+
+    root = tmp_path_factory.mktemp("word-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    docs = [word_text(rng, rng.randrange(60, 120)) for _ in range(30)]
+    (root / "text.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    return root / "model", root / "text.jsonl"

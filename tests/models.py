@@ -100,3 +100,28 @@ EXPECTED_ACT = {
     "gpt2": "gelu_tanh",
     "bert": "gelu",
 }
+
+
+# A word-level vocabulary and tokenizer: tiny models whose folders save and load in
+# milliseconds (the crash and bad-input tests run many of them).
+WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
+
+
+def word_tokenizer(far_ids: bool = False):  # noqa: ANN201
+    """One token per word, no BOS. ``far_ids``: words w36.. get ids 1000 and up, so the
+    tokenizer has as many tokens as the model's embedding has rows but ids past them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i + (1000 if far_ids and i >= 40 else 0) for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>",
+    )  # fmt: skip
+
+
+def word_text(rng, n: int) -> str:
+    """``n`` random words of :data:`WORDS` (w0..w59)."""
+    return " ".join(f"w{rng.randrange(60)}" for _ in range(n))

@@ -18,13 +18,11 @@ import struct
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 from typer.testing import CliRunner
 
@@ -32,29 +30,12 @@ from prosparse_fx.cli import app
 from prosparse_fx.data import load_documents, split_documents
 from prosparse_fx.errors import InputError
 from prosparse_fx.models import load_causal_lm
-from tests.models import tiny
+from tests.models import WORDS, tiny, word_text, word_tokenizer
 
 runner = CliRunner()
-WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
 EOS = 2
 SEQ = 16
 CONTEXT = 32  # the tiny models' max_position_embeddings
-
-
-def word_tokenizer(far_ids: bool = False) -> PreTrainedTokenizerFast:
-    """One token per word, no BOS. ``far_ids``: words w36.. get ids 1000 and up, so the
-    tokenizer has as many tokens as the model's embedding has rows but ids past them."""
-    vocab = {w: i + (1000 if far_ids and i >= 40 else 0) for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>",
-    )  # fmt: skip
-
-
-def _words(rng: random.Random, n: int) -> str:
-    return " ".join(f"w{rng.randrange(60)}" for _ in range(n))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +62,7 @@ def root(tmp_path_factory):
         word_tokenizer().save_pretrained(root / name)
     word_tokenizer(far_ids=True).save_pretrained(root / "far_tok")
     rng = random.Random(0)
-    docs = [_words(rng, rng.randrange(40, 80)) for _ in range(20)]
+    docs = [word_text(rng, rng.randrange(40, 80)) for _ in range(20)]
     (root / "text.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     return root
 
@@ -149,7 +130,7 @@ def test_garbage_gguf_exits_2_naming_the_file(tmp_path, monkeypatch) -> None:
 def test_truncated_bz2_dump_exits_2(root, tmp_path) -> None:
     page = "<page><title>T{i}</title><ns>0</ns><revision><text>{t}</text></revision></page>"
     rng = random.Random(1)
-    xml = "<mediawiki>" + "".join(page.format(i=i, t=_words(rng, 300)) for i in range(30))
+    xml = "<mediawiki>" + "".join(page.format(i=i, t=word_text(rng, 300)) for i in range(30))
     packed = bz2.compress((xml + "</mediawiki>").encode())
     dump = tmp_path / "dump.xml.bz2"
     dump.write_bytes(packed[: len(packed) // 2])
@@ -292,7 +273,7 @@ def test_rest_heading_underlines_do_not_split_documents(tmp_path) -> None:
 
 def test_text_without_document_breaks_is_split_by_size(tmp_path, caplog) -> None:
     rng = random.Random(2)
-    lines = [_words(rng, rng.randrange(5, 15)) for _ in range(400)]
+    lines = [word_text(rng, rng.randrange(5, 15)) for _ in range(400)]
     path = tmp_path / "long.txt"
     path.write_text("\n".join(lines))
     docs = load_documents(path)
@@ -356,7 +337,7 @@ def test_sparsify_trains_on_a_text_without_document_breaks(root, tmp_path) -> No
     """Problem 21 in sparsify: one long text is split by size, and the report says so."""
     rng = random.Random(3)
     path = tmp_path / "long.txt"
-    path.write_text("\n".join(_words(rng, rng.randrange(5, 15)) for _ in range(300)))
+    path.write_text("\n".join(word_text(rng, rng.randrange(5, 15)) for _ in range(300)))
     result = _sparsify(root, tmp_path, path)
     assert result.exit_code == 0, (result.output, result.exception)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
