@@ -80,13 +80,14 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def _check_name_lengths(p: Path) -> None:
-    existing = p
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
+    limit = 255
+    for parent in p.parents:
+        try:
+            if parent.is_dir():
+                limit = os.pathconf(parent, "PC_NAME_MAX")
+                break
+        except (OSError, ValueError):
+            continue
     for part in p.parts:
         if len(os.fsencode(part)) > limit:
             raise InputError(
@@ -105,8 +106,8 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: list[Path]) -> Pa
             cannot be written.
     """
     try:
+        _check_name_lengths(Path(out).expanduser().absolute())  # before resolve() stats it
         p = Path(out).expanduser().resolve()
-        _check_name_lengths(p)
         for inp in inputs:
             ri = inp.resolve()
             if p == ri or ri.is_relative_to(p) or p.is_relative_to(ri):

@@ -601,3 +601,34 @@ def test_readers_refuse_an_interrupted_final_save(
     resumed = CliRunner().invoke(app, ["sparsify", "--resume", str(out)])
     assert resumed.exit_code == 0, resumed.output
     _assert_whole_result(out, reference)
+
+
+def test_two_crashes_in_a_row_leave_a_checkpoint_to_resume(
+    tmp_path, tiny_model_dir, text_file, monkeypatch, reference
+) -> None:
+    """Problem 2: a crash after a checkpoint is in place, then, in the resumed run, a crash in
+    the middle of the next save: the complete checkpoint is never deleted before its successor
+    is in place, so the third attempt resumes and ends with the uninterrupted result."""
+    out = tmp_path / "run"
+    _crash(monkeypatch, "checkpoint.in_place@2", out, tiny_model_dir, text_file)
+    first = RunFolder(out).latest_checkpoint()
+    assert first is not None and first.name.endswith("-step-2")
+    _crash(monkeypatch, "checkpoint.state_written@1", out, None, None, resume=True)
+    assert RunFolder(out).latest_checkpoint() == first
+    _crash(monkeypatch, "checkpoint.old_removed@1", out, None, None, resume=True)
+    assert RunFolder(out).latest_checkpoint().name.endswith("-step-3")
+    _run(out, None, None, resume=True)
+    _assert_whole_result(out, reference)
+
+
+def test_an_output_name_too_long_for_the_file_system_exits_2(tmp_path) -> None:
+    """Problem 18: a --out component over 255 bytes is named before any work."""
+    from typer.testing import CliRunner
+
+    from prosparse_fx.cli import app
+
+    out = tmp_path / ("x" * 300)
+    result = CliRunner().invoke(app, ["sparsify", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "300 bytes long" in result.output and "shorter --out" in result.output
+    assert os.listdir(tmp_path) == []
