@@ -49,6 +49,9 @@ class SparsifyConfig:
             ``"bf16"`` or ``"fp32"``. Weights, optimizer and all evaluations stay float32.
         checkpoint_every: optimizer steps between training checkpoints in ``out/checkpoint``
             (also written at each stage end); a killed run loses at most this many steps.
+
+    :meth:`validate` checks each field by its rule in :data:`FIELD_RULES` (type, whole number
+    or not, finite, range).
     """
 
     stages: list[list[float]] = field(
@@ -116,51 +119,38 @@ class SparsifyConfig:
 
     def validate(self) -> None:
         """Raise :class:`InputError` for a wrong type or an out-of-range setting, before any
-        long work."""
-        for name in ("seq_len", "batch_size", "eval_windows", "calib_windows", "warmup_steps"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < (0 if name == "warmup_steps" else 1):
-                raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
-        if self.seq_len < 2:
-            raise InputError("seq_len must be at least 2")
-        if not _is_int(self.seed):
-            raise InputError(f"seed must be a whole number, got {self.seed!r}")
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
-            raise InputError(f"max_steps must be a whole number >= 1, got {self.max_steps!r}")
-        for name in ("lr", "weight_decay", "threshold", "target_sparsity"):
-            value = getattr(self, name)
-            if not _is_number(value):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise InputError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.threshold_mode not in ("fixed", "target", "none"):
+        long work.
+
+        Every field is checked by its rule in :data:`FIELD_RULES` (type, whole number or not,
+        finite, range); the message names the field, the value given and what is accepted.
+        Then ``max_steps`` must leave every stage at least one step.
+        """
+        for f in dataclasses.fields(self):
+            FIELD_RULES[f.name].check(f.name, getattr(self, f.name))
+        n = len(self.stages)
+        if self.max_steps is not None and self.max_steps < n:
             raise InputError(
-                f"threshold_mode must be 'fixed', 'target' or 'none', got {self.threshold_mode!r}"
-            )
-        if self.norm not in L1_NORMS:
-            raise InputError(f"norm must be one of {list(L1_NORMS)}, got {self.norm!r}")
-        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 1:
-            raise InputError(
-                f"checkpoint_every must be a whole number >= 1, got {self.checkpoint_every!r}"
-            )
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise InputError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if not self.threshold >= 0:
-            raise InputError(f"threshold must be >= 0, got {self.threshold}")
-        if not 0 <= self.target_sparsity < 1:
-            raise InputError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
-        if not isinstance(self.sweep_thresholds, list) or not all(
-            _is_number(t) and t >= 0 for t in self.sweep_thresholds
-        ):
-            raise InputError(
-                f"sweep_thresholds must be a list of numbers >= 0, got {self.sweep_thresholds!r}"
+                f"max_steps must be at least the number of stages ({n} stages need >= {n} "
+                f"steps, one each), got {self.max_steps!r}"
             )
         try:
-            self.schedule()
+            schedule = self.schedule()
         except (ValueError, TypeError) as exc:
             raise InputError(f"bad stages/max_steps: {exc}") from exc
+        ends = schedule.ends
+        if ends[0] < 1 or any(b <= a for a, b in zip(ends, ends[1:])):  # not expected: a guard
+            raise InputError(
+                f"stages {self.stages!r} scaled to max_steps={self.max_steps} give stage ends "
+                f"{list(ends)}, with a stage of no steps; choose a larger max_steps"
+            )
+
+
+MAX_STEPS = 10_000_000
+"""The largest step count a config may give (stage ends, ``max_steps``, ``warmup_steps``,
+``checkpoint_every``): 600 times the paper's LLaMA2-7B run; a larger one is a typo."""
+
+MAX_STAGES = 1000
+"""The most stages a schedule may have."""
 
 
 def _is_int(value: Any) -> bool:
@@ -168,7 +158,152 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (10**400 in a JSON file)
+        return False
+
+
+@dataclass(frozen=True)
+class Whole:
+    """A whole number: a Python ``int`` (not a bool, not ``4.0``, not ``"4"``) in
+    ``[lo, hi]``; ``why`` says where the range comes from. ``optional``: ``None`` is allowed."""
+
+    lo: int
+    hi: int
+    why: str = ""
+    optional: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        if value is None and self.optional:
+            return
+        if _is_int(value) and self.lo <= value <= self.hi:
+            return
+        why = f" ({self.why})" if self.why else ""
+        hint = ""
+        if isinstance(value, float) and value.is_integer():
+            hint = f"; write {int(value)}, not {value!r}"
+        raise InputError(
+            f"{name} must be a whole number >= {self.lo} and <= {self.hi}{why}, got {value!r}{hint}"
+        )
+
+
+@dataclass(frozen=True)
+class Real:
+    """A finite number (an ``int`` or ``float``, not a bool or a string) with ``lo`` and
+    optionally ``hi`` as bounds (``*_open``: the bound itself is excluded)."""
+
+    lo: float
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def check(self, name: str, value: Any) -> None:
+        if _is_number(value):
+            above = value > self.lo if self.lo_open else value >= self.lo
+            below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+            if above and below:
+                return
+        accepted = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            accepted += f" and {'<' if self.hi_open else '<='} {self.hi:g}"
+        why = f" ({self.why})" if self.why else ""
+        raise InputError(f"{name} must be a finite number {accepted}{why}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a few strings."""
+
+    choices: tuple[str, ...]
+    prefix: str = ""
+
+    def check(self, name: str, value: Any) -> None:
+        if isinstance(value, str) and value in self.choices:
+            return
+        quoted = [repr(c) for c in self.choices]
+        alternatives = (
+            ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+        )
+        raise InputError(f"{name} must be {self.prefix}{alternatives}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list of ``lo`` to ``hi`` items, each checked by ``item`` (named ``field[i]``)."""
+
+    item: Real
+    lo: int
+    hi: int
+    what: str
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, list) or not self.lo <= len(value) <= self.hi:
+            raise InputError(
+                f"{name} must be a list of {self.what} ({self.lo} to {self.hi} of them), "
+                f"got {value!r}"
+            )
+        for i, v in enumerate(value):
+            try:
+                self.item.check(f"{name}[{i}]", v)
+            except InputError as exc:
+                raise InputError(f"{name} must be a list of {self.what}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Stages:
+    """``[[lambda, end_step], ...]``: 1 to :data:`MAX_STAGES` pairs, each lambda a finite
+    number >= 0, each end step a whole number in ``[1, MAX_STEPS]``, strictly increasing."""
+
+    lam: Real = Real(0.0)
+    end: Whole = Whole(1, MAX_STEPS, why="a cumulative optimizer step")
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_STAGES:
+            raise InputError(
+                f"{name} must be a list of [lambda, end_step] pairs (at least 1, at most "
+                f"{MAX_STAGES}), got {value!r}"
+            )
+        previous = None
+        for i, stage in enumerate(value):
+            if not isinstance(stage, (list, tuple)) or len(stage) != 2:
+                raise InputError(f"{name}[{i}] must be a [lambda, end_step] pair, got {stage!r}")
+            self.lam.check(f"{name}[{i}] lambda", stage[0])
+            self.end.check(f"{name}[{i}] end step", stage[1])
+            if previous is not None and stage[1] <= previous:
+                raise InputError(
+                    f"{name}[{i}] end step must be greater than {name}[{i - 1}]'s ({previous}): "
+                    f"end steps are cumulative and strictly increasing, got {stage[1]!r}"
+                )
+            previous = stage[1]
+
+
+FIELD_RULES: dict[str, Whole | Real | OneOf | ListOf | Stages] = {
+    "stages": Stages(),
+    "max_steps": Whole(1, MAX_STEPS, optional=True),
+    "seq_len": Whole(2, 1 << 20, why="tokens per window; 2 give one next-token target"),
+    "batch_size": Whole(1, 1 << 16),
+    "lr": Real(0.0, 1.0, lo_open=True, why="a larger step overflows AdamW's update"),
+    "warmup_steps": Whole(0, MAX_STEPS),
+    "weight_decay": Real(
+        0.0, 1.0, why="AdamW scales the weights by 1 - lr * weight_decay at each step"
+    ),
+    "norm": OneOf(L1_NORMS, prefix="one of "),
+    "threshold_mode": OneOf(("fixed", "target", "none")),
+    "threshold": Real(0.0),
+    "target_sparsity": Real(0.0, 1.0, hi_open=True),
+    "sweep_thresholds": ListOf(Real(0.0), 0, 1000, "numbers >= 0"),
+    "eval_windows": Whole(1, 1_000_000),
+    "calib_windows": Whole(1, 1_000_000),
+    "seed": Whole(0, 2**32 - 1, why="2**32 - 1 is the largest seed numpy accepts"),
+    "precision": OneOf(("auto", "bf16", "fp32")),
+    "checkpoint_every": Whole(1, MAX_STEPS),
+}
+"""The rule of each :class:`SparsifyConfig` field: the one place that says its type, whether it
+is a whole number, that it is finite, and its range."""
 
 
 PRESETS: dict[str, dict[str, Any]] = {

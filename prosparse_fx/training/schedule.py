@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,13 +51,26 @@ class ProSparseSchedule:
 
     @classmethod
     def from_stages(cls, stages: Sequence[Sequence[float]]) -> ProSparseSchedule:
-        """Build from ``[(lam_0, T_0), (lam_1, T_1), ...]`` (peak lambda, cumulative end step)."""
+        """Build from ``[(lam_0, T_0), (lam_1, T_1), ...]`` (peak lambda, cumulative end step).
+
+        Raises:
+            ValueError: as the class does, and for a lambda that is not a number or an end step
+                that is not a whole number (an integer type: ``2.7``, ``4.0``, ``"4"`` and
+                ``True`` are refused, never truncated or parsed).
+        """
         try:
-            lambdas = tuple(float(s[0]) for s in stages)
-            ends = tuple(int(s[1]) for s in stages)
-        except (TypeError, IndexError, ValueError) as exc:
+            pairs = [(s[0], s[1]) for s in stages if len(s) == 2]
+        except (TypeError, IndexError, KeyError) as exc:
             raise ValueError(f"stages must be (lambda, end_step) pairs, got {stages!r}") from exc
-        return cls(lambdas, ends)
+        if len(pairs) != len(stages):
+            raise ValueError(f"stages must be (lambda, end_step) pairs, got {stages!r}")
+        for i, (lam, end) in enumerate(pairs):
+            # no silent conversion: 2.7 is not truncated to 2, nor "4" read as 4
+            if not isinstance(lam, numbers.Real) or isinstance(lam, bool):
+                raise ValueError(f"stages[{i}] lambda must be a number, got {lam!r}")
+            if not isinstance(end, numbers.Integral) or isinstance(end, bool):
+                raise ValueError(f"stages[{i}] end step must be a whole number, got {end!r}")
+        return cls(tuple(float(lam) for lam, _ in pairs), tuple(int(end) for _, end in pairs))
 
     @property
     def total_steps(self) -> int:
