@@ -12,28 +12,72 @@ import torch
 from .errors import InputError
 
 
+def accepted_devices() -> list[str]:
+    """The devices training can run on here: ``cpu``; ``cuda`` and ``cuda:0`` ...
+    ``cuda:N-1`` where torch sees N CUDA devices; ``mps`` where Metal is available."""
+    accepted = ["cpu"]
+    if torch.cuda.is_available():
+        accepted += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        accepted.append("mps")
+    return accepted
+
+
 def check_device(device: str | None) -> str:
     """The torch device to run on (default: CUDA if available, else CPU).
 
+    Only devices that can train here pass (:func:`accepted_devices`): ``cpu``, ``cuda`` or
+    ``cuda:N`` with N below the CUDA device count, and ``mps`` where it is available. ``meta``
+    (no data), ``xla``, ``ipu`` and the like are refused by name.
+
     Raises:
-        InputError: an unknown device name, or CUDA asked for where there is none.
+        InputError: an unknown device name, a device type training cannot use, CUDA or MPS
+            asked for where there is none, or a CUDA index beyond the devices present; the
+            message lists the accepted devices.
     """
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    accepted = ", ".join(accepted_devices())
     try:
         dev = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"unknown device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but this torch has no CUDA GPU")
-    return device
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"unknown device {device!r}; use one of: {accepted}") from exc
+    if dev.type == "cpu" and dev.index in (None, 0):
+        return device
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"device {device!r} asked for, but this torch has no CUDA GPU; use one of: "
+                f"{accepted}"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InputError(
+                f"device {device!r} asked for, but there are {count} CUDA devices "
+                f"(CUDA_VISIBLE_DEVICES may hide some); use one of: {accepted}"
+            )
+        return device
+    if dev.type == "mps" and dev.index in (None, 0):
+        if not torch.backends.mps.is_available():
+            raise InputError(
+                f"device {device!r} asked for, but MPS (Apple Metal) is not available in this "
+                f"torch on this machine; use one of: {accepted}"
+            )
+        return device
+    if dev.type == "meta":
+        why = "meta tensors hold no data, so nothing can be trained or saved"
+    elif dev.type in ("cpu", "mps"):
+        why = f"{dev.type} has only index 0"
+    else:
+        why = f"training runs on cpu, cuda or mps, not on {dev.type}"
+    raise InputError(f"device {device!r} cannot run training: {why}; use one of: {accepted}")
 
 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     """The autocast dtype of training for ``precision`` on ``device`` (``None``: float32).
 
     ``"auto"`` picks bfloat16 where bf16 matmuls are fast (CUDA GPUs that support bf16; CPUs
-    with AVX512-BF16 or AMX, as oneDNN reports them), else float32.
+    with AVX512-BF16 or AMX, as oneDNN reports them), else float32 (also on MPS).
     """
     if precision == "fp32":
         return None
@@ -41,6 +85,8 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
         return torch.bfloat16
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if torch.device(device).type != "cpu":  # mps: float32 unless bf16 is asked for
+        return None
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
