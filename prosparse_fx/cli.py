@@ -66,7 +66,13 @@ def sparsify(
     preset: Annotated[
         str, typer.Option(help="'default' (<15 min on 2 CPU cores) or 'long'.")
     ] = "default",
-    overwrite: Annotated[bool, typer.Option(help="Allow a non-empty --out.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an earlier sparsify run in --out (kept in --out/previous-run until "
+            "this run's result is in place)."
+        ),
+    ] = False,
     device: Annotated[
         str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")
     ] = None,
