@@ -3,10 +3,13 @@ safetensors), or the embedded default, SmolLM2-135M-Instruct from the ``llm-smol
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -458,6 +461,7 @@ def _convert_gguf(path: Path) -> Path:
         del model.config.quantization_config
     # whole or not at all: a killed conversion leaves only a temporary, which the next
     # conversion removes; two conversions of one file keep the first to finish
+    _remove_legacy_temporaries(target.parent)
     try:
         with new_folder(target) as tmp:
             model.save_pretrained(tmp)
@@ -465,3 +469,19 @@ def _convert_gguf(path: Path) -> Path:
     except OSError as exc:
         raise write_error(exc, f"the conversion of {path.name}", target, "") from exc
     return target
+
+
+LEGACY_TEMP_AGE_S = 3600.0
+
+
+def _remove_legacy_temporaries(cache: Path, min_age_s: float = LEGACY_TEMP_AGE_S) -> None:
+    """Remove the ``.tmp-*`` folders that conversions of earlier versions left when killed
+    (hundreds of MB each). They name no process, so only those untouched for ``min_age_s``
+    seconds are taken as dead."""
+    if not cache.is_dir():
+        return
+    now = time.time()
+    for entry in cache.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and now - entry.stat().st_mtime > min_age_s:
+                shutil.rmtree(entry, ignore_errors=True)

@@ -632,3 +632,17 @@ def test_an_output_name_too_long_for_the_file_system_exits_2(tmp_path) -> None:
     assert result.exit_code == 2, result.output
     assert "300 bytes long" in result.output and "shorter --out" in result.output
     assert os.listdir(tmp_path) == []
+
+
+def test_gguf_cache_removes_temporaries_of_earlier_versions(tmp_path) -> None:
+    """Problem 7: a ``.tmp-*`` folder left by a killed conversion of an earlier version is
+    removed once it is an hour old; a recent one (perhaps live) is kept."""
+    from prosparse_fx.models import _remove_legacy_temporaries
+
+    old, recent = tmp_path / ".tmp-abc", tmp_path / ".tmp-def"
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    os.utime(old, (1e9, 1e9))
+    _remove_legacy_temporaries(tmp_path)
+    assert not old.exists() and recent.exists()
