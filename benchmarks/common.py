@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from prosparse_fx import atomic
 
 
 def machine() -> dict[str, Any]:
@@ -70,7 +71,5 @@ def time_interleaved(
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Strict JSON, whole or not at all (:func:`prosparse_fx.atomic.write_json`)."""
+    atomic.write_json(path, data)
