@@ -104,7 +104,7 @@ def test_bad_inputs_exit_2_before_work(tmp_path, tiny_model_dir, text_file) -> N
         (["--model", str(text_file)], "neither a model folder nor a .gguf"),
         (
             ["--model", str(tiny_model_dir), "--data", str(text_file), "--max-steps", "2"],
-            "cannot hold 4 stages",
+            "4 stages need >= 4 steps",
         ),
         (["--model", str(tiny_model_dir), "--preset", "huge"], "unknown preset"),
     ]
