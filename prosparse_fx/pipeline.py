@@ -326,6 +326,8 @@ def _run(
     def write_result(folder: Path) -> None:
         _save_model(model if full_state else model.cpu(), tokenizer, folder, full_state)
         _write_plots(folder, report)
+        # what this run wrote: --overwrite sets aside these, and leaves other files alone
+        report["files"] = sorted({*(p.name for p in folder.iterdir()), REPORT})
         write_json(folder / REPORT, report)
 
     run.commit(write_result)  # whole or not at all; then the checkpoints go

@@ -11,14 +11,16 @@ Layout of a run folder ``OUT`` (all writes go through :mod:`prosparse_fx.atomic`
   ``.prosparse-commit`` (the journal), then its entries are moved into ``OUT`` (``report.json``
   last), and only then are the checkpoints removed. A run killed during the moves is completed
   by the next ``--resume``; until then readers refuse the folder, naming that command.
-- ``previous-run/``: with ``--overwrite``, the earlier run's files, set aside (never mixed with
-  the new run's) and removed once the new result is in place.
+- ``previous-run/``: with ``--overwrite``, the earlier run's files (its report, checkpoints and
+  the result files its report lists under ``"files"``), set aside (never mixed with the new
+  run's) and removed once the new result is in place. Other files in the folder stay.
 - ``.prosparse-tmp-*``: temporaries of a writer; ignored, and removed by the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -52,6 +54,7 @@ CHECKPOINTS = "checkpoint"
 STATE_FILE = "training_state.pt"
 JOURNAL = ".prosparse-commit"
 SET_ASIDE = ".prosparse-set-aside"  # the earlier run's files while they are being moved aside
+_SET_ASIDE_NAMES = ".names.json"  # in SET_ASIDE: what is being moved
 PREVIOUS = "previous-run"
 REPORT = "report.json"
 # entries that only a sparsify run writes: --overwrite replaces a folder holding one of them
@@ -283,12 +286,22 @@ class RunFolder:
 
     # -- --overwrite: the earlier run set aside --------------------------------------------------
 
+    def _run_entries(self) -> list[Path]:
+        """The entries here that a run wrote: its report, checkpoints and journals, and the
+        result files its ``report.json`` lists under ``"files"`` (other files stay)."""
+        names = set(RUN_MARKERS) - {PREVIOUS, SET_ASIDE}
+        with contextlib.suppress(OSError, ValueError):
+            report = json.loads((self.path / REPORT).read_text(encoding="utf-8"))
+            files = report.get("files") if isinstance(report, dict) else None
+            if isinstance(files, list):
+                names |= {f for f in files if isinstance(f, str) and "/" not in f}
+        return [e for e in entries(self.path) if e.name in names]
+
     def _set_aside(self) -> None:
         """Move the earlier run's entries into ``previous-run/`` (journaled: a kill midway is
-        finished by the next run that takes the folder)."""
-        previous = self.path / PREVIOUS
-        current = [e for e in entries(self.path) if e.name != PREVIOUS]
-        if previous.exists():
+        finished by the next run that takes the folder). Files no run wrote stay in place."""
+        current = self._run_entries()
+        if (self.path / PREVIOUS).exists():
             # the last complete result is already aside; what is here is an unfinished run's
             for entry in current:
                 remove(entry)
@@ -297,6 +310,7 @@ class RunFolder:
             return
         aside = self.path / SET_ASIDE
         aside.mkdir(exist_ok=True)
+        write_json(aside / _SET_ASIDE_NAMES, [e.name for e in current])
         fsync_path(self.path)
         self._recover_set_aside()
 
@@ -304,10 +318,16 @@ class RunFolder:
         aside = self.path / SET_ASIDE
         if not aside.is_dir():
             return
-        for entry in entries(self.path):
-            if entry.name not in (SET_ASIDE, PREVIOUS):
-                os.replace(entry, aside / entry.name)
+        try:
+            names = json.loads((aside / _SET_ASIDE_NAMES).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            names = [e.name for e in self._run_entries()]  # killed before the list was written
+        for name in names:
+            entry = self.path / name
+            if name not in (SET_ASIDE, PREVIOUS) and (entry.exists() or entry.is_symlink()):
+                os.replace(entry, aside / name)
                 failpoint("set_aside.moved")
+        (aside / _SET_ASIDE_NAMES).unlink(missing_ok=True)
         fsync_path(self.path)
         os.replace(aside, self.path / PREVIOUS)
         fsync_path(self.path)

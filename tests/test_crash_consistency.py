@@ -167,14 +167,18 @@ def test_a_crash_at_each_step_then_resume_gives_the_whole_result(
 def test_a_crash_over_an_earlier_run_never_mixes_the_two(
     tmp_path, tiny_model_dir, text_file, reference, monkeypatch
 ) -> None:
-    """--overwrite over a finished run: the earlier run is set aside whole, a crash while it is
-    moved aside or during training leaves it whole in previous-run/ (never mixed with the new
-    run's files), and the next --overwrite run ends with only the new result."""
+    """--overwrite over a finished run: the earlier run (the files its report lists) is set
+    aside whole, a crash while it is moved aside or during training leaves it whole in
+    previous-run/ (never mixed with the new run's files), the next --overwrite run ends with
+    only the new result, and a file the run did not write stays in place throughout."""
     ref_out = reference[0]
     for point in ("set_aside.moved@2", "train.step@3", "result.moved@2"):
         out = tmp_path / point.replace("@", "-")
         shutil.copytree(ref_out, out)
-        (out / "report.json").write_text(json.dumps({"status": "done", "from": "earlier"}))
+        earlier_report = json.loads((ref_out / "report.json").read_text())
+        assert "model.safetensors" in earlier_report["files"]
+        (out / "report.json").write_text(json.dumps({**earlier_report, "from": "earlier"}))
+        (out / "my-notes.txt").write_text("mine")  # not the run's: stays where it is
         _crash(monkeypatch, point, out, tiny_model_dir, text_file, overwrite=True)
         _assert_not_done_unless_whole(out)
         if point == "train.step@3":
@@ -183,8 +187,10 @@ def test_a_crash_over_an_earlier_run_never_mixes_the_two(
             assert (earlier / "model.safetensors").is_file()
             assert not (out / "model.safetensors").exists()  # no new weights beside old files
             assert not (out / "report.json").exists()
+        assert (out / "my-notes.txt").read_text() == "mine"
         _run(out, tiny_model_dir, text_file, overwrite=True)
         _assert_whole_result(out, reference)
+        assert (out / "my-notes.txt").read_text() == "mine"
 
 
 def test_a_second_run_started_meanwhile_cannot_replace_a_finished_one(
