@@ -173,7 +173,13 @@ def measure(
     from .data import bos_token_id, load_documents, split_documents, token_windows
     from .ffn import FFNNotFoundError, find_ffn_sites
     from .measure import evaluate
-    from .models import check_causal_lm, check_model_path, check_token_ids, load_model
+    from .models import (
+        check_causal_lm,
+        check_model_path,
+        check_seq_len,
+        check_token_ids,
+        load_model,
+    )
     from .pipeline import _spread
 
     try:
@@ -185,6 +191,7 @@ def measure(
         lm, tok = load_model(model, tokenizer=tokenizer)
         text = split_documents(docs).held_out if data is None else docs
         bos = bos_token_id(tok)
+        check_seq_len(lm, seq_len)
         win = _spread(token_windows(tok, text, seq_len), windows)
         check_token_ids(win, lm, tokenizer or model)
         try:

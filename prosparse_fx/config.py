@@ -94,6 +94,8 @@ class SparsifyConfig:
         try:
             text = p.read_text(encoding="utf-8")
             data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        except RecursionError as exc:
+            raise InputError(f"cannot read config {p}: it is nested too deep") from exc
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read config {p}: {exc}") from exc
         if not isinstance(data, dict):

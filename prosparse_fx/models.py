@@ -485,3 +485,18 @@ def _remove_legacy_temporaries(cache: Path, min_age_s: float = LEGACY_TEMP_AGE_S
         with contextlib.suppress(OSError):
             if entry.is_dir() and now - entry.stat().st_mtime > min_age_s:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def check_seq_len(model: Any, seq_len: int) -> None:
+    """Refuse windows longer than a learned-position model has positions (GPT-2, OPT: a
+    position past the table fails deep in the forward with an ``IndexError``).
+
+    Raises:
+        InputError: ``seq_len`` exceeds the position table, naming the largest that fits.
+    """
+    kind, limit = model_positions(model)
+    if kind == "learned" and limit is not None and seq_len > limit:
+        raise InputError(
+            f"seq_len {seq_len} exceeds the {limit} positions of this model's learned position "
+            f"embeddings; use --seq-len (or seq_len) of {limit} or less"
+        )

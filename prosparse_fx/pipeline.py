@@ -27,12 +27,18 @@ from .environment import autocast_dtype, check_device, machine_info
 from .errors import InputError
 from .ffn import FFNNotFoundError, FFNSite, check_no_unknown, find_ffn_sites
 from .measure import Evaluation, evaluate
-from .models import check_causal_lm, check_model_path, check_token_ids, load_model
+from .models import (
+    check_causal_lm,
+    check_model_path,
+    check_seq_len,
+    check_token_ids,
+    load_model,
+)
 from .relufy import relufy_
 from .report import plot_per_layer, plot_training
 from .run_folder import REPORT, RunFolder
 from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
-from .training.checkpoint import check_state, load_state
+from .training.checkpoint import check_optimizer_state, check_state, load_state
 from .training.distributed import (
     DistContext,
     ShardedBatches,
@@ -205,6 +211,7 @@ def _run(
         raise
     except Exception as exc:  # noqa: BLE001  (a torn or foreign file: say which, exit 2)
         raise InputError(f"cannot load the model in {model_source}: {exc}") from exc
+    check_seq_len(model, config.seq_len)
     if run.is_main and resume_state is None:
         _check_tokenizer_saves(tokenizer, run)
     model.to(device)
@@ -396,9 +403,12 @@ def _train_stages(
         folder = resume_state["checkpoint_dir"]
         try:
             load_optimizer_state(model, optimizer, resume_state["optimizer"], ctx)
+            check_optimizer_state(model, optimizer, resume_state["step"])
             lr_sched.load_state_dict(resume_state["lr_schedule"])
             batches.load_state_dict(resume_state["data"])
             torch.set_rng_state(resume_state["rng"])
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001  (forged values deep in a state dict)
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(
@@ -561,7 +571,8 @@ def _diverged(
         where = f"the last checkpoint with finite weights and loss is {kept}"
     exc.args = (
         f"{exc.args[0]}; {where}. Resuming would repeat the same steps: start a new run with "
-        "a lower lr (for example half of it), with --overwrite to replace this one",
+        "a lower lr (for example half of it), or lower stage lambdas, with --overwrite to "
+        "replace this one",
     )
 
 

@@ -109,6 +109,13 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: list[Path]) -> Pa
             cannot be written.
     """
     try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"the output folder name {str(out)!r} is not UTF-8 text (a byte the file system "
+            "name could not decode); use a UTF-8 name for --out"
+        ) from exc
+    try:
         _check_name_lengths(Path(out).expanduser().absolute())  # before resolve() stats it
         p = Path(out).expanduser().resolve()
         for inp in inputs:

@@ -343,6 +343,18 @@ def _interrupted(tmp_path, model, data, monkeypatch, step=3) -> Path:
     return out
 
 
+def _forged_moments(optimizer: dict, value) -> dict:
+    state = {k: dict(v) for k, v in optimizer["state"].items()}
+    first = next(iter(state))
+    moment = state[first]["exp_avg"]
+    state[first]["exp_avg"] = value if value is not None else torch.full_like(moment, torch.nan)
+    return {**optimizer, "state": state}
+
+
+def _forged_lr(optimizer: dict, lr: float) -> dict:
+    return {**optimizer, "param_groups": [{**g, "lr": lr} for g in optimizer["param_groups"]]}
+
+
 def test_resume_refuses_forged_checkpoint_values(
     tmp_path, tiny_model_dir, text_file, monkeypatch
 ) -> None:
@@ -375,6 +387,28 @@ def test_resume_refuses_forged_checkpoint_values(
         "optimizer": (
             {"optimizer": {"state": {}, "param_groups": [{"params": [0]}]}},
             "does not fit this run",
+        ),
+        # found by a fresh review: optimizer states and data positions that loaded silently
+        "empty optimizer state": (
+            {"optimizer": {**good["optimizer"], "state": {}}},
+            "optimizer state is empty after 2 steps",
+        ),
+        "moment shape": (
+            {"optimizer": _forged_moments(good["optimizer"], torch.zeros(3, 3))},
+            r"optimizer exp_avg has shape \(3, 3\)",
+        ),
+        "NaN moments": (
+            {"optimizer": _forged_moments(good["optimizer"], None)},
+            "optimizer exp_avg is not finite",
+        ),
+        "NaN lr": (
+            {"optimizer": _forged_lr(good["optimizer"], float("nan"))},
+            "optimizer lr nan is not a finite number",
+        ),
+        "data position -1": ({"data": {**good["data"], "index": -1}}, r"data position -1"),
+        "data position 10**12": (
+            {"data": {**good["data"], "index": 10**12}},
+            r"data position 1000000000000 is not in",
         ),
     }
     for name, (change, message) in forged.items():
@@ -652,3 +686,35 @@ def test_gguf_cache_removes_temporaries_of_earlier_versions(tmp_path) -> None:
     os.utime(old, (1e9, 1e9))
     _remove_legacy_temporaries(tmp_path)
     assert not old.exists() and recent.exists()
+
+
+def test_review_findings_exit_2_naming_the_problem(tmp_path, tiny_model_dir, text_file) -> None:
+    """Found by a fresh review: a config nested too deep, an --out name that is not UTF-8, and
+    windows longer than a learned-position model's table, each exit 2 naming the problem."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from typer.testing import CliRunner
+
+    from prosparse_fx.cli import app
+    from tests.models import WORDS, word_tokenizer
+
+    runner = CliRunner()
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    base = ["sparsify", "--model", str(tiny_model_dir), "--data", str(text_file)]
+    result = runner.invoke(app, [*base, "--config", str(deep), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "nested too deep" in result.output, result.output
+    bad_name = os.fsdecode(str(tmp_path).encode() + b"/bad\xffname")
+    result = runner.invoke(app, [*base, "--out", bad_name])
+    assert result.exit_code == 2 and "not UTF-8" in result.output, result.output
+    gpt2 = tmp_path / "gpt2"
+    config = GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    GPT2LMHeadModel(config).save_pretrained(gpt2)
+    word_tokenizer().save_pretrained(gpt2)
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps({**FAST, "seq_len": 32}))
+    args = ["sparsify", "--model", str(gpt2), "--data", str(text_file), "--config"]
+    result = runner.invoke(app, [*args, str(config_file), "--out", str(tmp_path / "g")])
+    assert result.exit_code == 2 and "exceeds the 16 positions" in result.output, result.output
+    assert not (tmp_path / "g").exists()
+    result = runner.invoke(app, ["measure", str(gpt2), "--data", str(text_file), "--seq-len", "32"])
+    assert result.exit_code == 2 and "of 16 or less" in result.output, result.output

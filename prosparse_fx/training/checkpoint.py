@@ -104,3 +104,36 @@ def check_state(state: dict[str, Any], schedule: ProSparseSchedule, folder: Path
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int
+) -> None:
+    """Check an AdamW state loaded from a checkpoint after ``step`` steps: after a first step
+    it holds moments, each of its parameter's shape and finite, and every learning rate is
+    finite.
+
+    Raises:
+        InputError: the first entry that fails, named (a damaged or forged checkpoint).
+    """
+    fix = "; the checkpoint is damaged or forged: delete it and start a new run"
+    if step > 0 and not any(
+        optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]
+    ):
+        raise InputError(f"checkpoint optimizer state is empty after {step} steps{fix}")
+    for group in optimizer.param_groups:
+        lr = group.get("lr")
+        if not _finite(float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None):
+            raise InputError(f"checkpoint optimizer lr {lr!r} is not a finite number{fix}")
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                local = value.to_local() if hasattr(value, "to_local") else value
+                if key != "step" and value.shape != param.shape:
+                    raise InputError(
+                        f"checkpoint optimizer {key} has shape {tuple(value.shape)}, its "
+                        f"parameter {tuple(param.shape)}{fix}"
+                    )
+                if not bool(torch.isfinite(local).all()):
+                    raise InputError(f"checkpoint optimizer {key} is not finite{fix}")

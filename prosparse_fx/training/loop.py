@@ -70,7 +70,15 @@ class BatchStream:
         return {"epoch_state": self._epoch_state.clone(), "index": self._index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a position saved by :meth:`state_dict`."""
+        """Continue from a position saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: an index outside ``[0, number of windows]`` (a damaged state).
+        """
+        index = state["index"]
+        n = self.windows.shape[0]
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= n:
+            raise ValueError(f"data position {index!r} is not in [0, {n}]")
         self._gen.set_state(state["epoch_state"])
         self._epoch_state = self._gen.get_state()
         self._order = torch.randperm(self.windows.shape[0], generator=self._gen)
