@@ -63,7 +63,7 @@ class SparsifyConfig:
     lr: float = 1e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    norm: Literal["mean", "token_l1"] = "mean"
+    norm: Literal["mean", "token_l1", "hoyer"] = "mean"
     threshold_mode: Literal["fixed", "target", "none"] = "fixed"
     threshold: float = 0.35
     target_sparsity: float = 0.85

@@ -9,6 +9,7 @@ with :func:`activation_l1`.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,8 +20,8 @@ from torch import nn
 
 from .ffn import FFNSite, resolve_module
 
-L1Norm = Literal["mean", "token_l1"]
-L1_NORMS: tuple[str, ...] = ("mean", "token_l1")
+L1Norm = Literal["mean", "token_l1", "hoyer"]
+L1_NORMS: tuple[str, ...] = ("mean", "token_l1", "hoyer")
 
 
 def activation_l1(x1: torch.Tensor, norm: L1Norm = "mean") -> torch.Tensor:
@@ -31,14 +32,18 @@ def activation_l1(x1: torch.Tensor, norm: L1Norm = "mean") -> torch.Tensor:
     * ``"mean"`` (default): mean of ``|x1|`` over all elements (tokens and neurons), so lambda
       does not depend on the FFN width or the batch size;
     * ``"token_l1"``: the L1 norm over the d_ff neurons, averaged over tokens (``d_ff`` times
-      ``"mean"``).
+      ``"mean"``);
+    * ``"hoyer"``: scale-invariant, per token ``||x1||_1 / (sqrt(d_ff) * ||x1||_2)`` averaged
+      over tokens (Hoyer's sparsity measure, in ``[1/sqrt(d_ff), 1]``; 0 for an all-zero
+      token). Shrinking every activation leaves it unchanged, so it can only be lowered by
+      making zeros (issue 14: at small budgets the L1 term was met by shrinking magnitudes).
 
     The result is float32 whatever the dtype of x1 (bf16 under autocast), so the penalty keeps
     its weight relative to the LM loss.
 
     Args:
         x1: ``[..., d_ff]`` float tensor, the input of down_proj.
-        norm: ``"mean"`` or ``"token_l1"``.
+        norm: ``"mean"``, ``"token_l1"`` or ``"hoyer"``.
 
     An empty x1 (a mixture-of-experts expert that no token reached) gives 0.
 
@@ -51,6 +56,12 @@ def activation_l1(x1: torch.Tensor, norm: L1Norm = "mean") -> torch.Tensor:
         return x1.abs().mean(dtype=torch.float32)
     if norm == "token_l1":
         return x1.abs().sum(-1, dtype=torch.float32).mean()
+    if norm == "hoyer":
+        x = x1.float()
+        l1 = x.abs().sum(-1)
+        # the tiny floor keeps an all-zero token at 0 with a finite gradient
+        l2 = torch.sqrt((x * x).sum(-1) + 1e-20)
+        return (l1 / (l2 * math.sqrt(x.shape[-1]))).mean()
     raise ValueError(f"unknown L1 normalisation {norm!r}; choose one of {', '.join(L1_NORMS)}")
 
 

@@ -118,5 +118,16 @@ def test_activation_l1_norms() -> None:
     x1 = torch.tensor([[[1.0, -2.0, 0.0, 3.0]], [[0.0, 0.0, -1.0, 1.0]]])  # [2, 1, 4]
     assert float(activation_l1(x1, "mean")) == pytest.approx(8 / 8)
     assert float(activation_l1(x1, "token_l1")) == pytest.approx((6 + 2) / 2)
-    with pytest.raises(ValueError, match="mean, token_l1"):
+    # Hoyer, per token L1 / (sqrt(d_ff) * L2), by hand: 6 / (2 sqrt 14) and 2 / (2 sqrt 2)
+    hoyer = (6 / (2 * 14**0.5) + 2 / (2 * 2**0.5)) / 2
+    assert float(activation_l1(x1, "hoyer")) == pytest.approx(hoyer, rel=1e-6)
+    assert float(activation_l1(5 * x1, "hoyer")) == pytest.approx(hoyer, rel=1e-6)  # scale-free
+    with pytest.raises(ValueError, match="mean, token_l1, hoyer"):
         activation_l1(x1, "l2")  # type: ignore[arg-type]
+
+
+def test_hoyer_of_an_all_zero_token_is_zero_with_a_finite_gradient() -> None:
+    x1 = torch.zeros(2, 3, 8, requires_grad=True)
+    value = activation_l1(x1, "hoyer")
+    value.backward()
+    assert float(value) == 0.0 and torch.isfinite(x1.grad).all()

@@ -50,7 +50,7 @@ class ActivationRegularizer:
     Args:
         model: the (relufied) model; hooks are added to it until :meth:`remove`.
         schedule: callable ``step -> lambda`` (:class:`ProSparseSchedule`) or a constant float.
-        norm: ``"mean"`` or ``"token_l1"`` (see :func:`activation_l1`).
+        norm: ``"mean"``, ``"token_l1"`` or ``"hoyer"`` (see :func:`activation_l1`).
         sites: FFN sites (found by capture when ``None``).
         taps: ``"hooks"`` (eager forward pre-hooks on each down_proj) or ``"graph"`` (fed by
             the ``prosparse`` compile backend).
