@@ -180,6 +180,26 @@ def write_error(exc: OSError | RuntimeError, what: str, path: Path, kept: str) -
 
 
 @contextlib.contextmanager
+def temporary(parent: Path, name: str, *, folder: bool = False) -> Iterator[Path]:
+    """A temporary entry in ``parent`` for a write whose target is called ``name`` (a folder
+    if ``folder``), marked as being written by this process while the block runs, and removed
+    if the block fails; the block renames it into place on success. A crash (a kill, or
+    :class:`SimulatedCrash`) leaves it for :func:`clean_leftovers`.
+    """
+    tmp = temp_path(parent, name)
+    _writing.add(tmp.name)
+    try:
+        if folder:
+            tmp.mkdir()
+        yield tmp
+    except Exception:
+        remove(tmp)
+        raise
+    finally:
+        _writing.discard(tmp.name)
+
+
+@contextlib.contextmanager
 def atomic_file(target: Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Write a file ``target`` whole or not at all.
 
@@ -195,9 +215,7 @@ def atomic_file(target: Path, *, overwrite: bool = True) -> Iterator[Path]:
         OutputWriteError: ``overwrite=False`` and ``target`` exists.
     """
     target = Path(target)
-    tmp = temp_path(target.parent, target.name)
-    _writing.add(tmp.name)
-    try:
+    with temporary(target.parent, target.name) as tmp:
         yield tmp
         fsync_path(tmp)
         failpoint("atomic_file.written")
@@ -213,11 +231,6 @@ def atomic_file(target: Path, *, overwrite: bool = True) -> Iterator[Path]:
                 ) from None
             tmp.unlink()
         fsync_path(target.parent)
-    except Exception:
-        remove(tmp)
-        raise
-    finally:
-        _writing.discard(tmp.name)
 
 
 def _finite(data: Any) -> Any:
@@ -252,10 +265,7 @@ def new_folder(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target.parent)
-    tmp = temp_path(target.parent, target.name)
-    _writing.add(tmp.name)
-    tmp.mkdir()
-    try:
+    with temporary(target.parent, target.name, folder=True) as tmp:
         yield tmp
         fsync_tree(tmp)
         failpoint("new_folder.written")
@@ -266,11 +276,6 @@ def new_folder(target: Path) -> Iterator[Path]:
                 raise
             remove(tmp)  # a concurrent writer finished first
         fsync_path(target.parent)
-    except Exception:
-        remove(tmp)
-        raise
-    finally:
-        _writing.discard(tmp.name)
 
 
 @contextlib.contextmanager

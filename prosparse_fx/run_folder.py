@@ -37,7 +37,7 @@ from .atomic import (
     fsync_tree,
     is_temp,
     remove,
-    temp_path,
+    temporary,
     write_error,
     write_json,
 )
@@ -383,22 +383,18 @@ class RunFolder:
         legacy = (folder / STATE_FILE).is_file()
         number = before[-1][0] + 1 if before else 1
         name = f"{number:04d}-step-{step}"
-        tmp = None
         try:
             folder.mkdir(exist_ok=True)
-            tmp = temp_path(folder, name)
-            tmp.mkdir()
-            write_model(tmp)
-            failpoint("checkpoint.model_written")
-            torch.save(state, tmp / STATE_FILE)
-            fsync_tree(tmp)
-            failpoint("checkpoint.state_written")
-            os.rename(tmp, folder / name)
-            fsync_path(folder)
-            failpoint("checkpoint.in_place")
+            with temporary(folder, name, folder=True) as tmp:
+                write_model(tmp)
+                failpoint("checkpoint.model_written")
+                torch.save(state, tmp / STATE_FILE)
+                fsync_tree(tmp)
+                failpoint("checkpoint.state_written")
+                os.rename(tmp, folder / name)
+                fsync_path(folder)
+                failpoint("checkpoint.in_place")
         except (OSError, RuntimeError) as exc:
-            if tmp is not None:
-                remove(tmp)
             kept = self.latest_checkpoint()
             raise write_error(
                 exc,
@@ -437,13 +433,11 @@ class RunFolder:
         """
         if not self.is_main:
             return
-        staging = temp_path(self.path, "result")
         try:
-            staging.mkdir()
-            write_result(staging)
-            fsync_tree(staging)
+            with temporary(self.path, "result", folder=True) as staging:
+                write_result(staging)
+                fsync_tree(staging)
         except (OSError, RuntimeError) as exc:
-            remove(staging)
             kept = self.latest_checkpoint()
             raise write_error(
                 exc,
