@@ -323,10 +323,22 @@ def export_onnx(
     return target
 
 
+def _locations(proto: Any) -> list[Any]:
+    """The ``location`` entries of the initializers an ONNX model keeps in external files."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [
+        entry
+        for tensor in _get_all_tensors(proto)
+        if uses_external_data(tensor)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    ]
+
+
 def _data_files(model_file: Path) -> set[str]:
     """Names of the external-data files that the ONNX file ``model_file`` refers to."""
     import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     if not model_file.is_file():
         return set()
@@ -334,11 +346,7 @@ def _data_files(model_file: Path) -> set[str]:
         proto = onnx.load(str(model_file), load_external_data=False)
     except Exception:  # noqa: BLE001  (not ONNX: refers to nothing)
         return set()
-    names = set()
-    for tensor in _get_all_tensors(proto):
-        if uses_external_data(tensor):
-            names |= {e.value for e in tensor.external_data if e.key == "location"}
-    return names
+    return {entry.value for entry in _locations(proto)}
 
 
 def _save(program: Any, target: Path, external: bool, overwrite: bool) -> None:
@@ -368,22 +376,17 @@ def _save(program: Any, target: Path, external: bool, overwrite: bool) -> None:
                 entry.unlink()  # the weights of a killed export, never referred to
         tmp = temp_path(parent, target.name)
         tmp.mkdir()
+        new_data = None
         try:
             staged = tmp / target.name
             program.save(staged, external_data=external)
             onnx.checker.check_model(str(staged), full_check=False)
             data = tmp / f"{target.name}.data"
-            new_data = None
             if data.exists():
                 new_data = f"{target.name}.{secrets.token_hex(4)}.data"
                 proto = onnx.load(str(staged), load_external_data=False)
-                from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-                for tensor in _get_all_tensors(proto):
-                    if uses_external_data(tensor):
-                        for entry in tensor.external_data:
-                            if entry.key == "location":
-                                entry.value = new_data
+                for entry in _locations(proto):
+                    entry.value = new_data
                 onnx.save(proto, str(staged))
                 fsync_path(data)
                 os.replace(data, parent / new_data)
