@@ -155,11 +155,14 @@ MAX_STAGES = 1000
 """The most stages a schedule may have."""
 
 
-def _is_int(value: Any) -> bool:
+def is_whole_number(value: Any) -> bool:
+    """Whether ``value`` is an ``int`` (not a ``bool``, not ``4.0``)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite ``int`` or ``float`` (not a ``bool``; an int too large for
+    a float is not)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
@@ -181,7 +184,7 @@ class Whole:
     def check(self, name: str, value: Any) -> None:
         if value is None and self.optional:
             return
-        if _is_int(value) and self.lo <= value <= self.hi:
+        if is_whole_number(value) and self.lo <= value <= self.hi:
             return
         why = f" ({self.why})" if self.why else ""
         hint = ""
@@ -204,7 +207,7 @@ class Real:
     why: str = ""
 
     def check(self, name: str, value: Any) -> None:
-        if _is_number(value):
+        if is_finite_number(value):
             above = value > self.lo if self.lo_open else value >= self.lo
             below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
             if above and below:

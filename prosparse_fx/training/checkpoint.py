@@ -8,12 +8,12 @@ Where checkpoints live and how they are written whole: :mod:`prosparse_fx.run_fo
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import is_finite_number, is_whole_number
 from ..errors import InputError
 from ..run_folder import STATE_FILE
 from .schedule import ProSparseSchedule
@@ -57,7 +57,7 @@ def check_state(state: dict[str, Any], schedule: ProSparseSchedule, folder: Path
     fix = f"; the checkpoint in {folder} is damaged or forged: delete it and start a new run"
     step = state["step"]
     total = schedule.total_steps
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total:
+    if not is_whole_number(step) or not 0 <= step <= total:
         raise InputError(f"checkpoint step {step!r} is not a whole number in [0, {total}]{fix}")
     try:
         history = json.loads(state["history"])
@@ -71,7 +71,7 @@ def check_state(state: dict[str, Any], schedule: ProSparseSchedule, folder: Path
         if (
             not isinstance(entry, dict)
             or entry.get("step") != i
-            or not all(_finite(entry.get(k)) for k in ("lam", "lm_loss", "l1", "sparsity"))
+            or not all(is_finite_number(entry.get(k)) for k in ("lam", "lm_loss", "l1", "sparsity"))
         ):
             raise InputError(f"checkpoint history entry {i} is not a finite log of step {i}{fix}")
     done = sum(1 for end in schedule.ends if end <= step)
@@ -85,8 +85,8 @@ def check_state(state: dict[str, Any], schedule: ProSparseSchedule, folder: Path
             not isinstance(entry, dict)
             or entry.get("stage") != i
             or entry.get("step") != schedule.ends[i]
-            or not _finite(entry.get("perplexity"))
-            or not _finite(entry.get("sparsity"))
+            or not is_finite_number(entry.get("perplexity"))
+            or not is_finite_number(entry.get("sparsity"))
         ):
             raise InputError(
                 f"checkpoint stage_ends[{i}] is not the measurement of stage {i} at step "
@@ -100,10 +100,6 @@ def check_state(state: dict[str, Any], schedule: ProSparseSchedule, folder: Path
         if not isinstance(state[key], dict):
             raise InputError(f"checkpoint {key} is a {type(state[key]).__name__}, not a state{fix}")
     state["history"], state["stage_ends"] = history, stage_ends
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_optimizer_state(
@@ -123,7 +119,7 @@ def check_optimizer_state(
         raise InputError(f"checkpoint optimizer state is empty after {step} steps{fix}")
     for group in optimizer.param_groups:
         lr = group.get("lr")
-        if not _finite(float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None):
+        if not is_finite_number(float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None):
             raise InputError(f"checkpoint optimizer lr {lr!r} is not a finite number{fix}")
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
