@@ -462,12 +462,12 @@ def _train_stages(
             stop,
             ActivationRegularizer(model, schedule, norm=config.norm, sites=sites) as reg,
         ):
-            for stage, end in enumerate(schedule.ends):
-                if stage < len(stage_ends):
-                    continue  # measured before the run was interrupted
-                while step < end:
-                    chunk_end = min(end, (step // every + 1) * every)
-                    try:
+            try:
+                for stage, end in enumerate(schedule.ends):
+                    if stage < len(stage_ends):
+                        continue  # measured before the run was interrupted
+                    while step < end:
+                        chunk_end = min(end, (step // every + 1) * every)
                         logs = train(
                             train_model,
                             reg,
@@ -489,24 +489,21 @@ def _train_stages(
                             raise Preempted(step, stop.signum, _resume_hint(run))
                         if step < end:
                             checkpoint(reg)
-                    except NonFiniteLossError as exc:
-                        _diverged(exc, run, report, history, stage_ends)
-                        raise
-                ev = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
-                reg.clear()
-                stage_ends.append(
-                    {"stage": stage, "step": end, "lambda": schedule(end), **_eval_dict(ev)}
-                )
-                if ctx.is_main:
-                    bar.write(
-                        f"stage {stage} ends at step {end}: lambda {schedule(end):.3g}, held-out "
-                        f"perplexity {ev.perplexity:.2f}, sparsity {ev.sparsity.sparsity:.4f}"
+                    ev = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
+                    reg.clear()
+                    stage_ends.append(
+                        {"stage": stage, "step": end, "lambda": schedule(end), **_eval_dict(ev)}
                     )
-                try:
+                    if ctx.is_main:
+                        bar.write(
+                            f"stage {stage} ends at step {end}: lambda {schedule(end):.3g}, "
+                            f"held-out perplexity {ev.perplexity:.2f}, sparsity "
+                            f"{ev.sparsity.sparsity:.4f}"
+                        )
                     checkpoint(reg)
-                except NonFiniteLossError as exc:
-                    _diverged(exc, run, report, history, stage_ends)
-                    raise
+            except NonFiniteLossError as exc:  # in a step, or a checkpoint's weights
+                _diverged(exc, run, report, history, stage_ends)
+                raise
     finally:
         bar.close()
     return history, stage_ends
