@@ -83,3 +83,16 @@ def word_llama(tmp_path_factory):
     docs = [word_text(rng, rng.randrange(60, 120)) for _ in range(30)]
     (root / "text.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     return root / "model", root / "text.jsonl"
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A JSONL text of the first 30 articles of the Wikipedia sample (3000 characters each)."""
+    import json
+
+    from prosparse_fx.data import load_documents
+
+    path = tmp_path_factory.mktemp("data") / "wiki.jsonl"
+    docs = load_documents()[:30]
+    path.write_text("\n".join(json.dumps({"text": d[:3000]}) for d in docs))
+    return path

@@ -19,16 +19,6 @@ FAST = {
 }
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from prosparse_fx.data import load_documents
-
-    path = tmp_path_factory.mktemp("data") / "wiki.jsonl"
-    docs = load_documents()[:30]
-    path.write_text("\n".join(json.dumps({"text": d[:3000]}) for d in docs))
-    return path
-
-
 def _config(tmp_path, **extra):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**FAST, **extra}))

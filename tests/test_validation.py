@@ -32,16 +32,6 @@ RENDEZVOUS_TIMEOUT_ENV = "PROSPARSE_FX_RENDEZVOUS_TIMEOUT"
 TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from prosparse_fx.data import load_documents
-
-    path = tmp_path_factory.mktemp("data") / "wiki.jsonl"
-    docs = load_documents()[:30]
-    path.write_text("\n".join(json.dumps({"text": d[:3000]}) for d in docs))
-    return path
-
-
 @pytest.fixture
 def clean_env(monkeypatch):
     """No torchrun variables and no process group (another test file in this worker may have
