@@ -12,7 +12,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from prosparse_fx import find_ffn_sites, measure_sparsity, relufy_
 from prosparse_fx.cli import app
-from tests.test_cli import _config, runner, text_file  # noqa: F401  (fixture)
+from tests.test_cli import _config, runner
 
 
 def _mixtral(vocab: int = 128, **kw) -> MixtralForCausalLM:
