@@ -12,6 +12,7 @@ from torch import nn
 
 from . import kernels  # noqa: F401  (registers the ops)
 from .ffn import FFNSite, find_ffn_sites, resolve_module
+from .peers import check_no_peers
 
 
 class NotSparseError(ValueError):
@@ -181,8 +182,11 @@ def sparsify_ffn_(
     Raises:
         NotSparseError: a site's activation is SiLU/GELU (relufy and train first).
         UnsupportedFFNError: a gated FFN with biases, or a mixture-of-experts expert.
+        PeerHooksError: the model carries training-free peer hooks (:mod:`prosparse_fx.peers`),
+            which the rewritten modules would drop.
         ValueError: a site whose module layout cannot be swapped (nothing is changed).
     """
+    check_no_peers(model, "the sparse-FFN rewrite replaces the modules they hook")
     sites = list(sites) if sites is not None else find_ffn_sites(model, example_inputs)
     check_sparse_rewritable(sites)
     plans = []

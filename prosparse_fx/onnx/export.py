@@ -38,6 +38,7 @@ from ..errors import InputError
 from ..ffn import FFNNotFoundError, find_sites_in_graph
 from ..moe import find_expert_sites
 from ..passes import SparseFFNRewritePass
+from ..peers import check_no_peers
 from ..sparse_modules import NotSparseError
 from .cached_decoder import CachedDecoder, check_full_attention, dynamic_shapes, example_inputs
 from .translation import DEFAULT_CROSSOVER, OPSET, translation_table
@@ -235,6 +236,8 @@ def export_onnx(
             without the config the chosen export needs.
         NotSparseError: ``sparse`` and an FFN's activation is SiLU/GELU (relufy and train
             first, or export with ``sparse=False``).
+        PeerHooksError: ``sparse`` and the model carries training-free peer hooks
+            (:mod:`prosparse_fx.peers`; a dense export computes them).
         ONNXExportError: ``torch.export`` cannot capture the model, an operator has no ONNX
             translation (the message names it and its module), or the model has
             mixture-of-experts layers (named).
@@ -250,6 +253,12 @@ def export_onnx(
         raise InputError("export_onnx takes a float32 model; load it with dtype=torch.float32")
     if any(p.is_meta for p in params):
         raise InputError("the model has weights on the meta device; load real weights first")
+    if sparse:
+        check_no_peers(
+            model,
+            "the sparse export cannot rewrite FFNs whose x1 they change (a dense export, "
+            "sparse=False, computes them)",
+        )
     experts = sorted({s.path.rpartition(".")[0] for s in find_expert_sites(model)})
     if experts:
         raise ONNXExportError(
