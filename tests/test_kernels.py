@@ -263,3 +263,91 @@ def test_empty_model_width_is_refused() -> None:
         sparse_gated_ffn(
             torch.randn(3, 0), torch.randn(5, 0), torch.randn(5, 0), torch.randn(5, 2), 0.0
         )
+
+
+# --- dReLU (TurboSparse Sec. 3): ReLU on gate (FATReLU t) and on up ----------------------------
+
+
+def hand_drelu(x, w_gate, w_up, w_down_t, t):
+    """The dense dReLU FFN written out: (FATReLU_t(x W_g^T) * ReLU(x W_u^T)) W_d^T."""
+    g, u = x @ w_gate.T, x @ w_up.T
+    return (g * (g >= t) * (u * (u > 0))) @ w_down_t
+
+
+DRELU_SHAPES = [*SHAPES, ((0,), 64, 128), ((2, 0), 64, 128)]  # zero-length inputs too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("lead", "d", "d_ff"), DRELU_SHAPES)
+@pytest.mark.parametrize("threshold", [0.0, 0.2])
+@pytest.mark.parametrize("crossover", [0.0, 1.0])
+def test_drelu_matches_hand_reference(dtype, lead, d, d_ff, threshold, crossover) -> None:
+    """``sparse_gated_ffn(..., up_relu=True)`` (CPU C++ and torch paths, dense and sparse
+    sides of the crossover) against the dense dReLU FFN written out, in float32 and bf16; it
+    differs from the ReLU-gated FFN, so the up ReLU is really applied."""
+    w_gate, w_up, w_down_t = _weights(d, d_ff, d, dtype, DEVICE)
+    x = torch.randn(*lead, d, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    ref = hand_drelu(x.float(), w_gate.float(), w_up.float(), w_down_t.float(), threshold)
+    set_cpu_crossover(crossover)
+    try:
+        out = sparse_gated_ffn(x, w_gate, w_up, w_down_t, threshold, True)
+        assert out.shape == (*lead, d) and out.dtype == dtype
+        if x.numel():
+            _close(out, ref, dtype)
+            gated = gated_ffn_reference(x.float(), w_gate.float(), w_up.float(),
+                                        w_down_t.float(), threshold)  # fmt: skip
+            assert (gated - ref).abs().max() > 0.1 * ref.abs().max()
+        if triton_ffn.available():
+            got = triton_ffn.gated_ffn(x, w_gate, w_up, w_down_t, threshold, True)
+            assert got.shape == out.shape
+            if x.numel():
+                _close(got, ref, dtype)
+    finally:
+        set_cpu_crossover(None)
+
+
+def test_drelu_skips_rows_whose_up_is_not_positive(cpu_path) -> None:
+    """The active set of dReLU is gate kept AND up > 0: a neuron whose gate is active for every
+    token but whose up is negative for every token has its down row never read (an inf there
+    reaches the dense product as 0 * inf = NaN, not the sparse one), while the result still
+    equals the dense dReLU FFN."""
+    d, d_ff = 32, 48
+    w_gate, w_up, w_down_t = _weights(d, d_ff, d, torch.float32)
+    x = torch.rand(3, d) + 0.1
+    w_gate = w_gate.abs()  # positive x and weights: every gate active
+    w_up = w_up.abs()
+    w_up[5] *= -1  # neuron 5: up < 0 for every token
+    poisoned = w_down_t.clone()
+    poisoned[5, 0] = float("inf")
+    assert torch.isnan(hand_drelu(x, w_gate, w_up, poisoned, 0.0)).any()
+    set_cpu_crossover(1.0)  # sparse unless every neuron is active (they are, for the gate)
+    try:
+        out = sparse_gated_ffn(x, w_gate, w_up, poisoned, 0.0, True)
+    finally:
+        set_cpu_crossover(None)
+    assert torch.isfinite(out).all()
+    _close(out, hand_drelu(x, w_gate, w_up, w_down_t, 0.0), torch.float32)
+
+
+def test_drelu_nan_and_extremes_like_dense(cpu_path) -> None:
+    """NaN in one token's input gives NaN in that token's output only; no active neuron gives
+    exact zeros; opcheck passes with up_relu."""
+    d, d_ff = 32, 48
+    w_gate, w_up, w_down_t = _weights(d, d_ff, d, torch.float32)
+    x = torch.randn(3, d)
+    x[1, 5] = float("nan")
+    set_cpu_crossover(1.0)
+    try:
+        out = sparse_gated_ffn(x, w_gate, w_up, w_down_t, 0.1, True)
+        assert torch.equal(
+            torch.isnan(out), torch.isnan(hand_drelu(x, w_gate, w_up, w_down_t, 0.1))
+        )
+        assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+        positive = x[[0]].abs() + 0.1  # with -|w_up|, every up < 0: no neuron is active
+        zero = sparse_gated_ffn(positive, w_gate, -w_up.abs(), w_down_t, 0.0, True)
+        assert float(zero.abs().max()) == 0.0
+    finally:
+        set_cpu_crossover(None)
+    torch.library.opcheck(
+        torch.ops.prosparse.sparse_gated_ffn.default, (x[[0, 2]], w_gate, w_up, w_down_t, 0.1, True)
+    )

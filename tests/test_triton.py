@@ -171,3 +171,28 @@ def test_partial_tuning_keeps_the_other_entries() -> None:
     finally:
         triton_ffn.TUNING.clear()
         triton_ffn.TUNING.update(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("lead", "d", "d_ff", "threshold"), [((1,), 64, 128, 0.0), ((2, 3), 40, 90, 0.1)]
+)
+def test_triton_designs_drelu(triton_config, dtype, lead, d, d_ff, threshold) -> None:
+    """dReLU (up_relu) in every design against the dense dReLU FFN written out; a down row of a
+    neuron whose up is negative for every token is never read (an inf there stays out)."""
+    from tests.test_kernels import hand_drelu
+
+    w_gate, w_up, w_down_t = _weights(d, d_ff, d, dtype, DEVICE)
+    x = torch.randn(*lead, d, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    ref = hand_drelu(x.float(), w_gate.float(), w_up.float(), w_down_t.float(), threshold)
+    out = triton_ffn.gated_ffn(x, w_gate, w_up, w_down_t, threshold, True)
+    assert out.shape == (*lead, d) and out.dtype == dtype
+    _close(out, ref, dtype)
+    xp = x.abs() + 0.1  # positive: the signs of the weights decide
+    wg, wu = w_gate.abs(), w_up.abs()
+    wu[3] = -wu[3]  # neuron 3: gate active, up < 0 for every token
+    poisoned = w_down_t.clone()
+    poisoned[3, 0] = float("inf")
+    out = triton_ffn.gated_ffn(xp, wg, wu, poisoned, 0.0, True)
+    assert torch.isfinite(out).all()
+    _close(out, hand_drelu(xp.float(), wg.float(), wu.float(), w_down_t.float(), 0.0), dtype)

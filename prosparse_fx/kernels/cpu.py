@@ -2,9 +2,10 @@
 down_proj over the active neurons only (for several tokens, the union of their active sets),
 each active row read once in place by a small C++ helper (:mod:`.cpu_ext`, up to
 ``CPP_MAX_TOKENS`` tokens), or gathered in cache-sized chunks of rows through reused buffers for
-BLAS (more tokens, or no compiler). Above a crossover active fraction, measured per token count
-and path, it runs dense, so it is never meaningfully slower than dense (ProSparse App. D, exact
-acceleration).
+BLAS (more tokens, or no compiler). For dReLU (``up_relu``) down reads only the neurons whose x1
+is nonzero for some token (active gate and up > 0). Above a crossover active fraction, measured
+per token count and path, it runs dense, so it is never meaningfully slower than dense
+(ProSparse App. D, exact acceleration).
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ def gated_ffn(
     w_up: torch.Tensor,
     w_down_t: torch.Tensor,
     threshold: float,
+    up_relu: bool = False,
 ) -> torch.Tensor:
     """CPU ``sparse_gated_ffn`` (inputs already checked by the op)."""
     d_ff, d = w_gate.shape
@@ -180,17 +182,29 @@ def gated_ffn(
     n = x2.shape[0]
     ext = _helper(n, x2, w_gate, w_up, w_down_t)
     if ext is not None:  # the whole FFN in one C++ call
-        y = ext.sparse_gated(x2, w_gate, w_up, w_down_t, threshold, get_cpu_crossover(n, cpp=True))
+        y = ext.sparse_gated(
+            x2, w_gate, w_up, w_down_t, threshold, get_cpu_crossover(n, cpp=True), up_relu
+        )
         return y.reshape(*x.shape[:-1], w_down_t.shape[1])
     gate = x2 @ w_gate.T
     keep, idx = _active(gate, threshold)
+    zeros = x2.new_zeros((n, w_down_t.shape[1]))
     if idx.numel() > get_cpu_crossover(n, cpp=False) * d_ff:
-        y = (fatrelu_ref(gate, threshold) * (x2 @ w_up.T)) @ w_down_t
+        up = x2 @ w_up.T
+        up = fatrelu_ref(up, 0.0) if up_relu else up
+        y = (fatrelu_ref(gate, threshold) * up) @ w_down_t
     elif idx.numel() == 0:
-        y = x2.new_zeros((n, w_down_t.shape[1]))
+        y = zeros
     else:
         a = torch.where(keep[:, idx], gate[:, idx], 0)
-        y = _times_rows(a * _rows_times(x2, w_up, idx), w_down_t, idx)
+        up = _rows_times(x2, w_up, idx)
+        if up_relu:  # down only over the neurons whose x1 is nonzero (or NaN) for some token
+            x1 = a * fatrelu_ref(up, 0.0)
+            nonzero = (x1 != 0).any(0)
+            idx, x1 = idx[nonzero], x1[:, nonzero]
+            y = _times_rows(x1, w_down_t, idx) if idx.numel() else zeros
+        else:
+            y = _times_rows(a * up, w_down_t, idx)
     return y.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 

@@ -8,7 +8,9 @@ again); these loops read each active row once, in place, across all threads:
 * ``gather_axpy(w_t, idx, x1)``: ``y[m] = sum_i x1[m, i] * w_t[idx[i]]`` (sparse down_proj).
 
 ``sparse_gated`` and ``sparse_plain`` run a whole FFN in one call (gate, active set, crossover,
-up, down), so no Python runs between its steps: at SmolLM2's widths the steps are a few
+up, down; for dReLU, ``up_relu``, also the ReLU on up and a second active set, the neurons whose
+x1 is nonzero for some token, so down skips those whose up is <= 0), so no Python runs between
+its steps: at SmolLM2's widths the steps are a few
 microseconds each, and Python between them, with caches just flushed by the weights, cost more
 than the arithmetic.
 
@@ -155,16 +157,55 @@ static torch::Tensor fatrelu(const torch::Tensor& h, double t) {
   return torch::where(h < t, torch::zeros({}, h.options()), h);
 }
 
+// dReLU's second active set: of the listed neurons idx [K] with x1 [N, K], those whose x1 is
+// nonzero (or NaN) for some token, and their x1 columns [N, K2]. Skipping a neuron whose x1 is
+// zero for every token changes nothing in the sum.
+static std::pair<torch::Tensor, torch::Tensor> nonzero_columns(const torch::Tensor& x1,
+                                                               const torch::Tensor& idx) {
+  const int64_t N = x1.size(0), K = x1.size(1);
+  const float* X = x1.data_ptr<float>();
+  const int64_t* I = idx.data_ptr<int64_t>();
+  std::vector<int64_t> cols;
+  cols.reserve(K);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t m = 0; m < N; ++m) {
+      if (X[m * K + k] != 0.f) {  // true for NaN too
+        cols.push_back(k);
+        break;
+      }
+    }
+  }
+  const int64_t K2 = static_cast<int64_t>(cols.size());
+  auto idx2 = torch::empty({K2}, torch::kInt64);
+  auto out = torch::empty({N, K2}, x1.options());
+  int64_t* J = idx2.data_ptr<int64_t>();
+  float* O = out.data_ptr<float>();
+  for (int64_t i = 0; i < K2; ++i) J[i] = I[cols[i]];
+  for (int64_t m = 0; m < N; ++m)
+    for (int64_t i = 0; i < K2; ++i) O[m * K2 + i] = X[m * K + cols[i]];
+  return {idx2, out};
+}
+
 // The whole gated FFN in one call (no Python between its steps): the gate dense, then up and
 // down over the active rows, or dense when more than `crossover` of the neurons are active.
+// up_relu (dReLU): x1 = FATReLU_t(gate) * ReLU(up), and down reads only the neurons whose x1 is
+// nonzero for some token (active gate and up > 0).
 torch::Tensor sparse_gated(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tensor& wu,
-                           const torch::Tensor& wdt, double t, double crossover) {
+                           const torch::Tensor& wdt, double t, double crossover, bool up_relu) {
   auto gate = torch::mm(x, wg.t());
   auto [idx, a] = active_set(gate, t);
   const int64_t F = wg.size(0), K = idx.size(0);
-  if (K > crossover * F) return torch::mm(fatrelu(gate, t) * torch::mm(x, wu.t()), wdt);
-  if (K == 0) return torch::zeros({x.size(0), wdt.size(1)}, x.options());
-  return gather_axpy(wdt, idx, a * gather_gemv(wu, idx, x));
+  if (K > crossover * F) {
+    auto up = torch::mm(x, wu.t());
+    return torch::mm(fatrelu(gate, t) * (up_relu ? fatrelu(up, 0.0) : up), wdt);
+  }
+  auto zeros = [&] { return torch::zeros({x.size(0), wdt.size(1)}, x.options()); };
+  if (K == 0) return zeros();
+  auto up = gather_gemv(wu, idx, x);
+  if (!up_relu) return gather_axpy(wdt, idx, a * up);
+  auto [idx2, x1] = nonzero_columns(a * fatrelu(up, 0.0), idx);
+  if (idx2.size(0) == 0) return zeros();
+  return gather_axpy(wdt, idx2, x1);
 }
 
 // The plain FFN (fc1 + FATReLU + fc2) the same way; b1, b2 may be None.

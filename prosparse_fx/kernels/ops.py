@@ -3,7 +3,9 @@
 ``torch.ops.prosparse.sparse_gated_ffn(x, w_gate, w_up, w_down_t, threshold)`` and
 ``torch.ops.prosparse.sparse_plain_ffn(x, w1, b1, w2_t, b2, threshold)`` compute the dense
 references of :mod:`.reference` exactly (within float tolerance), skipping the neurons whose
-activation is zero (ProSparse App. D). Implementations are chosen per device: CPU
+activation is zero (ProSparse App. D); ``sparse_gated_ffn(..., up_relu=True)`` is the dReLU FFN
+(TurboSparse Sec. 3), which also skips the neurons whose up projection is <= 0. Implementations
+are chosen per device: CPU
 (:mod:`.cpu`), CUDA through Triton (:mod:`.triton_ffn`), the reference elsewhere. Fake (meta)
 implementations let torch.export keep each op as one node and torch.compile trace it.
 """
@@ -45,6 +47,7 @@ def check_gated(
     w_up: torch.Tensor,
     w_down_t: torch.Tensor,
     threshold: float,
+    up_relu: bool = False,
 ) -> None:
     """Raise a ValueError/TypeError naming the first tensor whose shape, dtype or device is off."""
     _check_common(x, threshold, {"w_gate": w_gate, "w_up": w_up, "w_down_t": w_down_t})
@@ -101,16 +104,22 @@ def sparse_gated_ffn(
     w_up: torch.Tensor,
     w_down_t: torch.Tensor,
     threshold: float,
+    up_relu: bool = False,
 ) -> torch.Tensor:
-    """Gated FFN with FATReLU gate, skipping inactive neurons.
+    """Gated FFN with FATReLU gate (and, for dReLU, ReLU on up), skipping inactive neurons.
 
-    Computes ``(FATReLU_t(x @ w_gate.T) * (x @ w_up.T)) @ w_down_t`` (ProSparse Sec. 3, App. D).
+    Computes ``(FATReLU_t(x @ w_gate.T) * (x @ w_up.T)) @ w_down_t`` (ProSparse Sec. 3, App. D);
+    with ``up_relu`` the dReLU FFN ``(FATReLU_t(x @ w_gate.T) * ReLU(x @ w_up.T)) @ w_down_t``
+    (TurboSparse, Song et al. 2024, Sec. 3; ``t = 0`` is the paper's dReLU). The gate is dense;
+    up is computed for the neurons the gate keeps for some token; with ``up_relu`` down then
+    reads only the neurons whose x1 is nonzero for some token, i.e. active gate AND up > 0.
 
     Args:
-        x: ``[..., d]`` float32, float16 or bfloat16.
+        x: ``[..., d]`` float32, float16 or bfloat16 (any number of leading dims, also 0).
         w_gate, w_up: ``[d_ff, d]`` (``nn.Linear`` layout), same dtype and device as ``x``.
         w_down_t: ``[d_ff, d_out]``, the transpose of ``down_proj.weight``.
-        threshold: FATReLU t >= 0 (0 is ReLU).
+        threshold: FATReLU t >= 0 of the gate (0 is ReLU).
+        up_relu: ReLU on the up projection too (dReLU). Default ``False``.
 
     Returns:
         ``[..., d_out]``, dtype of ``x``.
@@ -125,30 +134,30 @@ def sparse_gated_ffn(
             ``d == 0``, or ``threshold < 0``.
         TypeError: a dtype mismatch, or a dtype that is not floating point.
     """
-    check_gated(x, w_gate, w_up, w_down_t, threshold)
-    return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold)
+    check_gated(x, w_gate, w_up, w_down_t, threshold, up_relu)
+    return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold, up_relu)
 
 
 @sparse_gated_ffn.register_fake
-def _gated_fake(x, w_gate, w_up, w_down_t, threshold):  # noqa: ANN001, ANN202
-    check_gated(x, w_gate, w_up, w_down_t, threshold)
+def _gated_fake(x, w_gate, w_up, w_down_t, threshold, up_relu=False):  # noqa: ANN001, ANN202
+    check_gated(x, w_gate, w_up, w_down_t, threshold, up_relu)
     return x.new_empty((*x.shape[:-1], w_down_t.shape[1]))
 
 
 @sparse_gated_ffn.register_kernel("cpu")
-def _gated_cpu(x, w_gate, w_up, w_down_t, threshold):  # noqa: ANN001, ANN202
-    check_gated(x, w_gate, w_up, w_down_t, threshold)
-    return cpu.gated_ffn(x, w_gate, w_up, w_down_t, threshold)
+def _gated_cpu(x, w_gate, w_up, w_down_t, threshold, up_relu=False):  # noqa: ANN001, ANN202
+    check_gated(x, w_gate, w_up, w_down_t, threshold, up_relu)
+    return cpu.gated_ffn(x, w_gate, w_up, w_down_t, threshold, up_relu)
 
 
 @sparse_gated_ffn.register_kernel("cuda")
-def _gated_cuda(x, w_gate, w_up, w_down_t, threshold):  # noqa: ANN001, ANN202
-    check_gated(x, w_gate, w_up, w_down_t, threshold)
+def _gated_cuda(x, w_gate, w_up, w_down_t, threshold, up_relu=False):  # noqa: ANN001, ANN202
+    check_gated(x, w_gate, w_up, w_down_t, threshold, up_relu)
     from . import triton_ffn
 
     if not triton_ffn.available() or x.dtype not in triton_ffn.DTYPES:
-        return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold)
-    return triton_ffn.gated_ffn(x, w_gate, w_up, w_down_t, threshold)
+        return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold, up_relu)
+    return triton_ffn.gated_ffn(x, w_gate, w_up, w_down_t, threshold, up_relu)
 
 
 @torch.library.custom_op("prosparse::sparse_plain_ffn", mutates_args=())

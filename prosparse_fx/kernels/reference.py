@@ -1,7 +1,8 @@
 """Dense pure-torch references of the sparse-FFN ops: what every implementation must compute.
 
 FATReLU_t(z) = z where z >= t, else 0 (ProSparse Eq. 3); written as "zero where z < t" so NaN
-propagates as in the dense model.
+propagates as in the dense model. dReLU (TurboSparse, Song et al. 2024, Sec. 3) also puts a ReLU
+on the up projection: ``x1 = FATReLU_t(gate) * ReLU(up)`` (``up_relu=True``).
 """
 
 from __future__ import annotations
@@ -20,20 +21,26 @@ def gated_ffn_reference(
     w_up: torch.Tensor,
     w_down_t: torch.Tensor,
     threshold: float,
+    up_relu: bool = False,
 ) -> torch.Tensor:
-    """``(FATReLU_t(x @ w_gate.T) * (x @ w_up.T)) @ w_down_t``.
+    """``(FATReLU_t(x @ w_gate.T) * (x @ w_up.T)) @ w_down_t``; with ``up_relu`` (dReLU)
+    ``(FATReLU_t(x @ w_gate.T) * ReLU(x @ w_up.T)) @ w_down_t``.
 
     Args:
         x: ``[..., d]``.
         w_gate, w_up: ``[d_ff, d]`` (``nn.Linear`` layout).
         w_down_t: ``[d_ff, d_out]``, the transpose of ``down_proj.weight``.
         threshold: t >= 0 (0 is ReLU).
+        up_relu: ReLU on the up projection too (dReLU, TurboSparse Sec. 3).
 
     Returns:
         ``[..., d_out]`` in the dtype of ``x``.
     """
     gate = fatrelu_ref(x @ w_gate.T, threshold)
-    return (gate * (x @ w_up.T)) @ w_down_t
+    up = x @ w_up.T
+    if up_relu:
+        up = fatrelu_ref(up, 0.0)
+    return (gate * up) @ w_down_t
 
 
 def plain_ffn_reference(

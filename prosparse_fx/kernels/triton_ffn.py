@@ -25,6 +25,12 @@ two designs (``TUNING["design"]``, chosen by ``benchmarks/tune_triton.py``):
   For up to 4 tokens products are summed on CUDA cores (a GEMV); above, tokens are padded to
   16 and go through ``tl.dot``.
 
+dReLU (TurboSparse Sec. 3, ``up_relu``): x1 = FATReLU_t(g) * ReLU(u). Up is computed as above;
+the down kernels then apply the ReLU and read the ``w_down_t`` rows only of the neurons whose x1
+is nonzero for some token (active gate and up > 0): in ``"blocks"`` from the finished u, in
+``"compact"`` from the compact x1 = FATReLU_t(g) * u, as ReLU(FATReLU_t(g) * u) equals
+FATReLU_t(g) * ReLU(u) for a gate that is >= t >= 0 (or NaN).
+
 Partial sums meet by float32 atomic adds with relaxed ordering (atomicity is all they need;
 Triton's default acquire/release ordering adds a fence around each one), so the summation order,
 and the last bits of the result, may differ between runs. More than 16 tokens run dense (cuBLAS
@@ -228,11 +234,12 @@ if triton is not None:
         g_ptr, u_ptr, wd_ptr, y_ptr,
         M, DFF, DOUT, threshold,
         stride_gm, stride_um, stride_wd, stride_ym,
-        HAS_UP: tl.constexpr, ROUND: tl.constexpr, IEEE: tl.constexpr,
+        HAS_UP: tl.constexpr, ROUND: tl.constexpr, IEEE: tl.constexpr, UP_RELU: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         """y[:, d-slice] += x1[:, block] @ w_down_t[block, d-slice], active neurons only, with
-        x1 = FATReLU_t(g) * u (gated) or FATReLU_t(g) (plain)."""
+        x1 = FATReLU_t(g) * u (gated), FATReLU_t(g) * ReLU(u) (``UP_RELU``, dReLU: then only
+        the neurons whose x1 is nonzero for some token are read) or FATReLU_t(g) (plain)."""
         pid_n = tl.program_id(0)
         pid_d = tl.program_id(1)
         g, keep, row_active = _keep_block(g_ptr, pid_n, M, DFF, threshold, stride_gm,
@@ -249,11 +256,15 @@ if triton is not None:
                 )
                 if ROUND:  # up_proj's output and x1 are in the input dtype in the dense model
                     u = u.to(wd_ptr.dtype.element_ty).to(tl.float32)
+                if UP_RELU:
+                    u = tl.where(u < 0.0, 0.0, u)  # NaN stays, as in the dense model
                 x1 = tl.where(keep, g * u, 0.0)
             else:
                 x1 = tl.where(keep, g, 0.0)
             if ROUND:
                 x1 = x1.to(wd_ptr.dtype.element_ty).to(tl.float32)
+            if UP_RELU:  # neurons whose up is <= 0 for every token kept by the gate: not read
+                row_active = tl.max((x1 != 0.0).to(tl.int32), axis=0) > 0
             # rows of inactive neurons are never read
             w = tl.load(
                 wd_ptr + offs_n[:, None] * stride_wd + offs_d[None, :],
@@ -339,10 +350,13 @@ if triton is not None:
         M, DOUT, threshold,
         stride_gm, stride_x1m, stride_wd, stride_ym,
         HAS_UP: tl.constexpr, ROUND: tl.constexpr, IEEE: tl.constexpr, USE_DOT: tl.constexpr,
+        UP_RELU: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         """y[:, d-slice] += x1[:, group] @ w_down_t[rows, d-slice] for one group of listed
-        neurons, with x1 the compact up result (gated) or FATReLU_t(g[:, rows]) (plain)."""
+        neurons, with x1 the compact up result (gated; ``UP_RELU``, dReLU: its ReLU, and only
+        the neurons whose x1 is nonzero for some token are read) or FATReLU_t(g[:, rows])
+        (plain)."""
         pid_r = tl.program_id(0)
         pid_d = tl.program_id(1)
         n_active = tl.load(count_ptr)
@@ -364,8 +378,12 @@ if triton is not None:
                              mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # fmt: skip
             else:
                 x1 = tl.where(keep, g, 0.0)
+            if UP_RELU:  # FATReLU_t(g) >= 0: ReLU(FATReLU_t(g) * u) = FATReLU_t(g) * ReLU(u)
+                x1 = tl.where(x1 < 0.0, 0.0, x1)
             if ROUND:  # x1 is in the input dtype in the dense model
                 x1 = x1.to(wd_ptr.dtype.element_ty).to(tl.float32)
+            if UP_RELU:  # neurons whose up is <= 0 for every token: not read
+                r_mask = r_mask & (tl.max((x1 != 0.0).to(tl.int32), axis=0) > 0)
             offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
             d_mask = offs_d < DOUT
             w = tl.load(
@@ -401,10 +419,12 @@ def _launch(
     w_up: torch.Tensor | None,
     w_down_t: torch.Tensor,
     threshold: float,
+    up_relu: bool = False,
 ) -> torch.Tensor:
     """``y = x1 @ w_down_t`` in float32 from pre-activations ``g`` (``[m, d_ff]``), with
-    ``x1 = FATReLU_t(g) * (x2 @ w_up.T)`` when ``w_up`` is given, else ``FATReLU_t(g)``, by the
-    design ``TUNING["design"]`` names.
+    ``x1 = FATReLU_t(g) * (x2 @ w_up.T)`` when ``w_up`` is given (``FATReLU_t(g) *
+    ReLU(x2 @ w_up.T)`` with ``up_relu``), else ``FATReLU_t(g)``, by the design
+    ``TUNING["design"]`` names.
 
     Raises:
         ValueError: an unknown design in ``TUNING``.
@@ -414,9 +434,9 @@ def _launch(
     threshold = float(torch.tensor(threshold, dtype=g.dtype))
     design = TUNING["design"]
     if design == "blocks":
-        return _launch_blocks(x2, g, w_up, w_down_t, threshold)
+        return _launch_blocks(x2, g, w_up, w_down_t, threshold, up_relu)
     if design == "compact":
-        return _launch_compact(x2, g, w_up, w_down_t, threshold)
+        return _launch_compact(x2, g, w_up, w_down_t, threshold, up_relu)
     raise ValueError(f"unknown Triton design {design!r} in TUNING; choose one of {DESIGNS}")
 
 
@@ -426,6 +446,7 @@ def _launch_blocks(
     w_up: torch.Tensor | None,
     w_down_t: torch.Tensor,
     threshold: float,
+    up_relu: bool = False,
 ) -> torch.Tensor:
     m, d_ff = g.shape
     d_out = w_down_t.shape[1]
@@ -448,6 +469,7 @@ def _launch_blocks(
         g, u, w_down_t, y, m, d_ff, d_out, float(threshold),
         g.stride(0), u.stride(0), w_down_t.stride(0), y.stride(0),
         HAS_UP=w_up is not None, ROUND=g.dtype != torch.float32, IEEE=ieee,
+        UP_RELU=up_relu and w_up is not None,
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=cfg["num_warps"],
     )  # fmt: skip
     return y
@@ -463,6 +485,7 @@ def _launch_compact(
     w_up: torch.Tensor | None,
     w_down_t: torch.Tensor,
     threshold: float,
+    up_relu: bool = False,
 ) -> torch.Tensor:
     m, d_ff = g.shape
     d_out = w_down_t.shape[1]
@@ -510,6 +533,7 @@ def _launch_compact(
         g, x1, idx, count, w_down_t, y, m, d_out, threshold,
         g.stride(0), x1.stride(0), w_down_t.stride(0), y.stride(0),
         HAS_UP=w_up is not None, ROUND=g.dtype != torch.float32, IEEE=ieee, USE_DOT=use_dot,
+        UP_RELU=up_relu and w_up is not None,
         BLOCK_M=block_m, BLOCK_R=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     return y
@@ -521,15 +545,17 @@ def gated_ffn(
     w_up: torch.Tensor,
     w_down_t: torch.Tensor,
     threshold: float,
+    up_relu: bool = False,
 ) -> torch.Tensor:
-    """Triton ``sparse_gated_ffn`` (inputs already checked by the op)."""
+    """Triton ``sparse_gated_ffn`` (inputs already checked by the op); ``up_relu``: dReLU."""
     d = w_gate.shape[1]
     x2 = x.reshape(-1, d)
     if x2.shape[0] > MAX_TOKENS or x2.shape[0] == 0:
-        return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold)
+        return gated_ffn_reference(x, w_gate, w_up, w_down_t, threshold, up_relu)
     x2 = x2.contiguous()
     gate = x2 @ w_gate.T  # dense, cuBLAS: the gate is read whole anyway
-    y = _launch(x2, gate, w_up.contiguous(), w_down_t.contiguous(), threshold).to(x.dtype)
+    w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
+    y = _launch(x2, gate, w_up, w_down_t, threshold, up_relu).to(x.dtype)
     return y.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 
