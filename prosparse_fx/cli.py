@@ -170,7 +170,7 @@ def measure(
     Windows follow the tokenizer's BOS convention: when it adds BOS to a text (Gemma, LLaMA-2),
     every window starts with BOS, which is not scored.
     """
-    from .data import bos_token_id, load_documents, split_documents, token_windows
+    from .data import bos_token_id, load_documents, split_documents, spread, token_windows
     from .ffn import FFNNotFoundError, find_ffn_sites
     from .measure import evaluate
     from .models import (
@@ -180,7 +180,6 @@ def measure(
         check_token_ids,
         load_model,
     )
-    from .pipeline import _spread
 
     try:
         if windows < 1 or seq_len < 2:
@@ -192,7 +191,7 @@ def measure(
         text = split_documents(docs).held_out if data is None else docs
         bos = bos_token_id(tok)
         check_seq_len(lm, seq_len)
-        win = _spread(token_windows(tok, text, seq_len), windows)
+        win = spread(token_windows(tok, text, seq_len), windows)
         check_token_ids(win, lm, tokenizer or model)
         try:
             sites = find_ffn_sites(lm)

@@ -18,6 +18,7 @@ except ImportError:  # Python 3.10: TOML configs need 3.11; JSON works everywher
 
 from .errors import InputError
 from .taps import L1_NORMS
+from .texts import OUT_OF_DOMAIN, check_text_names
 from .training.schedule import ProSparseSchedule
 
 
@@ -49,6 +50,21 @@ class SparsifyConfig:
             ``"bf16"`` or ``"fp32"``. Weights, optimizer and all evaluations stay float32.
         checkpoint_every: optimizer steps between training checkpoints in ``out/checkpoint``
             (also written at each stage end); a killed run loses at most this many steps.
+        lr_decay: the learning rate after warmup: ``"constant"``, or a ``"linear"`` or
+            ``"cosine"`` decay to ``min_lr_ratio * lr`` at the last step.
+        min_lr_ratio: the final learning rate of a decay, as a fraction of ``lr``.
+        distill: weight of the KL divergence to the original model (the teacher, before ReLU
+            substitution) in the task loss, ``(1 - distill) * LM + distill * KL``; 0: no
+            teacher is kept (:mod:`prosparse_fx.training.distill`).
+        distill_temperature: the distillation temperature T > 0 (the KL is scaled by T^2).
+        substitution: the fraction of stage 0's steps over which the original activation
+            blends into ReLU (:mod:`prosparse_fx.training.substitution`); 0: the abrupt swap of
+            the paper (Sec. 3.1).
+        train_texts: named offline texts (:data:`prosparse_fx.texts.TRAINABLE`) whose documents
+            join the training text's training split (a more varied mix against forgetting);
+            never the held-out or calibration parts.
+        eval_texts: out-of-domain texts (:data:`prosparse_fx.texts.OUT_OF_DOMAIN`) on which the
+            original and the final model are measured on the same windows; never trained on.
 
     :meth:`validate` checks each field by its rule in :data:`FIELD_RULES` (type, whole number
     or not, finite, range).
@@ -75,6 +91,13 @@ class SparsifyConfig:
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     checkpoint_every: int = 50
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1
+    distill: float = 0.0
+    distill_temperature: float = 1.0
+    substitution: float = 0.0
+    train_texts: list[str] = field(default_factory=list)
+    eval_texts: list[str] = field(default_factory=lambda: list(OUT_OF_DOMAIN))
 
     def schedule(self) -> ProSparseSchedule:
         """The lambda schedule, scaled to ``max_steps`` when it is set."""
@@ -146,6 +169,9 @@ class SparsifyConfig:
                 f"{list(ends)}, with a stage of no steps; choose a larger max_steps"
             )
 
+
+LR_DECAYS = ("constant", "linear", "cosine")
+"""The learning-rate shapes after warmup (:func:`prosparse_fx.training.trainer.lr_factor`)."""
 
 MAX_STEPS = 10_000_000
 """The largest step count a config may give (stage ends, ``max_steps``, ``warmup_steps``,
@@ -259,6 +285,21 @@ class ListOf:
 
 
 @dataclass(frozen=True)
+class TextNames:
+    """A list of distinct names of offline texts (:mod:`prosparse_fx.texts`): out-of-domain
+    evaluation texts (``out_of_domain``) or texts that may be trained on."""
+
+    out_of_domain: bool
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InputError(f"{name} must be a list of text names, got {value!r}")
+        if len(set(value)) != len(value):
+            raise InputError(f"{name} names a text twice: {value!r}")
+        check_text_names(value, field=name, out_of_domain=self.out_of_domain)
+
+
+@dataclass(frozen=True)
 class Stages:
     """``[[lambda, end_step], ...]``: 1 to :data:`MAX_STAGES` pairs, each lambda a finite
     number >= 0, each end step a whole number in ``[1, MAX_STEPS]``, strictly increasing."""
@@ -286,7 +327,7 @@ class Stages:
             previous = stage[1]
 
 
-FIELD_RULES: dict[str, Whole | Real | OneOf | ListOf | Stages] = {
+FIELD_RULES: dict[str, Whole | Real | OneOf | ListOf | Stages | TextNames] = {
     "stages": Stages(),
     "max_steps": Whole(1, MAX_STEPS, optional=True),
     "seq_len": Whole(2, 1 << 20, why="tokens per window; 2 give one next-token target"),
@@ -306,6 +347,13 @@ FIELD_RULES: dict[str, Whole | Real | OneOf | ListOf | Stages] = {
     "seed": Whole(0, 2**32 - 1, why="2**32 - 1 is the largest seed numpy accepts"),
     "precision": OneOf(("auto", "bf16", "fp32")),
     "checkpoint_every": Whole(1, MAX_STEPS),
+    "lr_decay": OneOf(LR_DECAYS),
+    "min_lr_ratio": Real(0.0, 1.0),
+    "distill": Real(0.0, 1.0, why="the KL's weight; the LM loss gets 1 - distill"),
+    "distill_temperature": Real(0.0, 100.0, lo_open=True),
+    "substitution": Real(0.0, 1.0, why="a fraction of stage 0"),
+    "train_texts": TextNames(out_of_domain=False),
+    "eval_texts": TextNames(out_of_domain=True),
 }
 """The rule of each :class:`SparsifyConfig` field: the one place that says its type, whether it
 is a whole number, that it is finite, and its range."""

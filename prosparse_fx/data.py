@@ -344,3 +344,41 @@ def token_windows(
     if bos_id is not None:
         windows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), windows], dim=1)
     return windows
+
+
+def spread(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` of ``windows`` (``[N, T]``) spread evenly over all of them, first and last
+    included, so they span many documents; all of them when ``N <= n``."""
+    if windows.shape[0] <= n:
+        return windows
+    idx = torch.linspace(0, windows.shape[0] - 1, n).round().long()
+    return windows[idx]
+
+
+def sample_windows(
+    tokenizer,  # noqa: ANN001
+    docs: list[str],
+    seq_len: int,
+    n: int,
+) -> torch.Tensor:
+    """About ``n`` ``[n, seq_len]`` windows from documents spread evenly over ``docs``, the
+    first windows of each, without tokenizing whole long texts (37 plays are 1.7M tokens).
+
+    Each of up to ``n`` documents (spread evenly) gives ``ceil(n / documents)`` windows (fewer
+    if it is shorter); the windows are then spread down to ``n``. BOS as in
+    :func:`token_windows`.
+
+    Raises:
+        InputError: the documents give no window of ``seq_len`` tokens.
+    """
+    picked = [docs[i] for i in spread(torch.arange(len(docs)).view(-1, 1), n).view(-1).tolist()]
+    per_doc = -(-n // len(picked))
+    parts = []
+    for doc in picked:
+        try:
+            parts.append(token_windows(tokenizer, [doc], seq_len, max_windows=per_doc))
+        except InputError:
+            continue  # a document shorter than one window
+    if not parts:
+        raise InputError(f"the text gives no window of {seq_len} tokens")
+    return spread(torch.cat(parts), n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from typing import Any
 
 import torch
@@ -100,3 +101,33 @@ def machine_info() -> dict[str, Any]:
         "torch": str(torch.__version__),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def peak_memory(device: str) -> dict[str, Any]:
+    """The peak memory of this process so far, in bytes: resident set on the host
+    (``ru_maxrss``), and allocated memory on a CUDA device."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    info: dict[str, Any] = {"host_bytes": int(rss) * (1 if sys.platform == "darwin" else 1024)}
+    if torch.device(device).type == "cuda":
+        info["cuda_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
+    return info
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or the host's
+    ``MemAvailable`` (Linux) for the CPU; ``None`` where it cannot be read."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    if dev.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -500,3 +500,13 @@ def check_seq_len(model: Any, seq_len: int) -> None:
             f"seq_len {seq_len} exceeds the {limit} positions of this model's learned position "
             f"embeddings; use --seq-len (or seq_len) of {limit} or less"
         )
+
+
+def save_model(
+    model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """``save_pretrained`` the model (``state_dict``: a sharded model's gathered weights) and
+    the tokenizer (when not ``None``) into ``folder``."""
+    model.save_pretrained(folder, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

@@ -7,50 +7,48 @@ on held-out text, written as a Hugging Face folder, ``report.json`` and plots.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import logging
-import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .atomic import is_temp, remove, temp_path, write_json
 from .config import PRESETS, SparsifyConfig
-from .data import bos_token_id, load_documents, split_documents, token_windows
-from .environment import autocast_dtype, check_device, machine_info
+from .data import (
+    bos_token_id,
+    load_documents,
+    sample_windows,
+    split_documents,
+    spread,
+    token_windows,
+)
+from .environment import autocast_dtype, check_device, peak_memory
 from .errors import InputError
 from .ffn import FFNNotFoundError, FFNSite, check_no_unknown, find_ffn_sites
-from .measure import Evaluation, evaluate
+from .measure import evaluate
 from .models import (
     check_causal_lm,
     check_model_path,
     check_seq_len,
     check_token_ids,
     load_model,
+    save_model,
 )
 from .relufy import relufy_
-from .report import plot_per_layer, plot_training
+from .report import evaluation_dict, new_report, out_of_domain_entry, write_plots
 from .run_folder import REPORT, RunFolder
+from .texts import load_text
 from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
-from .training.checkpoint import check_optimizer_state, check_state, load_state
-from .training.distributed import (
-    DistContext,
-    ShardedBatches,
-    full_model_state,
-    init_from_env,
-    load_optimizer_state,
-    optimizer_state,
-)
-from .training.loop import NonFiniteLossError, batches_forever, train
-from .training.preemption import Preempted, StopOnSignal
-from .training.regularizer import ActivationRegularizer
-from .training.schedule import ProSparseSchedule
+from .training.checkpoint import check_state, load_state
+from .training.distill import check_teacher, check_teacher_memory
+from .training.distributed import DistContext, full_model_state, init_from_env
+from .training.trainer import StageTrainer
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +56,6 @@ __all__ = ["PRESETS", "SparsifyConfig", "run_sparsify"]
 
 # what report.json says for the default data (no --data)
 DEFAULT_DATA_LABEL = "enwiki sample (gensim test data)"
-
-
-def _spread(windows: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` windows spread evenly over all of them (so they span many documents)."""
-    if windows.shape[0] <= n:
-        return windows
-    idx = torch.linspace(0, windows.shape[0] - 1, n).round().long()
-    return windows[idx]
-
-
-def _eval_dict(ev: Evaluation) -> dict[str, Any]:
-    return {
-        "perplexity": ev.perplexity,
-        "sparsity": ev.sparsity.sparsity,
-        "per_layer_sparsity": ev.sparsity.per_layer,
-    }
 
 
 def run_sparsify(
@@ -204,31 +186,178 @@ def _run(
 
     torch.manual_seed(config.seed)
     split = split_documents(docs, seed=config.seed)
+    model, tokenizer = _load(model_source, tokenizer_dir, config)
+    if run.is_main and resume_state is None:
+        _check_tokenizer_saves(tokenizer, run)
+    model.to(device)
+    windows = _Windows.make(tokenizer, split, config, model, tokenizer_dir or model_source)
+    sites = _ffn_sites(model)
+    # the teacher is the original model; a resumed run rebuilds it from the original weights
+    teacher = _teacher(model, model_source, resume_state, config, ctx, device)
+
+    if resume_state is not None:
+        report = resume_state["report"]
+        report["resumed_at_step"] = resume_state["step"]
+    else:
+        report = new_report(
+            inputs=_inputs(model_source, data_file, tokenizer_dir),
+            bos_id=bos_token_id(tokenizer),
+            data_split={
+                "split_by": split.split_by,  # "size" when the text has too few documents
+                "train_documents": len(split.train),
+                "calib_documents": len(split.calib),
+                "held_out_documents": len(split.held_out),
+                **windows.counts(),
+                "seq_len": config.seq_len,
+            },
+            config=dataclasses.asdict(config),
+            schedule=schedule.to_dict(),
+            sites=[s.to_dict() for s in sites],
+            training_autocast=str(autocast_dtype(config.precision, device) or "float32"),
+        )
+        log.info("baseline evaluation (%s activation)", sites[0].activation)
+        baseline = evaluate(model, windows.held_out, sites=sites, batch_size=config.batch_size)
+        report["baseline_perplexity"] = baseline.perplexity
+        report["baseline"] = evaluation_dict(baseline)
+        report["out_of_domain_baseline"] = {
+            name: evaluation_dict(evaluate(model, w, sites=sites, batch_size=config.batch_size))
+            for name, w in windows.out_of_domain.items()
+        }
+        sites = relufy_(model, "relu", sites=sites)  # ReLU substitution (Sec. 3.1)
+        relu0 = evaluate(model, windows.held_out, sites=sites, batch_size=config.batch_size)
+        report["relu_no_training"] = evaluation_dict(relu0)
+
+    trainer = StageTrainer(
+        model,
+        tokenizer,
+        sites,
+        schedule,
+        config,
+        run,
+        report,
+        device,
+        ctx=ctx,
+        teacher=teacher,
+        elapsed=elapsed,
+        show_progress=show_progress,
+    )
+    history, stage_ends = trainer.fit(windows.train, windows.held_out, resume_state)
+    del teacher, trainer
+    report["history"] = history
+    report["stage_ends"] = stage_ends
+
+    sites, thresholds = _shift_thresholds(model, sites, windows.calib, config, report)
+    final = evaluate(model, windows.held_out, sites=sites, batch_size=config.batch_size)
+    report["out_of_domain"] = {
+        name: out_of_domain_entry(
+            name,
+            report["out_of_domain_baseline"][name],
+            evaluation_dict(evaluate(model, w, sites=sites, batch_size=config.batch_size)),
+            int(w.shape[0]),
+        )
+        for name, w in windows.out_of_domain.items()
+    }
+    report.update(
+        {
+            "status": "done",
+            "thresholds": thresholds,
+            "sparsity": final.sparsity.sparsity,
+            "perplexity": final.perplexity,
+            "per_layer_sparsity": final.sparsity.per_layer,
+            "perplexity_ratio": final.perplexity / report["baseline_perplexity"],
+            "seconds": elapsed(),
+            "peak_memory": peak_memory(device),
+        }
+    )
+    full_state = full_model_state(model, ctx)  # all processes take part under FSDP2
+
+    def write_result(folder: Path) -> None:
+        save_model(model if full_state else model.cpu(), tokenizer, folder, full_state)
+        write_plots(folder, report)
+        # what this run wrote: --overwrite sets aside these, and leaves other files alone
+        report["files"] = sorted({*(p.name for p in folder.iterdir()), REPORT})
+        write_json(folder / REPORT, report)
+
+    run.commit(write_result)  # whole or not at all; then the checkpoints go
+    ctx.barrier()
+    return report
+
+
+def _inputs(model_source: Path, data_file: Path | None, tokenizer_dir: Path | None) -> dict:
+    """The run's inputs as the report records them, with the fingerprints that let a resumed
+    run accept them at a new path."""
+    return {
+        "model": str(model_source.resolve()),
+        "model_fingerprint": fingerprint(model_source),
+        "data": str(data_file.resolve()) if data_file else DEFAULT_DATA_LABEL,
+        "data_fingerprint": fingerprint(data_file),
+        "tokenizer": str(tokenizer_dir.resolve()) if tokenizer_dir else None,
+        "tokenizer_fingerprint": fingerprint(tokenizer_dir),
+    }
+
+
+def _load(model_source: Path, tokenizer_dir: Path | None, config: SparsifyConfig) -> Any:
+    """The model and tokenizer (a resumed run reads those saved with its checkpoint)."""
     try:
-        # a resumed run reads the model and tokenizer saved with its checkpoint
         model, tokenizer = load_model(model_source, tokenizer=tokenizer_dir)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001  (a torn or foreign file: say which, exit 2)
         raise InputError(f"cannot load the model in {model_source}: {exc}") from exc
     check_seq_len(model, config.seq_len)
-    if run.is_main and resume_state is None:
-        _check_tokenizer_saves(tokenizer, run)
-    model.to(device)
-    bos_id = bos_token_id(tokenizer)  # the windows below follow the tokenizer's BOS convention
-    needed = max(config.batch_size, 1)
-    train_windows = token_windows(tokenizer, split.train, config.seq_len)
-    if train_windows.shape[0] < needed:
-        raise InputError(
-            f"training text gives {train_windows.shape[0]} windows of {config.seq_len} tokens, "
-            f"fewer than one batch of {needed}; give more text"
+    return model, tokenizer
+
+
+@dataclasses.dataclass
+class _Windows:
+    """The token windows of a run: training (the training split plus ``config.train_texts``),
+    held-out, calibration and one set per out-of-domain text."""
+
+    train: torch.Tensor
+    held_out: torch.Tensor
+    calib: torch.Tensor
+    out_of_domain: dict[str, torch.Tensor]
+
+    @classmethod
+    def make(
+        cls, tokenizer: Any, split: Any, config: SparsifyConfig, model: Any, source: Path
+    ) -> _Windows:
+        n = config.eval_windows
+        train_docs = list(split.train)
+        for name in config.train_texts:
+            train_docs.extend(load_text(name))
+        train = token_windows(tokenizer, train_docs, config.seq_len)
+        needed = max(config.batch_size, 1)
+        if train.shape[0] < needed:
+            raise InputError(
+                f"training text gives {train.shape[0]} windows of {config.seq_len} tokens, "
+                f"fewer than one batch of {needed}; give more text"
+            )
+        windows = cls(
+            train=train,
+            held_out=spread(token_windows(tokenizer, split.held_out, config.seq_len), n),
+            calib=spread(
+                token_windows(tokenizer, split.calib, config.seq_len), config.calib_windows
+            ),
+            out_of_domain={
+                name: sample_windows(tokenizer, load_text(name), config.seq_len, n)
+                for name in config.eval_texts
+            },
         )
-    held_out = _spread(
-        token_windows(tokenizer, split.held_out, config.seq_len), config.eval_windows
-    )
-    calib = _spread(token_windows(tokenizer, split.calib, config.seq_len), config.calib_windows)
-    for windows in (train_windows, held_out, calib):
-        check_token_ids(windows, model, tokenizer_dir or model_source)
+        for w in (windows.train, windows.held_out, windows.calib, *windows.out_of_domain.values()):
+            check_token_ids(w, model, source)
+        return windows
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "train_windows": int(self.train.shape[0]),
+            "held_out_windows": int(self.held_out.shape[0]),
+            "calib_windows": int(self.calib.shape[0]),
+        }
+
+
+def _ffn_sites(model: Any) -> list[FFNSite]:
+    """The model's FFN sites, refused by name when sparsify cannot train them."""
     try:
         sites = find_ffn_sites(model)
         check_no_unknown(sites)
@@ -239,66 +368,41 @@ def _run(
             )
     except (FFNNotFoundError, ValueError) as exc:
         raise InputError(str(exc)) from exc
+    return sites
 
-    if resume_state is not None:
-        report = resume_state["report"]
-        report["resumed_at_step"] = resume_state["step"]
+
+def _teacher(
+    model: Any,
+    model_source: Path,
+    resume_state: dict[str, Any] | None,
+    config: SparsifyConfig,
+    ctx: DistContext,
+    device: str,
+) -> Any:
+    """The distillation teacher (``config.distill > 0``): a copy of the original model, taken
+    before ReLU substitution; a resumed run loads it again from the run's original model."""
+    if config.distill <= 0:
+        return None
+    if resume_state is None:
+        source = model
     else:
-        report = {
-            "status": "running",
-            "model": str(model_source.resolve()),
-            "model_fingerprint": fingerprint(model_source),
-            "data": str(data_file.resolve()) if data_file else DEFAULT_DATA_LABEL,
-            "data_fingerprint": fingerprint(data_file),
-            "tokenizer": str(tokenizer_dir.resolve()) if tokenizer_dir else None,
-            "tokenizer_fingerprint": fingerprint(tokenizer_dir),
-            # perplexity windows start with BOS when the tokenizer adds BOS to a text
-            "bos": bos_id is not None,
-            "bos_token_id": bos_id,
-            "data_split": {
-                "split_by": split.split_by,  # "size" when the text has too few documents
-                "train_documents": len(split.train),
-                "calib_documents": len(split.calib),
-                "held_out_documents": len(split.held_out),
-                "train_windows": int(train_windows.shape[0]),
-                "held_out_windows": int(held_out.shape[0]),
-                "calib_windows": int(calib.shape[0]),
-                "seq_len": config.seq_len,
-            },
-            "config": dataclasses.asdict(config),
-            "schedule": schedule.to_dict(),
-            "sites": [s.to_dict() for s in sites],
-            "machine": machine_info(),
-            "training_autocast": str(autocast_dtype(config.precision, device) or "float32"),
-        }
-        log.info("baseline evaluation (%s activation)", sites[0].activation)
-        baseline = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
-        report["baseline_perplexity"] = baseline.perplexity
-        report["baseline"] = _eval_dict(baseline)
+        original = Path(resume_state["report"]["model"])
+        source, _ = _load(original, None, config)
+    check_teacher_memory(source, ctx, device)
+    teacher = copy.deepcopy(source) if source is model else source
+    check_teacher(teacher, model)
+    return teacher.to(device)
 
-        sites = relufy_(model, "relu", sites=sites)
-        relu0 = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
-        report["relu_no_training"] = _eval_dict(relu0)
 
-    history, stage_ends = _train_stages(
-        model,
-        tokenizer,
-        sites,
-        schedule,
-        config,
-        train_windows,
-        held_out,
-        run,
-        report,
-        show_progress,
-        device,
-        resume_state,
-        ctx,
-        elapsed,
-    )
-    report["history"] = history
-    report["stage_ends"] = stage_ends
-
+def _shift_thresholds(
+    model: Any,
+    sites: list[FFNSite],
+    calib: torch.Tensor,
+    config: SparsifyConfig,
+    report: dict[str, Any],
+) -> tuple[list[FFNSite], list[float]]:
+    """Activation threshold shifting (Sec. 3.3) by ``config.threshold_mode``, after the
+    threshold sweep on calibration windows (Table 9); records the state before the shift."""
     report["threshold_sweep"] = threshold_sweep(
         model, calib, config.sweep_thresholds, sites, batch_size=config.batch_size
     )
@@ -311,45 +415,13 @@ def _run(
     else:
         thresholds = [0.0] * len(sites)
     # the last stage end measured the trained model on the same windows
+    last = report["stage_ends"][-1]
     report["before_threshold_shift"] = {
-        k: stage_ends[-1][k] for k in ("perplexity", "sparsity", "per_layer_sparsity")
+        k: last[k] for k in ("perplexity", "sparsity", "per_layer_sparsity")
     }
     if config.threshold_mode != "none":
         sites = shift_thresholds_(model, thresholds, sites)
-    final = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
-    report.update(
-        {
-            "status": "done",
-            "thresholds": thresholds,
-            "sparsity": final.sparsity.sparsity,
-            "perplexity": final.perplexity,
-            "per_layer_sparsity": final.sparsity.per_layer,
-            "perplexity_ratio": final.perplexity / report["baseline_perplexity"],
-            "seconds": elapsed(),
-        }
-    )
-    full_state = full_model_state(model, ctx)  # all processes take part under FSDP2
-
-    def write_result(folder: Path) -> None:
-        _save_model(model if full_state else model.cpu(), tokenizer, folder, full_state)
-        _write_plots(folder, report)
-        # what this run wrote: --overwrite sets aside these, and leaves other files alone
-        report["files"] = sorted({*(p.name for p in folder.iterdir()), REPORT})
-        write_json(folder / REPORT, report)
-
-    run.commit(write_result)  # whole or not at all; then the checkpoints go
-    ctx.barrier()
-    return report
-
-
-def _save_model(
-    model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, torch.Tensor] | None
-) -> None:
-    """``save_pretrained`` the model (``state_dict``: a sharded model's gathered weights) and
-    the tokenizer into ``folder``."""
-    model.save_pretrained(folder, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    return sites, thresholds
 
 
 def _check_tokenizer_saves(tokenizer: Any, run: RunFolder) -> None:
@@ -366,211 +438,6 @@ def _check_tokenizer_saves(tokenizer: Any, run: RunFolder) -> None:
         ) from exc
     finally:
         remove(probe)
-
-
-def _train_stages(
-    model: Any,
-    tokenizer: Any,
-    sites: list[FFNSite],
-    schedule: ProSparseSchedule,
-    config: SparsifyConfig,
-    train_windows: torch.Tensor,
-    held_out: torch.Tensor,
-    run: RunFolder,
-    report: dict[str, Any],
-    show_progress: bool,
-    device: str,
-    resume_state: dict[str, Any] | None = None,
-    ctx: DistContext | None = None,
-    elapsed: Callable[[], float] | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    ctx = ctx or DistContext()
-    train_model = ctx.wrap(model)  # before the optimizer: FSDP2 replaces the parameters
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
-    warmup = max(config.warmup_steps, 0)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
-    )
-    batches: Any = batches_forever(train_windows, config.batch_size, seed=config.seed)
-    if ctx.world_size > 1:
-        batches = ShardedBatches(batches, ctx)
-    history: list[dict[str, Any]] = []
-    stage_ends: list[dict[str, Any]] = []
-    step = 0
-    if resume_state is not None:
-        folder = resume_state["checkpoint_dir"]
-        try:
-            load_optimizer_state(model, optimizer, resume_state["optimizer"], ctx)
-            check_optimizer_state(model, optimizer, resume_state["step"])
-            lr_sched.load_state_dict(resume_state["lr_schedule"])
-            batches.load_state_dict(resume_state["data"])
-            torch.set_rng_state(resume_state["rng"])
-        except InputError:
-            raise
-        except Exception as exc:  # noqa: BLE001  (forged values deep in a state dict)
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InputError(
-                f"the training state in {folder} does not fit this run ({reason}); delete it "
-                "and start a new run"
-            ) from exc
-        history = resume_state["history"]
-        stage_ends = resume_state["stage_ends"]
-        step = resume_state["step"]
-    probe = held_out[: max(1, config.batch_size // ctx.world_size)]
-    train_dtype = autocast_dtype(config.precision, device)
-
-    def checkpoint(reg: ActivationRegularizer) -> None:
-        # the weights saved must be finite and give a finite loss (else resuming diverges)
-        loss = _probe_loss(train_model, model, probe, train_dtype, ctx)
-        reg.clear()
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(step, loss)
-        # collectives under FSDP2: every process gathers, rank 0 writes
-        full_state = full_model_state(model, ctx)
-        optim_state = optimizer_state(model, optimizer, ctx)
-        if ctx.is_main:
-            if elapsed is not None:
-                report["seconds"] = elapsed()  # so far; a resumed run adds its own
-            state = {
-                "step": step,
-                "optimizer": optim_state,
-                "lr_schedule": lr_sched.state_dict(),
-                "data": batches.state_dict(),
-                "rng": torch.get_rng_state(),
-                # JSON text: the checkpoint loads with torch.load(weights_only=True)
-                "history": json.dumps(history),
-                "stage_ends": json.dumps(stage_ends),
-                "report": json.dumps(report),
-            }
-            run.save_checkpoint(
-                step, lambda folder: _save_model(model, tokenizer, folder, full_state), state
-            )
-        ctx.barrier()
-
-    bar = tqdm(
-        total=schedule.total_steps,
-        initial=step,
-        desc="sparsify",
-        disable=not show_progress or not ctx.is_main,
-    )
-    every = config.checkpoint_every
-    stop = StopOnSignal()
-    try:
-        with (
-            stop,
-            ActivationRegularizer(model, schedule, norm=config.norm, sites=sites) as reg,
-        ):
-            try:
-                for stage, end in enumerate(schedule.ends):
-                    if stage < len(stage_ends):
-                        continue  # measured before the run was interrupted
-                    while step < end:
-                        chunk_end = min(end, (step // every + 1) * every)
-                        logs = train(
-                            train_model,
-                            reg,
-                            batches,
-                            start_step=step,
-                            end_step=chunk_end,
-                            optimizer=_Stepper(optimizer, lr_sched),
-                            stage_of=schedule.stage,
-                            progress=bar,
-                            autocast_dtype=train_dtype,
-                            should_stop=lambda: stop.agreed(ctx.world_size),
-                            ctx=ctx,
-                        )
-                        history.extend(dataclasses.asdict(entry) for entry in logs)
-                        step += len(logs)
-                        if stop.requested:  # SIGTERM: keep every finished step, then stop
-                            checkpoint(reg)
-                            assert stop.signum is not None
-                            raise Preempted(step, stop.signum, _resume_hint(run))
-                        if step < end:
-                            checkpoint(reg)
-                    ev = evaluate(model, held_out, sites=sites, batch_size=config.batch_size)
-                    reg.clear()
-                    stage_ends.append(
-                        {"stage": stage, "step": end, "lambda": schedule(end), **_eval_dict(ev)}
-                    )
-                    if ctx.is_main:
-                        bar.write(
-                            f"stage {stage} ends at step {end}: lambda {schedule(end):.3g}, "
-                            f"held-out perplexity {ev.perplexity:.2f}, sparsity "
-                            f"{ev.sparsity.sparsity:.4f}"
-                        )
-                    checkpoint(reg)
-            except NonFiniteLossError as exc:  # in a step, or a checkpoint's weights
-                _diverged(exc, run, report, history, stage_ends)
-                raise
-    finally:
-        bar.close()
-    return history, stage_ends
-
-
-def _probe_loss(
-    train_model: Any, model: Any, probe: torch.Tensor, dtype: torch.dtype | None, ctx: DistContext
-) -> float:
-    """The LM loss of the current weights on a few held-out windows (NaN if any weight is not
-    finite), the same on every process; no gradient, no dropout, the RNG untouched."""
-    bad = any(not bool(torch.isfinite(_local(p)).all()) for p in model.parameters())
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with (
-            torch.no_grad(),
-            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
-        ):
-            loss = float(train_model(input_ids=probe.to(device), labels=probe.to(device)).loss)
-    finally:
-        model.train(was_training)
-    flag, loss = ctx.mean([float(bad), loss])
-    return math.nan if flag > 0 else loss
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p
-
-
-def _resume_hint(run: RunFolder) -> str:
-    kept = run.latest_checkpoint()
-    if kept is None:
-        return f"no checkpoint was written in {run.path}"
-    return f"its checkpoint is {kept}: continue with `prosparse-fx sparsify --resume {run.path}`"
-
-
-def _diverged(
-    exc: NonFiniteLossError,
-    run: RunFolder,
-    report: dict[str, Any],
-    history: list[dict[str, Any]],
-    stage_ends: list[dict[str, Any]],
-) -> None:
-    """Record a divergence: ``report.json`` says ``"diverged"`` and names the last checkpoint
-    with finite weights and loss, which the error's message names too."""
-    kept = run.latest_checkpoint()
-    report.update(
-        status="diverged",
-        diverged_at_step=exc.step,
-        last_good_checkpoint=str(kept) if kept else None,
-        history=history,
-        stage_ends=stage_ends,
-    )
-    run.write_report(report)
-    if kept is None:
-        where = (
-            f"no checkpoint with finite weights was written before step {exc.step}, so there is "
-            "nothing to resume"
-        )
-    else:
-        where = f"the last checkpoint with finite weights and loss is {kept}"
-    exc.args = (
-        f"{exc.args[0]}; {where}. Resuming would repeat the same steps: start a new run with "
-        "a lower lr (for example half of it), or lower stage lambdas, with --overwrite to "
-        "replace this one",
-    )
 
 
 def fingerprint(path: Path | None) -> str | None:
@@ -667,30 +534,3 @@ def _resume_inputs(
             "modification time); resuming would train and measure on other text. Start a new run"
         )
     return state, stored, folder, data_file
-
-
-class _Stepper:
-    """Optimizer facade that also steps the LR schedule."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, lr_sched: Any) -> None:
-        self.optimizer = optimizer
-        self.lr_sched = lr_sched
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.lr_sched.step()
-
-
-def _write_plots(out_dir: Path, report: dict[str, Any]) -> None:
-    plot_training(
-        out_dir / "training.png", report["history"], "lambda, LM loss and sparsity over steps"
-    )
-    series = {
-        "ReLU, no training": report["relu_no_training"]["per_layer_sparsity"],
-        "after training": report["before_threshold_shift"]["per_layer_sparsity"],
-        "after threshold shift": report["per_layer_sparsity"],
-    }
-    plot_per_layer(out_dir / "per_layer_sparsity.png", series, "per-layer sparsity of x1")

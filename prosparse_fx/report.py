@@ -1,4 +1,5 @@
-"""The plots of a sparsify run (matplotlib, Agg backend), each written whole or not at all."""
+"""The report of a sparsify run: its measurements as JSON-ready dicts, and its plots
+(matplotlib, Agg backend), each plot written whole or not at all."""
 
 from __future__ import annotations
 
@@ -8,6 +9,74 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_file
+from .environment import machine_info
+
+
+def evaluation_dict(ev: Any) -> dict[str, Any]:
+    """An :class:`~prosparse_fx.measure.Evaluation` as the report writes it: perplexity,
+    sparsity of x1 (0..1) and its per-layer values."""
+    return {
+        "perplexity": ev.perplexity,
+        "sparsity": ev.sparsity.sparsity,
+        "per_layer_sparsity": ev.sparsity.per_layer,
+    }
+
+
+def new_report(
+    *,
+    inputs: dict[str, Any],
+    bos_id: int | None,
+    data_split: dict[str, Any],
+    config: dict[str, Any],
+    schedule: dict[str, Any],
+    sites: list[dict[str, Any]],
+    training_autocast: str,
+) -> dict[str, Any]:
+    """The report of a run that starts: ``"status": "running"``, its inputs (paths and
+    fingerprints), the BOS convention of its windows, the data split, config, schedule, FFN
+    sites and machine."""
+    return {
+        "status": "running",
+        **inputs,
+        # perplexity windows start with BOS when the tokenizer adds BOS to a text
+        "bos": bos_id is not None,
+        "bos_token_id": bos_id,
+        "data_split": data_split,
+        "config": config,
+        "schedule": schedule,
+        "sites": sites,
+        "machine": machine_info(),
+        "training_autocast": training_autocast,
+    }
+
+
+def out_of_domain_entry(
+    name: str, baseline: dict[str, Any], final: dict[str, Any], windows: int
+) -> dict[str, Any]:
+    """One out-of-domain text's entry: the original and the final model (each an
+    :func:`evaluation_dict`) on the same windows, and the ratio of their perplexities (the cost
+    of training on another domain)."""
+    return {
+        "text": name,
+        "windows": windows,
+        "baseline": baseline,
+        "final": final,
+        "perplexity_ratio": final["perplexity"] / baseline["perplexity"],
+    }
+
+
+def write_plots(out_dir: Path, report: dict[str, Any]) -> None:
+    """``training.png`` (lambda, LM loss, sparsity over steps) and ``per_layer_sparsity.png``
+    (before training, after training, after the threshold shift) of a finished run."""
+    plot_training(
+        out_dir / "training.png", report["history"], "lambda, LM loss and sparsity over steps"
+    )
+    series = {
+        "ReLU, no training": report["relu_no_training"]["per_layer_sparsity"],
+        "after training": report["before_threshold_shift"]["per_layer_sparsity"],
+        "after threshold shift": report["per_layer_sparsity"],
+    }
+    plot_per_layer(out_dir / "per_layer_sparsity.png", series, "per-layer sparsity of x1")
 
 
 def _savefig(fig: Any, path: Path) -> None:

@@ -269,11 +269,11 @@ def test_resume_continues_with_the_same_losses(tmp_path, tiny_model_dir, text_fi
             raise KeyboardInterrupt  # killed during step 6; the last checkpoint is at step 5
         return real_train(*args, **kw)
 
-    monkeypatch.setattr("prosparse_fx.pipeline.train", interrupted_train)
+    monkeypatch.setattr("prosparse_fx.training.trainer.train", interrupted_train)
     result = runner.invoke(app, _run_args(tiny_model_dir, text_file, config, part))
     assert result.exit_code == 130  # typer turns KeyboardInterrupt into exit 130
     assert not (part / "report.json").exists()
-    monkeypatch.setattr("prosparse_fx.pipeline.train", real_train)
+    monkeypatch.setattr("prosparse_fx.training.trainer.train", real_train)
 
     _assert_resume_matches(whole, part, resumed_at=5, steps=8)
 
@@ -330,13 +330,13 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_matches(
     assert runner.invoke(app, _run_args(tiny_model_dir, text_file, config, whole)).exit_code == 0
 
     real_train = loop.train
-    monkeypatch.setattr("prosparse_fx.pipeline.train", sigterm_at_step(real_train, 5))
+    monkeypatch.setattr("prosparse_fx.training.trainer.train", sigterm_at_step(real_train, 5))
     part = tmp_path / "part"
     result = runner.invoke(app, _run_args(tiny_model_dir, text_file, config, part))
     assert result.exit_code == 128 + signal.SIGTERM, result.output
     assert "stopped by SIGTERM after step 5" in result.output and "--resume" in result.output
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
-    monkeypatch.setattr("prosparse_fx.pipeline.train", real_train)
+    monkeypatch.setattr("prosparse_fx.training.trainer.train", real_train)
 
     _assert_resume_matches(whole, part, resumed_at=5, steps=8)
 

@@ -25,8 +25,7 @@ from transformers import (
 from typer.testing import CliRunner
 
 from prosparse_fx.cli import app
-from prosparse_fx.data import bos_token_id, load_documents, split_documents, token_windows
-from prosparse_fx.pipeline import _spread
+from prosparse_fx.data import bos_token_id, load_documents, split_documents, spread, token_windows
 
 runner = CliRunner()
 WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
@@ -174,7 +173,7 @@ def test_sparsify_without_a_tokenizer_refuses_then_runs_with_one(folders, tmp_pa
     assert report["tokenizer"] == str(folders["bos_tok"].resolve())
     assert (out / "tokenizer.json").is_file()  # the output folder is complete
     held_out = split_documents(load_documents(folders["text"]), seed=0).held_out
-    windows = _spread(_by_hand(held_out, bos=True), 3)
+    windows = spread(_by_hand(held_out, bos=True), 3)
     assert (windows[:, 0] == BOS).all() and report["data_split"]["held_out_windows"] == 3
     expected = _perplexity_by_hand(LlamaForCausalLM.from_pretrained(folders["model"]), windows)
     assert report["baseline_perplexity"] == pytest.approx(expected, rel=1e-4)

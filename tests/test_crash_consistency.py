@@ -231,9 +231,9 @@ def test_leftovers_of_a_killed_run_do_not_make_a_folder_look_used(
 
 
 def _break_weights_after(monkeypatch, step: int, how) -> None:
-    import prosparse_fx.pipeline as pipeline
+    import prosparse_fx.training.trainer as trainer
 
-    real_train = pipeline.train
+    real_train = trainer.train
 
     def train(*args, **kw):
         logs = real_train(*args, **kw)
@@ -242,7 +242,7 @@ def _break_weights_after(monkeypatch, step: int, how) -> None:
                 how(args[0])
         return logs
 
-    monkeypatch.setattr(pipeline, "train", train)
+    monkeypatch.setattr(trainer, "train", train)
 
 
 def test_nan_keeps_the_last_finite_checkpoint_and_names_it(
@@ -252,11 +252,11 @@ def test_nan_keeps_the_last_finite_checkpoint_and_names_it(
     3e38s overflows the logits) are never checkpointed; the run stops naming the checkpoint of
     step 1, which exists and holds finite weights, and report.json (strict JSON) says
     diverged."""
-    import prosparse_fx.pipeline as pipeline
+    from prosparse_fx.training.loop import NonFiniteLossError
 
     _break_weights_after(monkeypatch, 2, lambda model: model.lm_head.weight.fill_(3e38))
     out = tmp_path / "run"
-    with pytest.raises(pipeline.NonFiniteLossError) as err:
+    with pytest.raises(NonFiniteLossError) as err:
         _run(out, tiny_model_dir, text_file)
     kept = RunFolder(out).latest_checkpoint()
     assert kept is not None and kept.name.endswith("-step-1")
@@ -272,11 +272,11 @@ def test_nan_before_the_first_checkpoint_says_there_is_none(
 ) -> None:
     """NaN weights after step 1: no checkpoint is written, and the message says so instead of
     naming a folder that does not exist."""
-    import prosparse_fx.pipeline as pipeline
+    from prosparse_fx.training.loop import NonFiniteLossError
 
     _break_weights_after(monkeypatch, 1, lambda model: model.lm_head.weight.fill_(float("nan")))
     out = tmp_path / "run"
-    with pytest.raises(pipeline.NonFiniteLossError, match="nothing to resume") as err:
+    with pytest.raises(NonFiniteLossError, match="nothing to resume") as err:
         _run(out, tiny_model_dir, text_file)
     assert "no checkpoint with finite weights" in str(err.value)
     assert RunFolder(out).latest_checkpoint() is None
@@ -330,7 +330,7 @@ def test_a_tokenizer_that_cannot_be_saved_is_refused_before_training(
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", unsaveable)
     trained = []
-    monkeypatch.setattr("prosparse_fx.pipeline.train", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr("prosparse_fx.training.trainer.train", lambda *a, **k: trained.append(1))
     out = tmp_path / "run"
     with pytest.raises(InputError, match="tokenizer cannot be saved.*--tokenizer"):
         _run(out, tiny_model_dir, text_file)

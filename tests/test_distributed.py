@@ -167,9 +167,9 @@ def test_sparsify_under_torchrun_matches_one_process(tmp_path, tiny_model_dir, s
 _SIGTERM_RANK0_AT_STEP_3 = """
 import os
 if os.environ.get("RANK") == "0":
-    import prosparse_fx.pipeline as pipeline
+    import prosparse_fx.training.trainer as trainer
     from tests.preempt import sigterm_at_step
-    pipeline.train = sigterm_at_step(pipeline.train, 3)
+    trainer.train = sigterm_at_step(trainer.train, 3)
 """
 
 

@@ -163,3 +163,46 @@ def test_reentrant_gradient_checkpointing_is_refused(tmp_path) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=_data())
     with pytest.raises(ValueError, match="use_reentrant"):
         ProSparseTrainerPlugin(ActivationRegularizer(model, LAM)).attach(trainer)
+
+
+def test_distillation_in_the_trainer_matches_a_hand_made_step(tmp_path) -> None:
+    """The plugin's distillation option: one SGD step equals the library loop's loss
+    ``(1 - mix) * LM + mix * T^2 KL + lambda * L1``, made by hand; ``prosparse/kl`` is logged."""
+    from prosparse_fx.training.distill import Distillation
+
+    mix, temp = 0.4, 2.0
+    teacher = tiny("llama")  # the SiLU original of _model()'s ReLU copy
+    model = _model()
+    reg = ActivationRegularizer(model, LAM)
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, per_device_train_batch_size=4, max_steps=1),
+        train_dataset=_data(),
+    )
+    distillation = Distillation(teacher, mix=mix, temperature=temp)
+    ProSparseTrainerPlugin(reg, distillation=distillation).attach(trainer)
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "prosparse/kl" in logs:
+                seen.append(dict(logs))
+
+    trainer.add_callback(Recorder())
+    trainer.train()
+    reg.remove()
+
+    hand = _model()
+    hand_reg = ActivationRegularizer(hand, LAM)
+    batch = torch.stack([d["input_ids"] for d in _data()])
+    out = hand(input_ids=batch, labels=batch)
+    kl = distillation.kl(out.logits, batch)
+    loss = (1 - mix) * out.loss + mix * kl + hand_reg.penalty(1)
+    loss.backward()
+    with torch.no_grad():
+        for p in hand.parameters():
+            p -= LR * p.grad
+    for (name, p), q in zip(model.named_parameters(), hand.parameters()):
+        assert (p - q).abs().max() < 1e-5, name
+    assert seen and seen[0]["prosparse/kl"] == pytest.approx(float(kl), rel=1e-4)
+    assert float(kl) > 0  # the ReLU student differs from its SiLU teacher

@@ -107,6 +107,14 @@ class DistContext:
         fully_shard(model, mesh=mesh)
         return model
 
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        """A frozen model (a distillation teacher: no gradients, no optimizer) placed like
+        :meth:`wrap` places the student: as is under one process or ``"ddp"`` (a full copy per
+        process; it needs no gradient averaging), sharded with FSDP2 under ``"fsdp"``."""
+        if not self.sharded:
+            return model
+        return self.wrap(model)
+
     def check_batch(self, global_batch: int) -> None:
         """Raise :class:`InputError` if the world size does not divide the global batch."""
         if global_batch % self.world_size:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .distill import Distillation
 from .regularizer import ActivationRegularizer
 
 
@@ -37,6 +38,10 @@ class ProSparseTrainerPlugin(TrainerCallback):
 
     Args:
         regularizer: an :class:`ActivationRegularizer` on the model the Trainer trains.
+        distillation: optional :class:`~prosparse_fx.training.distill.Distillation` from the
+            original model: the task loss becomes ``(1 - mix) * LM + mix * KL`` (as in the
+            library loop); the teacher reads the ``input_ids`` of each training forward
+            (captured by a forward pre-hook), and ``prosparse/kl`` is logged.
 
     Gradient checkpointing (``gradient_checkpointing=True``): the penalty and its gradients are
     those of a run without it (the taps ignore the backward's recompute); only non-reentrant
@@ -49,11 +54,15 @@ class ProSparseTrainerPlugin(TrainerCallback):
             have no gradient.
     """
 
-    def __init__(self, regularizer: ActivationRegularizer) -> None:
+    def __init__(
+        self, regularizer: ActivationRegularizer, distillation: Distillation | None = None
+    ) -> None:
         self.regularizer = regularizer
+        self.distillation = distillation
         self.trainer: Trainer | None = None
         self._step = 1
-        self._logged: list[tuple[float, float, float]] = []
+        self._logged: list[tuple[float, ...]] = []
+        self._input_ids: torch.Tensor | None = None
 
     def attach(self, trainer: Trainer) -> ProSparseTrainerPlugin:
         """Install the plugin in ``trainer``; returns ``self``."""
@@ -69,7 +78,13 @@ class ProSparseTrainerPlugin(TrainerCallback):
         self.trainer = trainer
         trainer.compute_loss_func = self
         trainer.callback_handler.callbacks.insert(0, self)
+        if self.distillation is not None:
+            trainer.model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
         return self
+
+    def _capture_inputs(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._input_ids = ids if isinstance(ids, torch.Tensor) else None
 
     def __call__(
         self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None
@@ -92,7 +107,17 @@ class ProSparseTrainerPlugin(TrainerCallback):
             scale /= max(trainer.accelerator.num_processes, 1)
         penalty = self.regularizer.penalty(self._step)
         reg = self.regularizer
-        self._logged.append((reg.last_lambda, sum(reg.last_l1), reg.sparsity))
+        logged: tuple[float, ...] = (reg.last_lambda, sum(reg.last_l1), reg.sparsity)
+        if self.distillation is not None:
+            if self._input_ids is None:
+                raise RuntimeError(
+                    "distillation: the model's forward was called without input_ids (inputs_"
+                    "embeds?); the teacher needs the token ids"
+                )
+            kl = self.distillation.kl(logits, self._input_ids)
+            lm = self.distillation.combine(lm, kl)
+            logged = (*logged, float(kl.detach()))
+        self._logged.append(logged)
         return lm + scale * penalty
 
     def on_train_begin(
@@ -124,6 +149,8 @@ class ProSparseTrainerPlugin(TrainerCallback):
         logs["prosparse/lambda"] = self._logged[-1][0]
         logs["prosparse/l1"] = sum(v[1] for v in self._logged) / n
         logs["prosparse/sparsity"] = sum(v[2] for v in self._logged) / n
+        if self.distillation is not None:
+            logs["prosparse/kl"] = sum(v[3] for v in self._logged) / n
         self._logged.clear()
 
 

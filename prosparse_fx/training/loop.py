@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import failpoint
+from .distill import Distillation
 from .distributed import DistContext
 from .regularizer import ActivationRegularizer
 
@@ -35,6 +36,7 @@ class StepLog:
     lm_loss: float
     l1: float
     sparsity: float
+    kl: float | None = None  # the distillation term (nats, times T^2), when distilling
 
 
 class BatchStream:
@@ -104,6 +106,8 @@ def train(
     autocast_dtype: torch.dtype | None = None,
     should_stop: Callable[[], bool] | None = None,
     ctx: DistContext | None = None,
+    distillation: Distillation | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> list[StepLog]:
     """Run optimizer steps ``start_step + 1 .. end_step``; return one :class:`StepLog` each.
 
@@ -118,6 +122,12 @@ def train(
     weights, gradients and the optimizer stay float32, and the penalty is summed in float32, so
     its weight relative to the LM loss is that of a float32 run.
 
+    ``before_step(step)`` is called before each step's forward (e.g.
+    :meth:`~.substitution.SmoothSubstitution.set_step`).
+
+    ``distillation``: the task loss is ``(1 - mix) * LM + mix * KL`` to the teacher
+    (:class:`~.distill.Distillation`) instead of the LM loss; the log keeps both terms.
+
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the step's update is not applied).
     """
@@ -126,10 +136,14 @@ def train(
     logs = []
     for step in range(start_step + 1, end_step + 1):
         batch = next(batches).to(device)
+        if before_step is not None:
+            before_step(step)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(input_ids=batch, labels=batch)
         penalty = regularizer.penalty(step)
-        loss = out.loss + penalty
+        kl = distillation.kl(out.logits, batch) if distillation is not None else None
+        task = distillation.combine(out.loss, kl) if distillation is not None else out.loss
+        loss = task + penalty
         value = float(loss.detach())
         if not math.isfinite(value):
             optimizer.zero_grad(set_to_none=True)
@@ -139,6 +153,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         measured = [float(out.loss.detach()), sum(regularizer.last_l1), regularizer.sparsity]
+        if kl is not None:
+            measured.append(float(kl.detach()))
         if ctx is not None:
             measured = ctx.mean(measured)
         log = StepLog(
@@ -148,6 +164,7 @@ def train(
             lm_loss=measured[0],
             l1=measured[1],
             sparsity=measured[2],
+            kl=measured[3] if kl is not None else None,
         )
         logs.append(log)
         if progress is not None:

@@ -1,0 +1,240 @@
+"""The trainer's options: learning-rate decay, distillation from the original model, the
+training mix and the out-of-domain texts (issue 14)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prosparse_fx.config import SparsifyConfig
+from prosparse_fx.data import sample_windows, spread
+from prosparse_fx.errors import InputError
+from prosparse_fx.texts import OUT_OF_DOMAIN, TEXTS, TRAINABLE, load_text
+from prosparse_fx.training.distill import Distillation, check_teacher, check_teacher_memory
+from prosparse_fx.training.distributed import DistContext
+from prosparse_fx.training.trainer import lr_factor
+
+
+def _llama(vocab: int = 64, hidden: int = 16, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+
+
+def test_lr_factor_warmup_then_constant_is_the_old_schedule() -> None:
+    old = [min(1.0, (s + 1) / 11) for s in range(40)]  # the schedule before lr_decay existed
+    new = [lr_factor(s, warmup=10, total=40, decay="constant", min_ratio=0.1) for s in range(40)]
+    assert new == old
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_lr_factor_decays_from_one_to_the_floor(decay: str) -> None:
+    values = [lr_factor(s, warmup=4, total=24, decay=decay, min_ratio=0.2) for s in range(25)]
+    assert values[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert values[4] == pytest.approx(1.0)
+    assert values[24] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    # halfway through the decay: linear is at the midpoint, cosine too (cos(pi/2) = 0)
+    assert values[14] == pytest.approx(0.6)
+
+
+def test_lr_factor_refuses_an_unknown_decay() -> None:
+    with pytest.raises(ValueError, match="lr decay"):
+        lr_factor(0, warmup=0, total=10, decay="step", min_ratio=0.1)
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_kl_term_matches_a_hand_computed_kl_at_temperature() -> None:
+    teacher, student = _llama(seed=0), _llama(seed=1)
+    ids = torch.randint(0, 64, (2, 7))
+    t = 2.0
+    d = Distillation(teacher, mix=0.25, temperature=t)
+    s_logits = student(input_ids=ids).logits
+    with torch.no_grad():  # by hand, in float64
+        p = F.softmax(teacher(input_ids=ids).logits.double() / t, dim=-1)
+        q = F.softmax(s_logits.detach().double() / t, dim=-1)
+    by_hand = (p * (p.log() - q.log())).sum(-1).mean() * t * t
+    kl = d.kl(s_logits, ids)
+    assert float(kl) == pytest.approx(float(by_hand), rel=1e-5)
+    lm = torch.tensor(3.0)
+    assert float(d.combine(lm, kl)) == pytest.approx(0.75 * 3.0 + 0.25 * float(by_hand))
+    # the gradient reaches the student, never the teacher
+    kl.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in student.parameters())
+
+
+def test_kl_of_the_teacher_to_itself_is_zero() -> None:
+    teacher = _llama()
+    ids = torch.randint(0, 64, (1, 5))
+    d = Distillation(teacher, mix=1.0)
+    assert float(d.kl(teacher(input_ids=ids).logits, ids)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mix", "temperature", "match"),
+    [
+        (-0.1, 1.0, "distill"),
+        (1.5, 1.0, "distill"),
+        (math.nan, 1.0, "distill"),
+        (0.5, 0.0, "distill_temperature"),
+        (0.5, -1.0, "distill_temperature"),
+        (0.5, math.nan, "distill_temperature"),
+    ],
+)
+def test_bad_mix_or_temperature_is_refused(mix: float, temperature: float, match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        Distillation(_llama(), mix=mix, temperature=temperature)
+    with pytest.raises(InputError, match=match):
+        SparsifyConfig(distill=mix, distill_temperature=temperature).validate()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"), [({"vocab": 80}, "vocab_size"), ({"hidden": 24}, "hidden_size")]
+)
+def test_a_teacher_of_another_shape_is_refused_by_name(kwargs: dict, field: str) -> None:
+    with pytest.raises(InputError, match=field):
+        check_teacher(_llama(**kwargs), _llama())
+
+
+def test_a_teacher_of_another_architecture_is_refused_by_name() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2))
+    with pytest.raises(InputError, match="model_type"):
+        check_teacher(gpt2, _llama())
+
+
+def test_a_teacher_that_does_not_fit_in_memory_is_refused_before_training(monkeypatch) -> None:
+    import prosparse_fx.training.distill as distill
+
+    teacher = _llama()
+    size = sum(p.numel() * 4 for p in teacher.parameters())
+    monkeypatch.setattr(distill, "available_memory", lambda device: size)  # 1 copy, not 4
+    sharded = DistContext(rank=0, world_size=4, sharding="fsdp")
+    with pytest.raises(InputError, match="GiB are free.*--sharding fsdp"):
+        check_teacher_memory(teacher, sharded, "cpu")
+    monkeypatch.setattr(distill, "available_memory", lambda device: 2 * size)
+    check_teacher_memory(teacher, sharded, "cpu")  # 1 + 3/4 copies fit in 2
+    with pytest.raises(InputError, match="distillation needs"):
+        check_teacher_memory(teacher, DistContext(), "cpu")  # one process: 1 + 3 copies
+
+
+# ---------------------------------------------------------------- texts
+
+
+def test_out_of_domain_texts_are_never_trainable() -> None:
+    assert set(OUT_OF_DOMAIN) <= set(TEXTS)
+    assert not set(OUT_OF_DOMAIN) & set(TRAINABLE)
+    with pytest.raises(InputError, match="never enter training"):
+        SparsifyConfig(train_texts=["shakespeare"]).validate()
+    with pytest.raises(InputError, match="not out-of-domain"):
+        SparsifyConfig(eval_texts=["wikipedia"]).validate()
+    with pytest.raises(InputError, match="twice"):
+        SparsifyConfig(eval_texts=["shakespeare", "shakespeare"]).validate()
+    with pytest.raises(InputError, match="list of text names"):
+        SparsifyConfig(train_texts="news").validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["news", "shakespeare", "python-docs"])
+def test_each_text_loads_as_several_plain_documents(name: str) -> None:
+    docs = load_text(name)
+    assert len(docs) >= 30
+    assert all(isinstance(d, str) and d.strip() for d in docs)
+    if name == "shakespeare":
+        assert not any("**" in d for d in docs)  # markdown speaker marks became "NAME:"
+        assert any("HAMLET:" in d for d in docs)
+
+
+def test_unknown_text_is_refused() -> None:
+    with pytest.raises(InputError, match="unknown text"):
+        load_text("klingon")
+
+
+class _Chars:
+    """A tokenizer of characters (ids 0..255), no BOS, EOS 0."""
+
+    bos_token_id = None
+    eos_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [min(ord(c), 255) for c in text]}
+
+
+def test_sample_windows_spans_the_documents_without_tokenizing_all() -> None:
+    docs = [chr(ord("a") + i) * 100 for i in range(20)]  # 20 documents of one letter each
+    w = sample_windows(_Chars(), docs, 10, 5)
+    assert w.shape == (5, 10)
+    firsts = {int(row[0]) for row in w}
+    assert ord("a") in firsts and ord("t") in firsts  # first and last document
+    # fewer documents than windows: several windows per document
+    w = sample_windows(_Chars(), docs[:2], 10, 6)
+    assert w.shape == (6, 10)
+    with pytest.raises(InputError, match="no window"):
+        sample_windows(_Chars(), ["ab", "cd"], 10, 3)
+
+
+def test_spread_keeps_first_and_last() -> None:
+    w = torch.arange(10).view(10, 1)
+    assert spread(w, 4).view(-1).tolist() == [0, 3, 6, 9]
+    assert spread(w, 20).shape[0] == 10
+
+
+# ---------------------------------------------------------------- smooth substitution
+
+
+def test_smooth_substitution_blends_silu_into_relu_then_is_the_relu_model() -> None:
+    from prosparse_fx.ffn import find_ffn_sites
+    from prosparse_fx.relufy import relufy_
+    from prosparse_fx.training.substitution import SmoothSubstitution
+
+    model = _llama()
+    ids = torch.randint(0, 64, (2, 6))
+    sites = find_ffn_sites(model)
+    originals = [s.activation for s in sites]
+    with torch.no_grad():
+        silu_logits = model(input_ids=ids).logits
+    sites = relufy_(model, "relu", sites=sites)
+    with torch.no_grad():
+        relu_logits = model(input_ids=ids).logits
+    paths = [s.activation_module for s in sites]
+    seen = []
+    act = dict(model.named_modules())[paths[0]]
+    blend = SmoothSubstitution(model, paths, originals, steps=4)
+    with blend, torch.no_grad():
+        # registered after the blend's hook, so it sees the blended output
+        probe = act.register_forward_hook(
+            lambda m, a, out: seen.append((a[0].clone(), out.clone()))
+        )
+        blend.set_step(0)
+        assert torch.allclose(model(input_ids=ids).logits, silu_logits, atol=1e-6)
+        blend.set_step(1)  # beta = 1/4
+        model(input_ids=ids)
+        x, out = seen[-1]
+        assert torch.allclose(out, 0.75 * F.silu(x) + 0.25 * F.relu(x), atol=1e-6)
+        blend.set_step(4)
+        assert torch.equal(model(input_ids=ids).logits, relu_logits)
+    probe.remove()
+    state = set(model.state_dict())
+    assert all("act_fn" not in k or "threshold" in k for k in state)  # no blend weights saved
+    with torch.no_grad():  # hooks gone: the ReLU model
+        assert torch.equal(model(input_ids=ids).logits, relu_logits)
+    with pytest.raises(InputError, match="substitution"):
+        SmoothSubstitution(model, paths, ["relu"] * len(paths), steps=4)
