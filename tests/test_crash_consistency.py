@@ -718,3 +718,48 @@ def test_review_findings_exit_2_naming_the_problem(tmp_path, tiny_model_dir, tex
     assert not (tmp_path / "g").exists()
     result = runner.invoke(app, ["measure", str(gpt2), "--data", str(text_file), "--seq-len", "32"])
     assert result.exit_code == 2 and "of 16 or less" in result.output, result.output
+
+
+def test_resume_with_distillation_smooth_substitution_and_decay_matches_the_whole_run(
+    tmp_path, tiny_model_dir, text_file, monkeypatch
+) -> None:
+    """The trainer's options are part of the state a resume rebuilds: the teacher (loaded
+    again from the original model), the blend step and the decayed learning rate. A crash at
+    step 3 of 4, then ``--resume``, ends where the uninterrupted run ends."""
+    options = {**FAST, "distill": 0.5, "distill_temperature": 2.0, "substitution": 1.0}
+    options.update(lr_decay="cosine", min_lr_ratio=0.2, stages=[[0.0, 3], [0.5, 4]])
+
+    def run(out, **kw):
+        config = None if kw.get("resume") else SparsifyConfig.from_dict(dict(options))
+        return run_sparsify(
+            out,
+            config,
+            model_path=None if kw.get("resume") else tiny_model_dir,
+            data_path=None if kw.get("resume") else text_file,
+            show_progress=False,
+            **kw,
+        )
+
+    whole = run(tmp_path / "whole")
+    assert all(h["kl"] is not None and h["kl"] >= 0 for h in whole["history"])
+    assert whole["history"][0]["kl"] < whole["history"][2]["kl"]  # blend: SiLU first, then ReLU
+    out = tmp_path / "crashed"
+    monkeypatch.setenv(FAILPOINT_ENV, "train.step@3:raise")
+    reset_failpoints()
+    with pytest.raises(SimulatedCrash):
+        run(out)
+    monkeypatch.delenv(FAILPOINT_ENV)
+    reset_failpoints()
+    resumed = run(out, resume=True)
+    for a, b in zip(whole["history"], resumed["history"]):
+        for key in ("lm_loss", "l1", "kl"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+    assert resumed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+    ood = resumed["out_of_domain"]
+    assert set(ood) == {"shakespeare", "python-docs"}
+    for name, entry in ood.items():
+        base = resumed["out_of_domain_baseline"][name]
+        assert entry["baseline"] == base
+        assert entry["perplexity_ratio"] == pytest.approx(
+            entry["final"]["perplexity"] / base["perplexity"]
+        )
