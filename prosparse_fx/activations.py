@@ -1,10 +1,15 @@
-"""The activations an FFN can be given, as one table: :data:`ACTIVATIONS` (ReLU, FATReLU), one
-:class:`Activation` record each, read through :func:`get_activation` by ``relufy_``, the
+"""The activations an FFN can be given, as one table: :data:`ACTIVATIONS` (ReLU, FATReLU, dReLU),
+one :class:`Activation` record each, read through :func:`get_activation` by ``relufy_``, the
 activation-substitution pass and the compile backend's options. Also here: the
-``prosparse::fatrelu`` op, the :class:`FATReLU` module, and their names in transformers' ``ACT2FN``.
+``prosparse::fatrelu`` op, the :class:`FATReLU` module, :class:`ReLULinear` (the up projection
+of a dReLU FFN), and their names in transformers' ``ACT2FN``.
 
 ReLU replaces SiLU/GELU (ProSparse, Song et al. 2024, Sec. 3.1); FATReLU (Sec. 3.3, Eq. 3) is
-``FATReLU_t(x) = x if x >= t else 0``; ``t = 0`` equals ReLU.
+``FATReLU_t(x) = x if x >= t else 0``; ``t = 0`` equals ReLU. dReLU (TurboSparse, Song et al.
+2024, "Turbo Sparse: Achieving LLM SOTA Performance with Minimal Activated Parameters", Sec. 3)
+puts a ReLU on both branches of a gated FFN: ``x1 = ReLU(gate(x)) * ReLU(up(x))``; here the
+gate's ReLU may be a FATReLU_t (``t = 0`` is the paper's dReLU), so
+``x1 = FATReLU_t(gate(x)) * ReLU(up(x))``, zero wherever the gate is below t or up is <= 0.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .capture import Dialect, fatrelu_target, relu_target
@@ -134,6 +140,23 @@ def check_threshold(threshold: float) -> float:
     return t
 
 
+class ReLULinear(nn.Linear):
+    """``ReLU(x @ weight.T + bias)``: the up projection of a dReLU FFN (TurboSparse Sec. 3).
+
+    An ``nn.Linear`` whose output goes through ReLU; its parameters and state-dict keys are those
+    of the linear it replaces (``relufy_`` changes the class of the existing module in place, so
+    ``up_proj.weight`` is saved and loaded under the same name). For a fused gate_up linear
+    (Phi-3's ``gate_up_proj``) the ReLU covers the gate rows too, which changes nothing: the
+    gate's own ReLU/FATReLU_t (t >= 0) follows, and ``FATReLU_t(ReLU(g)) == FATReLU_t(g)``.
+
+    Shapes and dtypes are those of ``nn.Linear``: ``[..., in_features]`` ->
+    ``[..., out_features]``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(F.linear(x, self.weight, self.bias))
+
+
 @dataclass(frozen=True)
 class Activation:
     """One ReLU-family activation an FFN can be given: a row of :data:`ACTIVATIONS`.
@@ -144,8 +167,9 @@ class Activation:
     with (transformers' ``ACT2FN[name]`` builds :attr:`module_type`).
 
     Attributes:
-        name: ``"relu"`` or ``"fatrelu"``.
-        module_type: the eager module class (``nn.ReLU``, :class:`FATReLU`).
+        name: ``"relu"``, ``"fatrelu"`` or ``"drelu"``.
+        module_type: the eager module class of the gate's activation (``nn.ReLU``,
+            :class:`FATReLU`; dReLU's gate is a :class:`FATReLU`, ``t = 0`` by default).
         graph_target: dialect (``"aten"`` from torch.export, ``"torch"`` from Dynamo) -> the
             callable that a graph node of this activation calls (see :mod:`prosparse_fx.capture`).
         takes_threshold: the module is built as ``module_type(t)`` and the node called as
@@ -155,6 +179,10 @@ class Activation:
         hf_param: the config key that holds the threshold in the published ProSparse format
             (``hidden_act_param``); a FATReLU whose threshold is missing from the weights takes it
             from there on ``from_pretrained``. ``None`` when there is no parameter.
+        up_relu: the up projection's output goes through a ReLU too (dReLU, TurboSparse Sec. 3):
+            only gated FFNs can have it; eagerly the up linear becomes a :class:`ReLULinear`, in
+            a graph a ``relu`` node follows it, and the sparse-FFN ops also skip the neurons
+            whose up is <= 0.
     """
 
     name: str
@@ -163,6 +191,7 @@ class Activation:
     takes_threshold: bool
     exact_zeros: bool
     hf_param: str | None
+    up_relu: bool = False
 
     def make_module(self, threshold: float = 0.0) -> nn.Module:
         """A new eager module (on the CPU); ``threshold`` is validated, and ignored for ReLU.
@@ -178,12 +207,14 @@ class Activation:
         return (x, check_threshold(threshold)) if self.takes_threshold else (x,)
 
 
-# ReLU (paper Sec. 3.1, the substitution) and FATReLU (Sec. 3.3, Eq. 3, threshold shifting).
+# ReLU (ProSparse Sec. 3.1, the substitution), FATReLU (Sec. 3.3, Eq. 3, threshold shifting)
+# and dReLU (TurboSparse Sec. 3: ReLU on gate and up; the gate's may be shifted to FATReLU_t).
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
         Activation("relu", nn.ReLU, relu_target, False, True, None),
         Activation("fatrelu", FATReLU, fatrelu_target, True, True, "hidden_act_param"),
+        Activation("drelu", FATReLU, fatrelu_target, True, True, "hidden_act_param", True),
     )
 }
 
@@ -196,14 +227,16 @@ def get_activation(name: str) -> Activation:
     """
     if isinstance(name, str) and name in ACTIVATIONS:
         return ACTIVATIONS[name]
-    valid = " or ".join(repr(n) for n in ACTIVATIONS)
+    names = [repr(n) for n in ACTIVATIONS]
+    valid = ", ".join(names[:-1]) + " or " + names[-1]
     raise ValueError(f"activation must be {valid}, got {name!r}")
 
 
 def _register_with_transformers() -> None:
     """Make every activation's ``name`` resolve in transformers' ``ACT2FN`` (``"relu"`` is there
-    already), so ``hidden_act="fatrelu"`` builds a :class:`FATReLU`. Its threshold on loading is
-    set by the hooks in :mod:`prosparse_fx.relufy`."""
+    already), so ``hidden_act="fatrelu"`` (and ``"drelu"``, for the gate) builds a
+    :class:`FATReLU`. Its threshold on loading, and dReLU's up ReLU, are set by the hooks in
+    :mod:`prosparse_fx.relufy`."""
     try:
         from transformers import activations as hf_activations
     except ImportError:  # pragma: no cover - transformers is a dependency

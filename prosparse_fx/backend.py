@@ -9,8 +9,9 @@ forward):
    ``"activation"`` asks for it: the backend never changes what a model computes on its own;
 2. regularization taps (:class:`~prosparse_fx.passes.InsertActivationTapsPass`) feeding an
    :class:`~prosparse_fx.ActivationRegularizer` created with ``taps="graph"``;
-3. the sparse-FFN rewrite (:class:`~prosparse_fx.passes.SparseFFNRewritePass`) of ReLU/FATReLU
-   sites into ``prosparse::sparse_*_ffn`` ops, by default only in inference (no autograd);
+3. the sparse-FFN rewrite (:class:`~prosparse_fx.passes.SparseFFNRewritePass`) of
+   ReLU/FATReLU/dReLU sites into ``prosparse::sparse_*_ffn`` ops, by default only in inference
+   (no autograd);
 
 then hands the graph to Inductor. The backend is registered under the name ``prosparse`` when
 ``prosparse_fx`` is imported, and as a ``torch_dynamo_backends`` entry point, so it resolves
@@ -54,7 +55,8 @@ BACKEND_NAME = "prosparse"
 _VALID: dict[str, str] = {
     "activation": "None (leave the activations alone) or a name in prosparse_fx.activations."
     "ACTIVATIONS: " + ", ".join(repr(name) for name in ACTIVATIONS),
-    "threshold": "FATReLU t >= 0, one float or one per FFN site (with activation='fatrelu')",
+    "threshold": "FATReLU t >= 0 of the gate, one float or one per FFN site (with "
+    "activation='fatrelu' or 'drelu')",
     "regularize": "True or False: feed the ActivationRegularizer(model, ..., taps='graph')",
     "sparse_ffn": "'auto' (in inference, when every site is ReLU/FATReLU), True or False",
     "compiler": "'inductor' or 'eager' (run the rewritten FX graph as is, for debugging)",
@@ -67,12 +69,15 @@ class BackendOptions:
     """The ``options`` of ``torch.compile(..., backend="prosparse", options=...)``.
 
     Attributes:
-        activation: ``None`` (default: activations stay as they are), ``"relu"`` or
-            ``"fatrelu"`` (ProSparse Sec. 3.1; FATReLU Sec. 3.3, Eq. 3).
-        threshold: FATReLU t (>= 0), one float or one per FFN site; only with ``"fatrelu"``.
+        activation: ``None`` (default: activations stay as they are), ``"relu"``,
+            ``"fatrelu"`` (ProSparse Sec. 3.1; FATReLU Sec. 3.3, Eq. 3) or ``"drelu"``
+            (TurboSparse Sec. 3: ReLU/FATReLU_t on the gate and ReLU on up; gated FFNs only, a
+            plain FFN is refused by name).
+        threshold: FATReLU t (>= 0) of the gate, one float or one per FFN site; only with
+            ``"fatrelu"`` or ``"drelu"``.
         regularize: add L1(x1) taps for an ``ActivationRegularizer(model, ..., taps="graph")``
             (default ``False``).
-        sparse_ffn: rewrite ReLU/FATReLU FFN sites into the sparse-FFN ops: ``"auto"``
+        sparse_ffn: rewrite ReLU/FATReLU/dReLU FFN sites into the sparse-FFN ops: ``"auto"``
             (default: when compiled under ``torch.no_grad()``/inference mode, without
             ``regularize``, and every site is ReLU-family), ``True`` (always; the ops have no
             backward, so only for inference) or ``False``.
@@ -120,8 +125,10 @@ class BackendOptions:
             for t in ts
         ):
             raise bad("threshold", self.threshold)
-        if self.threshold != 0.0 and self.activation != "fatrelu":
-            raise bad("threshold", f"{self.threshold} without activation='fatrelu'")
+        if self.threshold != 0.0 and not (
+            self.activation is not None and ACTIVATIONS[self.activation].takes_threshold
+        ):
+            raise bad("threshold", f"{self.threshold} without activation='fatrelu' or 'drelu'")
         if not isinstance(self.regularize, bool):
             raise bad("regularize", self.regularize)
         if not (isinstance(self.sparse_ffn, bool) or self.sparse_ffn == "auto"):

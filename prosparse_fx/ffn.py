@@ -8,7 +8,10 @@ consumer linear whose input is ``x1``.
 
 The activation is recognised as one op (``silu``, ``gelu``, ``gelu_tanh``, ``relu``,
 ``prosparse::fatrelu``) or as a decomposed formula (``sigmoid*x`` is SiLU; ``pow/tanh/mul/add``
-is tanh-GELU as in GPT-2's ``NewGELUActivation``; ``erf/mul/add`` is exact GELU).
+is tanh-GELU as in GPT-2's ``NewGELUActivation``; ``erf/mul/add`` is exact GELU). A gated FFN
+whose up projection is followed by a ReLU too, ``down(act(gate(x)) * relu(up(x)))`` with a
+ReLU/FATReLU gate, is dReLU (TurboSparse, Song et al. 2024, Sec. 3); for a fused gate_up linear
+the ReLU may come before the split.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from torch import fx, nn
 
 from .capture import canonical_op, capture_export, module_path, module_stack, node_shape
 
-ActivationKind = str  # "silu" | "gelu" | "gelu_tanh" | "relu" | "fatrelu" | "unknown(...)"
-RELU_FAMILY = ("relu", "fatrelu")
-REPLACEABLE = ("silu", "gelu", "gelu_tanh", "relu", "fatrelu")
+ActivationKind = (
+    str  # "silu" | "gelu" | "gelu_tanh" | "relu" | "fatrelu" | "drelu" | "unknown(...)"
+)
+RELU_FAMILY = ("relu", "fatrelu", "drelu")
+REPLACEABLE = ("silu", "gelu", "gelu_tanh", "relu", "fatrelu", "drelu")
 
 _LINEAR_OPS = {"linear", "addmm", "mm", "matmul"}
 _ACTIVATION_OPS = {
@@ -65,6 +70,8 @@ class SiteNodes:
     down: fx.Node  # the down_proj (fc2) op
     up: fx.Node  # the up_proj op (fc1 for plain FFNs)
     gate: fx.Node | None = None  # the gate_proj op (None for plain FFNs)
+    up_operand: fx.Node | None = None  # the multiply's up-side input (gated FFNs)
+    up_relu: fx.Node | None = None  # dReLU: the ReLU after up_proj (or the fused gate_up)
 
 
 @dataclass(frozen=True)
@@ -77,11 +84,13 @@ class FFNSite:
         gate: module path of gate_proj (``None`` for plain FFNs).
         up: module path of up_proj (fc1 for plain FFNs).
         down: module path of down_proj (fc2 for plain FFNs); its input is x1.
-        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"fatrelu"`` or
+        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"fatrelu"``,
+            ``"drelu"`` (gated only: ReLU/FATReLU_t on the gate and ReLU on up, TurboSparse) or
             ``"unknown(<ops>)"``.
         activation_module: module path of the activation module, or ``None`` when the activation
             is a functional call inside the FFN's forward (then it cannot be swapped eagerly).
-        threshold: FATReLU threshold t (``0.0`` for ReLU, ``None`` otherwise).
+        threshold: FATReLU threshold t of the gate (``0.0`` for ReLU and dReLU without a
+            shifted threshold, ``None`` otherwise).
         hidden_size: width d of the FFN input.
         intermediate_size: width d_ff of x1.
         bias: some linear of the site (gate, up or down) adds a bias.
@@ -121,8 +130,13 @@ class FFNSite:
 
     @property
     def is_relu_family(self) -> bool:
-        """True if x1 has exact zeros: the activation is ReLU or FATReLU."""
+        """True if x1 has exact zeros: the activation is ReLU, FATReLU or dReLU."""
         return self.activation in RELU_FAMILY
+
+    @property
+    def up_relu(self) -> bool:
+        """True for dReLU: up_proj's output goes through a ReLU too."""
+        return self.activation == "drelu"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the record (without graph nodes)."""
@@ -199,14 +213,31 @@ def _part_rows(width: int, start: Any, stop: Any) -> tuple[int, int] | None:
     return (start, stop - start) if 0 <= start < stop else None
 
 
+def relu_input(node: Any) -> fx.Node | None:
+    """The input of ``node`` seen through views when ``node`` is a ReLU, else ``None``."""
+    if isinstance(node, fx.Node) and canonical_op(node) == "relu" and node.args:
+        arg = back_through_views(node.args[0])
+        return arg if isinstance(arg, fx.Node) else None
+    return None
+
+
+def _through_relu(node: Any, linears: dict[fx.Node, fx.Node]) -> Any:
+    """``node`` seen through views, and through a ReLU of a linear's output (a dReLU fused
+    gate_up linear is ReLU'd before the split)."""
+    node = back_through_views(node)
+    inner = relu_input(node)
+    return inner if inner is not None and inner in linears else node
+
+
 def _split_part(node: fx.Node, linears: dict[fx.Node, fx.Node]) -> tuple[fx.Node, int, int] | None:
     """``(linear, first row, rows)`` when ``node`` is one part of a linear's output split along
     its last dimension (``chunk``/``split`` then ``getitem``, as Phi-3's fused ``gate_up_proj``,
-    or a slice ``h[..., a:b]``), else ``None``."""
+    or a slice ``h[..., a:b]``), else ``None``. The output may go through a ReLU before the
+    split (dReLU)."""
     op = canonical_op(node)
     if op is None and node.op == "call_function" and "slice" in str(node.target):
         # ATen slice.Tensor(x, dim, start, end)
-        src = back_through_views(node.args[0])
+        src = _through_relu(node.args[0], linears)
         shape = node_shape(src)
         if src not in linears or not shape or shape[-1] < 0 or len(node.args) < 3:
             return None
@@ -218,9 +249,9 @@ def _split_part(node: fx.Node, linears: dict[fx.Node, fx.Node]) -> tuple[fx.Node
     if op != "getitem" or len(node.args) != 2:
         return None
     src, index = node.args
-    if isinstance(src, fx.Node) and back_through_views(src) in linears:
+    if isinstance(src, fx.Node) and _through_relu(src, linears) in linears:
         # Dynamo's h[..., a:b]: an Ellipsis, then one step-1 slice of the last dimension
-        linear, shape = back_through_views(src), node_shape(src)
+        linear, shape = _through_relu(src, linears), node_shape(src)
         if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis):
             return None
         part = index[1]
@@ -232,7 +263,7 @@ def _split_part(node: fx.Node, linears: dict[fx.Node, fx.Node]) -> tuple[fx.Node
         return None
     if not isinstance(index, int) or len(src.args) < 2:
         return None
-    linear = back_through_views(src.args[0])
+    linear = _through_relu(src.args[0], linears)
     if linear not in linears:
         return None
     shape = node_shape(linear)
@@ -386,6 +417,15 @@ def _has_bias(*linears: fx.Node | None) -> bool:
     return any(n is not None and linear_operands(n)[2] is not None for n in linears)
 
 
+def _relu_before_split(part: fx.Node) -> fx.Node | None:
+    """The ReLU between a fused linear and its split, for a part of its output, or ``None``."""
+    src = part.args[0] if part.args else None
+    if isinstance(src, fx.Node) and canonical_op(src) in ("chunk", "split"):
+        src = src.args[0]
+    src = back_through_views(src)
+    return src if isinstance(src, fx.Node) and canonical_op(src) == "relu" else None
+
+
 def _match_gated(
     down: fx.Node,
     x1: fx.Node,
@@ -396,51 +436,85 @@ def _match_gated(
     if canonical_op(x1) != "mul" or len(x1.all_input_nodes) != 2:
         return None
     a_in, b_in = x1.args[0], x1.args[1]
+    found: list[FFNSite] = []
     for act_end, up_out in ((a_in, b_in), (b_in, a_in)):
-        if not isinstance(act_end, fx.Node) or not isinstance(up_out, fx.Node):
-            continue
-        up_src = back_through_views(up_out)
-        if up_src in linears:
-            up, up_part = up_src, None
-        elif up_src in parts:
-            up, up_part = out_to_linear[up_src], parts[up_src]
+        site = _gated_candidate(down, x1, act_end, up_out, linears, out_to_linear, parts)
+        if site is not None:
+            found.append(site)
+    if len(found) > 1:
+        # ReLU on both sides (dReLU): the multiply's order cannot tell gate from up; a gate
+        # whose "activation" is the ReLU inside its own linear module (ReLULinear) is the up
+        own = [s for s in found if s.activation_module != s.gate]
+        found = own or found
+    return found[0] if found else None
+
+
+def _gated_candidate(
+    down: fx.Node,
+    x1: fx.Node,
+    act_end: Any,
+    up_out: Any,
+    linears: dict[fx.Node, fx.Node],
+    out_to_linear: dict[fx.Node, fx.Node],
+    parts: dict[fx.Node, tuple[int, int]],
+) -> FFNSite | None:
+    """The gated site with ``act_end`` the end of the gate's activation and ``up_out`` the
+    up side of the multiply, or ``None``."""
+    if not isinstance(act_end, fx.Node) or not isinstance(up_out, fx.Node):
+        return None
+    up_src = back_through_views(up_out)
+    up_relu = None
+    inner = relu_input(up_src)
+    if inner is not None and (inner in linears or inner in parts):
+        up_relu, up_src = up_src, inner
+    if up_src in linears:
+        up, up_part = up_src, None
+    elif up_src in parts:
+        up, up_part = out_to_linear[up_src], parts[up_src]
+        if up_relu is None:
+            up_relu = _relu_before_split(up_src)
+    else:
+        return None
+    found = _region(act_end, out_to_linear)
+    if found is None:
+        return None
+    start, region = found
+    gate, gate_part = out_to_linear[start], parts.get(start)
+    if back_through_views(linears[gate]) is not back_through_views(linears[up]):
+        return None
+    split = None
+    if gate is up:  # one fused linear: two distinct, equal parts of its output
+        if gate_part is None or up_part is None or gate_part[0] == up_part[0]:
+            return None
+        if gate_part[1] != up_part[1] or gate_part[1] != _width(x1):
+            return None
+        split = (gate_part[0], up_part[0])
+    elif gate_part is not None or up_part is not None:
+        return None
+    kind, threshold = _classify(start, region)
+    if up_relu is not None:
+        # dReLU (TurboSparse): ReLU/FATReLU_t on the gate and ReLU on up
+        if kind in ("relu", "fatrelu"):
+            kind = "drelu"
         else:
-            continue
-        found = _region(act_end, out_to_linear)
-        if found is None:
-            continue
-        start, region = found
-        gate, gate_part = out_to_linear[start], parts.get(start)
-        if back_through_views(linears[gate]) is not back_through_views(linears[up]):
-            continue
-        split = None
-        if gate is up:  # one fused linear: two distinct, equal parts of its output
-            if gate_part is None or up_part is None or gate_part[0] == up_part[0]:
-                continue
-            if gate_part[1] != up_part[1] or gate_part[1] != _width(x1):
-                continue
-            split = (gate_part[0], up_part[0])
-        elif gate_part is not None or up_part is not None:
-            continue
-        kind, threshold = _classify(start, region)
-        paths = [module_path(gate), module_path(up), module_path(down)]
-        ffn_path = _common_path(paths) or ""
-        return FFNSite(
-            path=ffn_path,
-            kind="gated",
-            gate=paths[0],
-            up=paths[1] or "",
-            down=paths[2] or "",
-            activation=kind,
-            activation_module=_activation_module(region, ffn_path),
-            threshold=threshold,
-            hidden_size=_width(back_through_views(linears[gate])),
-            intermediate_size=_width(x1),
-            bias=_has_bias(gate, up, down),
-            gate_up_split=split,
-            nodes=SiteNodes(start, act_end, tuple(region), x1, down, up, gate),
-        )
-    return None
+            kind, threshold = f"unknown({kind} gate, relu up)", None
+    paths = [module_path(gate), module_path(up), module_path(down)]
+    ffn_path = _common_path(paths) or ""
+    return FFNSite(
+        path=ffn_path,
+        kind="gated",
+        gate=paths[0],
+        up=paths[1] or "",
+        down=paths[2] or "",
+        activation=kind,
+        activation_module=_activation_module(region, ffn_path),
+        threshold=threshold,
+        hidden_size=_width(back_through_views(linears[gate])),
+        intermediate_size=_width(x1),
+        bias=_has_bias(gate, up, down),
+        gate_up_split=split,
+        nodes=SiteNodes(start, act_end, tuple(region), x1, down, up, gate, up_out, up_relu),
+    )
 
 
 def _match_plain(

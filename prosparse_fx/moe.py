@@ -11,7 +11,9 @@ holds 3-D ``gate_up_proj`` ``[E, 2 d_ff, d]`` (or ``up_proj`` without a gate) an
 fused gate_up linear, so each expert becomes one :class:`~prosparse_fx.ffn.FFNSite` with
 ``expert=e``, whose ``path`` is ``"<experts module>.<e>"``.
 
-What works on expert sites: ``relufy_`` (the experts share one ``act_fn``, swapped once), the
+What works on expert sites: ``relufy_`` (the experts share one ``act_fn``, swapped once; dReLU
+also changes the experts module's class so that it computes ``act_fn(gate) * relu(up)``,
+:func:`set_experts_up_relu`), the
 regularizer's and the measurement's x1 taps (:func:`expert_taps`, one x1 per expert per forward,
 computed by the same per-expert loop as transformers' eager implementation) and so
 ``prosparse-fx sparsify``. The sparse-FFN ops and the graph paths refuse experts by name.
@@ -60,7 +62,16 @@ def is_experts_module(module: nn.Module) -> bool:
     )
 
 
-def _activation_kind(act: nn.Module) -> tuple[str, float | None]:
+def _activation_kind(act: nn.Module, up_relu: bool = False) -> tuple[str, float | None]:
+    kind, threshold = _gate_kind(act)
+    if not up_relu:
+        return kind, threshold
+    if kind in ("relu", "fatrelu"):
+        return "drelu", threshold
+    return f"unknown({kind} gate, relu up)", None
+
+
+def _gate_kind(act: nn.Module) -> tuple[str, float | None]:
     name = type(act).__name__
     kind = _MODULE_KINDS.get(name)
     if kind is None and isinstance(act, nn.GELU):
@@ -90,7 +101,7 @@ def find_expert_sites(model: nn.Module) -> list[FFNSite]:
         transposed = bool(getattr(module, "is_transposed", False))
         d = int(w_up.shape[1] if transposed else w_up.shape[2])
         d_ff = int(w_down.shape[1] if transposed else w_down.shape[2])
-        kind, threshold = _activation_kind(module.act_fn)
+        kind, threshold = _activation_kind(module.act_fn, experts_up_relu(module))
         for e in range(int(w_up.shape[0])):
             sites.append(
                 FFNSite(
@@ -147,35 +158,116 @@ def _expert_linear(module: nn.Module, x: torch.Tensor, name: str, e: int) -> tor
 _TAPS_ATTR = "_prosparse_expert_taps"
 
 
+def _eager_experts(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The experts forward of transformers' eager implementation (a loop over experts), with
+    the gate applied by ``self._apply_gate``, calling every registered ``fn(taps[e], x1_e)``
+    (see :func:`expert_taps`) with each tapped expert's x1 ``[n_e, d_ff]`` (``n_e`` may be 0)."""
+    final = torch.zeros_like(hidden_states)
+    gated = bool(self.has_gate)
+    up_name = "gate_up_proj" if gated else "up_proj"
+    for e in range(getattr(self, up_name).shape[0]):
+        token_idx, k_pos = torch.where(top_k_index == e)
+        h = _expert_linear(self, hidden_states[token_idx], up_name, e)
+        x1 = self._apply_gate(h) if gated else self.act_fn(h)
+        for taps, fn in list(getattr(self, _TAPS_ATTR, ())):
+            if e in taps:
+                fn(taps[e], x1)
+        out = _expert_linear(self, x1, "down_proj", e)
+        if getattr(self, "has_post_expert_norm", False):
+            out = self.post_expert_norm(out)
+        out = out * top_k_weights[token_idx, k_pos, None]
+        final.index_add_(0, token_idx, out.to(final.dtype))
+    return final
+
+
 def _tapped_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
-    """The experts forward of transformers' eager implementation (a loop over experts), calling
-    every registered ``fn(taps[e], x1_e)`` (see :func:`expert_taps`) with each tapped expert's
-    x1 ``[n_e, d_ff]`` (``n_e`` may be 0)."""
+    """:func:`_eager_experts` bound to ``module``."""
+    return types.MethodType(_eager_experts, module)
+
+
+# --- dReLU experts (TurboSparse Sec. 3): act_fn(gate) * relu(up) ------------------------------
+
+# implementations of transformers' experts interface that apply the gate via self._apply_gate
+_GATE_CALLING = ("batched_mm", "grouped_mm")
+
+
+class DReLUExperts:
+    """Mixin of a dReLU experts module: ``_apply_gate`` computes ``act_fn(gate) * relu(up)``
+    (TurboSparse Sec. 3) by putting a ReLU on the whole gate_up output before transformers'
+    default gate, which is exact since ``act_fn`` is ReLU/FATReLU_t (t >= 0):
+    ``FATReLU_t(relu(g)) == FATReLU_t(g)``. The forward runs the implementation the config names
+    when it calls ``_apply_gate`` (``batched_mm``, ``grouped_mm``), else the eager loop
+    (transformers' own eager loop writes ``act_fn(gate) * up`` inline)."""
+
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        return super()._apply_gate(torch.relu(gate_up_out))  # type: ignore[misc]
 
     def forward(
-        self: nn.Module,
-        hidden_states: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        final = torch.zeros_like(hidden_states)
-        gated = bool(self.has_gate)
-        up_name = "gate_up_proj" if gated else "up_proj"
-        for e in range(getattr(self, up_name).shape[0]):
-            token_idx, k_pos = torch.where(top_k_index == e)
-            h = _expert_linear(self, hidden_states[token_idx], up_name, e)
-            x1 = self._apply_gate(h) if gated else self.act_fn(h)
-            for taps, fn in list(getattr(self, _TAPS_ATTR)):
-                if e in taps:
-                    fn(taps[e], x1)
-            out = _expert_linear(self, x1, "down_proj", e)
-            if getattr(self, "has_post_expert_norm", False):
-                out = self.post_expert_norm(out)
-            out = out * top_k_weights[token_idx, k_pos, None]
-            final.index_add_(0, token_idx, out.to(final.dtype))
-        return final
+        impl = getattr(getattr(self, "config", None), "_experts_implementation", None)
+        if impl in _GATE_CALLING:
+            return super().forward(hidden_states, top_k_index, top_k_weights)  # type: ignore[misc]
+        return _eager_experts(self, hidden_states, top_k_index, top_k_weights)
 
-    return types.MethodType(forward, module)
+
+_DRELU_CLASSES: dict[type, type] = {}
+
+
+def experts_up_relu(module: nn.Module) -> bool:
+    """True if ``module`` is an experts module made dReLU by :func:`set_experts_up_relu`."""
+    return isinstance(module, DReLUExperts)
+
+
+def check_experts_up_relu(module: nn.Module, path: str) -> None:
+    """Raise unless :func:`set_experts_up_relu` can make ``module`` dReLU exactly.
+
+    Raises:
+        ValueError: the experts have no gate, or their ``_apply_gate`` is not transformers'
+            default ``act_fn(gate) * up`` on concatenated gate/up rows (naming the class).
+    """
+    from transformers.integrations import moe as hf_moe
+
+    base = _base_class(module)
+    default = getattr(hf_moe, "_default_apply_gate", None)
+    if not module.has_gate or getattr(base, "_apply_gate", None) is not default:
+        raise ValueError(
+            f"dReLU cannot be applied exactly to the experts at {path} ({base.__name__}): they "
+            "have no gate, or a gate other than transformers' default act_fn(gate) * up. Use "
+            "activation 'relu' or 'fatrelu' for this model"
+        )
+
+
+def set_experts_up_relu(module: nn.Module, on: bool) -> None:
+    """Make an experts module compute ``act_fn(gate) * relu(up)`` (``on``) or its own
+    ``act_fn(gate) * up`` again, in place, by changing its class to (or back from) a subclass
+    with the :class:`DReLUExperts` mixin (parameters and state-dict keys stay).
+
+    Raises:
+        ValueError: see :func:`check_experts_up_relu` (only when ``on``).
+    """
+    if not on:
+        module.__class__ = _base_class(module)
+        return
+    if experts_up_relu(module):
+        return
+    check_experts_up_relu(module, type(module).__name__)
+    base = type(module)
+    cls = _DRELU_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"DReLU{base.__name__}", (DReLUExperts, base), {"_prosparse_base": base})
+        _DRELU_CLASSES[base] = cls
+    module.__class__ = cls
+
+
+def _base_class(module: nn.Module) -> type:
+    """The experts class ``module`` had before :func:`set_experts_up_relu`."""
+    return getattr(type(module), "_prosparse_base", type(module))
 
 
 @contextmanager

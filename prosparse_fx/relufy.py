@@ -6,10 +6,14 @@ round-trip exactly, without remote code.
 The config record (written by :func:`relufy_`, applied by transformers hooks installed on import):
 
 * when only FFN sites read it, the activation key (``hidden_act``, ``hidden_activation`` or
-  ``activation_function``) becomes the activation's name, and for FATReLU
+  ``activation_function``) becomes the activation's name, and for FATReLU and dReLU
   ``hidden_act_param = t``: the format of the published ProSparse / MiniCPM-S checkpoints,
   which plain transformers reads for ReLU;
-* ``prosparse_thresholds``: ``{activation module path: t}`` per FFN site (FATReLU only);
+* ``prosparse_thresholds``: ``{activation module path: t}`` per FFN site (FATReLU, dReLU);
+* ``prosparse_up_relu``: the module paths whose output gets dReLU's up ReLU (TurboSparse Sec. 3):
+  up linears (a fused gate_up linear) become :class:`~prosparse_fx.activations.ReLULinear`,
+  mixture-of-experts experts modules compute ``act_fn(gate) * relu(up)``
+  (:func:`prosparse_fx.moe.set_experts_up_relu`);
 * ``prosparse_ffn_activations``: ``{activation module path: name}`` per FFN site, applied on
   load, so models that build their FFN activation without the config key (BLOOM, MPT) and models
   whose key other modules also read keep their FFN activations;
@@ -22,7 +26,8 @@ Paths drop the model's ``base_model_prefix`` (``model.layers.0.mlp.act_fn`` is s
 ``LlamaModel``.
 
 On ``from_pretrained`` (and ``from_config`` or plain construction), after ``import prosparse_fx``:
-the FFN sites get their recorded activation; a FATReLU threshold missing from the
+the FFN sites get their recorded activation (and dReLU's up ReLU); a FATReLU threshold missing
+from the
 weights is taken from ``prosparse_thresholds``, else from ``hidden_act_param`` (so the published
 checkpoints, which ship no threshold tensor, load exactly), and neither is a ``ValueError``; a
 threshold in the weights that disagrees with the config is kept, with a ``UserWarning`` naming both.
@@ -40,7 +45,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2CLS, ACT2FN
 
-from .activations import ACTIVATIONS, FATReLU, check_threshold, get_activation
+from .activations import ACTIVATIONS, FATReLU, ReLULinear, check_threshold, get_activation
 from .ffn import REPLACEABLE, FFNSite, check_no_unknown, find_ffn_sites, resolve_module
 
 # Config attributes that name the FFN activation in Hugging Face configs.
@@ -48,6 +53,7 @@ _ACT_CONFIG_KEYS = ("hidden_act", "hidden_activation", "activation_function")
 _THRESHOLDS_KEY = "prosparse_thresholds"
 _KEPT_KEY = "prosparse_kept_activations"
 _FFN_KEY = "prosparse_ffn_activations"
+_UP_RELU_KEY = "prosparse_up_relu"
 
 
 def thresholds_per_site(threshold: float | Sequence[float], n_sites: int) -> list[float]:
@@ -69,25 +75,33 @@ def thresholds_per_site(threshold: float | Sequence[float], n_sites: int) -> lis
 
 def relufy_(
     model: nn.Module,
-    activation: Literal["relu", "fatrelu"] = "relu",
+    activation: Literal["relu", "fatrelu", "drelu"] = "relu",
     threshold: float | Sequence[float] = 0.0,
     *,
     sites: Sequence[FFNSite] | None = None,
     example_inputs: Any = None,
 ) -> list[FFNSite]:
-    """Replace the FFN activation (SiLU/GELU/GELU-tanh/ReLU/FATReLU) by ReLU or FATReLU, in place.
+    """Replace the FFN activation (SiLU/GELU/GELU-tanh/ReLU/FATReLU/dReLU) by ReLU, FATReLU or
+    dReLU, in place.
 
-    Only the activation of each FFN changes: for gated FFNs the gate's activation (up_proj stays
-    linear), for plain FFNs the activation between fc1 and fc2; other modules that read the same
-    config key (BERT's masked-LM head) keep theirs, also after ``save_pretrained`` and
-    ``from_pretrained`` (see the module docstring for the config record). Per-layer thresholds
-    live in each :class:`FATReLU`'s buffer, so they are saved with the weights, and in the config.
+    ReLU and FATReLU change only the activation of each FFN: for gated FFNs the gate's
+    activation (up_proj stays linear; a dReLU site's up ReLU is removed), for plain FFNs the
+    activation between fc1 and fc2. dReLU (TurboSparse, Song et al. 2024, Sec. 3) also puts a
+    ReLU on up_proj's output, ``x1 = FATReLU_t(gate(x)) * ReLU(up(x))`` (``t = 0``: the paper's
+    ``ReLU(gate) * ReLU(up)``): the up linear becomes a
+    :class:`~prosparse_fx.activations.ReLULinear` (same parameters and state-dict keys), or the
+    experts of a mixture-of-experts layer compute ``act_fn(gate) * relu(up)``. Other modules that
+    read the same config key (BERT's masked-LM head) keep theirs, also after ``save_pretrained``
+    and ``from_pretrained`` (see the module docstring for the config record). Per-layer
+    thresholds live in each :class:`FATReLU`'s buffer, so they are saved with the weights, and
+    in the config.
 
     Args:
         model: the model; changed in place (nothing is changed if any check fails).
-        activation: a name in :data:`~prosparse_fx.activations.ACTIVATIONS`: ``"relu"`` or
-            ``"fatrelu"``.
-        threshold: FATReLU t >= 0, one float or one per site (ignored for ``"relu"``).
+        activation: a name in :data:`~prosparse_fx.activations.ACTIVATIONS`: ``"relu"``,
+            ``"fatrelu"`` or ``"drelu"``.
+        threshold: FATReLU t >= 0 of the gate, one float or one per site (ignored for
+            ``"relu"``; for ``"drelu"`` default 0, the paper's dReLU).
         sites: FFN sites from :func:`find_ffn_sites` (found by capture when ``None``).
         example_inputs: inputs for the capture when ``sites`` is ``None``.
 
@@ -98,11 +112,16 @@ def relufy_(
         FFNNotFoundError: the model has no FFN.
         ValueError: unknown ``activation``, bad threshold, or a site whose activation is unknown
             or is a functional call with no module to swap (the message lists all sites), or
-            different thresholds for sites that share one activation module (MoE experts).
+            different thresholds for sites that share one activation module (MoE experts);
+            ``"drelu"`` on a plain FFN (no up projection: the message names the site and says to
+            use ``"relu"``) or on a gated FFN whose up projection is not an ``nn.Linear`` or a
+            transformers experts module with the default gate.
     """
     act = get_activation(activation)
     sites = list(sites) if sites is not None else find_ffn_sites(model, example_inputs)
     check_no_unknown(sites, REPLACEABLE)
+    if act.up_relu:
+        check_gated_for_up_relu(sites, act.name)
     functional = [s for s in sites if s.activation_module is None]
     if functional:
         listing = "; ".join(f"{s.path}: {s.activation}" for s in sites)
@@ -114,6 +133,7 @@ def relufy_(
     ts = thresholds_per_site(threshold, len(sites)) if act.takes_threshold else [0.0] * len(sites)
     for s in sites:  # resolve all before changing anything
         resolve_module(model, s.activation_module or "")
+    ups = _up_relu_plan(model, sites, act.up_relu)
     shared: dict[str, set[float]] = {}
     for s, t in zip(sites, ts):
         shared.setdefault(s.activation_module or "", set()).add(t)
@@ -127,6 +147,8 @@ def relufy_(
         )
 
     kept = _kept_activations(model, {s.activation_module or "" for s in sites})
+    for module, on in ups:
+        set_up_relu(module, on)
     new_sites = []
     for site, t in zip(sites, ts):
         parent, name = _parent_and_name(model, site.activation_module or "")
@@ -137,7 +159,108 @@ def relufy_(
             setattr(parent, name, act.make_module(t).to(_device_of(parent)))
         new_sites.append(dataclasses.replace(site, activation=act.name, threshold=t, nodes=None))
     _record_in_config(model, act.name, sites, ts if act.takes_threshold else None, kept)
+    _record_up_relu(model, ups)
     return new_sites
+
+
+def check_gated_for_up_relu(sites: Sequence[FFNSite], name: str = "drelu") -> None:
+    """Raise unless every site is a gated FFN: dReLU's second ReLU goes on the up projection,
+    which a plain FFN does not have.
+
+    Raises:
+        ValueError: naming the plain sites and the way out (``"relu"``).
+    """
+    plain = [s.path for s in sites if s.kind != "gated"]
+    if plain:
+        shown = ", ".join(plain[:4]) + (" ..." if len(plain) > 4 else "")
+        raise ValueError(
+            f"activation {name!r} (dReLU, TurboSparse: ReLU on gate and up) needs a gated FFN, "
+            f"but {len(plain)} FFN site(s) are plain (fc1 -> act -> fc2, no up projection): "
+            f"{shown}. Use activation 'relu' (or 'fatrelu') for these models"
+        )
+
+
+def _up_relu_target(model: nn.Module, site: FFNSite) -> tuple[str, nn.Module]:
+    """The module whose output gets dReLU's up ReLU: the up linear (or the fused gate_up
+    linear), or the experts module of an expert site."""
+    if site.expert is not None:
+        from .moe import experts_path
+
+        path = experts_path(site)
+        return path, resolve_module(model, path)
+    return site.up, resolve_module(model, site.up)
+
+
+def _up_relu_plan(
+    model: nn.Module, sites: Sequence[FFNSite], on: bool
+) -> list[tuple[nn.Module, bool]]:
+    """``(module, up ReLU on?)`` for each gated site's up module, checked before any change.
+
+    Raises:
+        ValueError: ``on`` and an up module that cannot take the ReLU.
+    """
+    from .moe import check_experts_up_relu, is_experts_module
+
+    plan: dict[int, tuple[nn.Module, bool]] = {}
+    for site in sites:
+        if site.kind != "gated":
+            continue
+        path, module = _up_relu_target(model, site)
+        if on:
+            if is_experts_module(module):
+                check_experts_up_relu(module, path)
+            elif not isinstance(module, nn.Linear) or type(module) not in (nn.Linear, ReLULinear):
+                raise ValueError(
+                    f"dReLU needs the up projection of {site.path} to be an nn.Linear (or a "
+                    f"transformers experts module), got {type(module).__name__} at {path}; use "
+                    "activation 'relu' or 'fatrelu' for this model"
+                )
+        plan[id(module)] = (module, on)
+    return list(plan.values())
+
+
+def has_up_relu(module: nn.Module) -> bool:
+    """True if ``module``'s output gets dReLU's up ReLU (a :class:`ReLULinear` or dReLU
+    experts)."""
+    from .moe import experts_up_relu
+
+    return isinstance(module, ReLULinear) or experts_up_relu(module)
+
+
+def set_up_relu(module: nn.Module, on: bool) -> None:
+    """Put dReLU's up ReLU on ``module``'s output (``on``) or take it off, in place: an
+    ``nn.Linear`` <-> :class:`ReLULinear` (its class changes; parameters stay), an experts
+    module through :func:`prosparse_fx.moe.set_experts_up_relu`."""
+    from .moe import is_experts_module, set_experts_up_relu
+
+    if is_experts_module(module):
+        set_experts_up_relu(module, on)
+    elif type(module) in (nn.Linear, ReLULinear):
+        module.__class__ = ReLULinear if on else nn.Linear
+    elif on:
+        raise ValueError(
+            f"dReLU's up ReLU needs an nn.Linear or a transformers experts module, got "
+            f"{type(module).__name__}"
+        )
+
+
+def _record_up_relu(model: nn.Module, ups: list[tuple[nn.Module, bool]]) -> None:
+    """Keep ``prosparse_up_relu`` (canonical paths of the modules with the up ReLU) in step."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    paths = {id(m): p for p, m in model.named_modules()}
+    record = set(getattr(config, _UP_RELU_KEY, None) or ())
+    for module, on in ups:
+        path = _canonical(model, paths[id(module)])
+        if on:
+            record.add(path)
+        else:
+            record.discard(path)
+    if record:
+        setattr(config, _UP_RELU_KEY, sorted(record))
+    elif hasattr(config, _UP_RELU_KEY):
+        delattr(config, _UP_RELU_KEY)
 
 
 def _parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -240,11 +363,22 @@ def _apply_config_record(model: nn.Module) -> None:
     if config is None:
         return
     ffn = getattr(config, _FFN_KEY, None) or {}
+    up_relu = set(getattr(config, _UP_RELU_KEY, None) or ())
     for path, module in list(model.named_modules()):
-        name = ffn.get(_canonical(model, path))
+        cpath = _canonical(model, path)
+        name = ffn.get(cpath)
         if name in ACTIVATIONS and type(module) is not ACTIVATIONS[name].module_type:
             parent, child = _parent_and_name(model, path)
             setattr(parent, child, ACTIVATIONS[name].make_module(0.0))
+        if cpath in up_relu:
+            set_up_relu(module, True)
+            up_relu.discard(cpath)
+    if up_relu:
+        raise ValueError(
+            f"the config's {_UP_RELU_KEY} names {sorted(up_relu)}, which are not modules of "
+            f"{type(model).__name__}: the checkpoint's dReLU FFNs would lose their up ReLU. Load "
+            "it into the model class it was saved from"
+        )
     kept = getattr(config, _KEPT_KEY, None) or {}  # written by earlier versions
     if kept:
         types = tuple(a.module_type for a in ACTIVATIONS.values())

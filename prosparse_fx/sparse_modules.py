@@ -1,6 +1,7 @@
-"""Eager sparse-FFN rewrite for ``nn.Module`` users: ``sparsify_ffn_`` swaps each ReLU/FATReLU
-FFN for a module that calls ``torch.ops.prosparse.sparse_gated_ffn`` / ``sparse_plain_ffn``, so
-``generate()`` runs on the sparse kernels (ProSparse App. D)."""
+"""Eager sparse-FFN rewrite for ``nn.Module`` users: ``sparsify_ffn_`` swaps each
+ReLU/FATReLU/dReLU FFN for a module that calls ``torch.ops.prosparse.sparse_gated_ffn`` /
+``sparse_plain_ffn``, so ``generate()`` runs on the sparse kernels (ProSparse App. D;
+TurboSparse Sec. 3 for dReLU)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def check_sparse_rewritable(sites: Sequence[FFNSite]) -> None:
 
 
 def check_relu_family(sites: Sequence[FFNSite]) -> None:
-    """Raise :class:`NotSparseError` listing the sites whose activation is not ReLU/FATReLU."""
+    """Raise :class:`NotSparseError` listing the sites whose activation is not
+    ReLU/FATReLU/dReLU."""
     bad = [s for s in sites if not s.is_relu_family]
     if bad:
         raise NotSparseError(
@@ -93,6 +95,7 @@ class SparseGatedFFN(nn.Module):
         threshold: FATReLU t >= 0 of the gate.
         gate_up_split: for a fused gate_up linear, the first row of the gate's and of the up's
             part of its weight (:attr:`FFNSite.gate_up_split`), each d_ff rows.
+        up_relu: dReLU (TurboSparse Sec. 3): ReLU on the up projection too.
 
     Raises:
         UnsupportedFFNError: a linear has a bias.
@@ -105,8 +108,10 @@ class SparseGatedFFN(nn.Module):
         down: nn.Module,
         threshold: float,
         gate_up_split: tuple[int, int] | None = None,
+        up_relu: bool = False,
     ) -> None:
         super().__init__()
+        self.up_relu = bool(up_relu)
         w_gate, b_gate = _linear_weight(gate)
         w_up, b_up = _linear_weight(up)
         w_down, b_down = _linear_weight(down)
@@ -123,12 +128,13 @@ class SparseGatedFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.prosparse.sparse_gated_ffn(
-            x, self.w_gate, self.w_up, self.w_down_t, self.threshold
+            x, self.w_gate, self.w_up, self.w_down_t, self.threshold, self.up_relu
         )
 
     def extra_repr(self) -> str:
         d_ff, d = self.w_gate.shape
-        return f"d={d}, d_ff={d_ff}, threshold={self.threshold:g}"
+        drelu = ", up_relu=True (dReLU)" if self.up_relu else ""
+        return f"d={d}, d_ff={d_ff}, threshold={self.threshold:g}{drelu}"
 
 
 class SparsePlainFFN(nn.Module):
@@ -164,7 +170,7 @@ def _leaf(path: str, base: str) -> str:
 def sparsify_ffn_(
     model: nn.Module, *, sites: Sequence[FFNSite] | None = None, example_inputs: Any = None
 ) -> list[FFNSite]:
-    """Rewrite every ReLU/FATReLU FFN of ``model`` to the sparse-FFN ops, in place.
+    """Rewrite every ReLU/FATReLU/dReLU FFN of ``model`` to the sparse-FFN ops, in place.
 
     Gated FFNs: the FFN module (``site.path``, whose children must be exactly gate/up/down and
     the activation) becomes a :class:`SparseGatedFFN`. Plain FFNs: fc2 becomes a
@@ -210,6 +216,7 @@ def sparsify_ffn_(
                 resolve_module(model, site.down),
                 site.threshold or 0.0,
                 site.gate_up_split,
+                site.up_relu,
             )
             plans.append([(site.path, module)])
         else:

@@ -23,9 +23,21 @@ def shift_thresholds_(
 ) -> list[FFNSite]:
     """Set the FATReLU threshold of every FFN site (one float, or one per site), in place.
 
-    Equivalent to ``relufy_(model, "fatrelu", thresholds, sites=sites)``.
+    Equivalent to ``relufy_(model, "fatrelu", thresholds, sites=sites)``; for dReLU sites
+    (TurboSparse) ``relufy_(model, "drelu", ...)``, which shifts the gate's threshold and keeps
+    the ReLU on up.
+
+    Raises:
+        ValueError: ``sites`` mix dReLU and other activations (shift them in two calls), or what
+            :func:`~prosparse_fx.relufy_` raises.
     """
-    return relufy_(model, "fatrelu", thresholds, sites=sites)
+    drelu = {s.activation == "drelu" for s in sites}
+    if drelu == {True, False}:
+        raise ValueError(
+            "shift_thresholds_: the sites mix dReLU and other activations; shift the dReLU "
+            "sites and the others in two calls, so that no dReLU site loses its up ReLU"
+        )
+    return relufy_(model, "drelu" if drelu == {True} else "fatrelu", thresholds, sites=sites)
 
 
 def _activation_paths(sites: Sequence[FFNSite]) -> list[str]:
@@ -49,10 +61,11 @@ def calibrate_thresholds(
 ) -> list[float]:
     """Per-layer FATReLU thresholds that reach ``target_sparsity`` on calibration text.
 
-    x1 is zero exactly where the gate pre-activation is below t, so layer l's threshold is the
+    x1 is zero where the gate pre-activation is below t, so layer l's threshold is the
     ``target_sparsity`` quantile of its gate pre-activations on the calibration windows, clipped
     at 0 (a layer already sparser than the target with ReLU keeps t = 0). Lower layers are
-    denser (paper Sec. 4.4), so they get larger thresholds.
+    denser (paper Sec. 4.4), so they get larger thresholds. For dReLU sites x1 is also zero
+    where up is <= 0, so the target is the gate's sparsity and x1 ends up sparser.
 
     Args:
         model: a ReLU/FATReLU model (see :func:`prosparse_fx.relufy_`).

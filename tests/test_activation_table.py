@@ -58,7 +58,7 @@ def _rewrite_checkpoint(folder: Path, **config: object) -> None:
 
 
 def test_table_records() -> None:
-    assert list(ACTIVATIONS) == ["relu", "fatrelu"]
+    assert list(ACTIVATIONS) == ["relu", "fatrelu", "drelu"]
     relu, fat = get_activation("relu"), get_activation("fatrelu")
     x = torch.tensor([-1.0, 0.0, 0.05, 0.1, 0.3])
     assert type(relu.make_module(0.7)) is nn.ReLU  # ReLU ignores the threshold
@@ -76,11 +76,15 @@ def test_table_records() -> None:
     assert (relu.hf_param, fat.hf_param) == (None, "hidden_act_param")
     for a in ACTIVATIONS.values():  # transformers builds the same class for the name
         assert type(ACT2FN[a.name]) is a.module_type
-    with pytest.raises(ValueError, match="'relu' or 'fatrelu', got 'gelu'"):
+    drelu = get_activation("drelu")  # TurboSparse: the gate's module, plus ReLU on up
+    assert drelu.module_type is FATReLU and drelu.takes_threshold and drelu.up_relu
+    assert not relu.up_relu and not fat.up_relu
+    assert drelu.exact_zeros and drelu.hf_param == "hidden_act_param"
+    with pytest.raises(ValueError, match="'relu', 'fatrelu' or 'drelu', got 'gelu'"):
         get_activation("gelu")
     with pytest.raises(ValueError, match=">= 0"):
         fat.make_module(-0.1)
-    with pytest.raises(ValueError, match="'relu' or 'fatrelu'"):
+    with pytest.raises(ValueError, match="'relu', 'fatrelu' or 'drelu'"):
         SubstituteActivationPass("dying_relu")  # type: ignore[arg-type]
 
 
@@ -224,3 +228,126 @@ def test_bert_head_keeps_gelu_after_reload(
     assert all(type(a) is get_activation(activation).module_type for a in acts)
     with torch.no_grad():
         assert (loaded(input_ids=ids).logits - before).abs().max() < 1e-5
+
+
+# --- dReLU (TurboSparse Sec. 3) ------------------------------------------------------------------
+
+
+class HandDReLUMLP(nn.Module):
+    """A LLaMA MLP written out with dReLU: down(FATReLU_t(gate(x)) * ReLU(up(x)))."""
+
+    def __init__(self, mlp: nn.Module, t: float) -> None:
+        super().__init__()
+        self.mlp, self.t = mlp, t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.mlp.gate_proj(x), self.mlp.up_proj(x)
+        return self.mlp.down_proj(g * (g >= self.t) * (u * (u > 0)))
+
+
+def _hand_drelu_llama(model: nn.Module, ts: list[float]) -> nn.Module:
+    ref = copy.deepcopy(model)
+    for layer, t in zip(ref.model.layers, ts):
+        mlp = layer.mlp
+        mlp.up_proj.__class__ = nn.Linear  # plain linears in the hand-made reference
+        layer.mlp = HandDReLUMLP(mlp, t)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("thresholds", [0.0, [0.02, 0.07]])
+def test_drelu_eager_save_and_reload_exactly(
+    tmp_path: Path, ids: torch.Tensor, thresholds: float | list[float]
+) -> None:
+    """relufy_(model, "drelu"[, t]) computes the hand-written dReLU FFN (and differs from the
+    ReLU-gated one), saves as hidden_act="drelu" with per-layer thresholds and the up ReLU
+    recorded, and reloads with from_pretrained to the same logits; relufy_ "relu" undoes the
+    up ReLU."""
+    model = tiny("llama")
+    ts = thresholds if isinstance(thresholds, list) else [thresholds] * 2
+    ref = _hand_drelu_llama(model, ts)
+    sites = relufy_(model, "drelu", thresholds)
+    assert [(s.activation, s.threshold) for s in sites] == [("drelu", t) for t in ts]
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "ReLULinear"
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        assert (got - ref(input_ids=ids).logits).abs().max() < 1e-5
+        relu_model = copy.deepcopy(model)
+        relufy_(relu_model, "fatrelu", thresholds)
+        assert (relu_model(input_ids=ids).logits - got).abs().max() > 1e-3
+    found = find_ffn_sites(model)
+    assert [(s.activation, s.threshold) for s in found] == [("drelu", t) for t in ts]
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["hidden_act"] == "drelu"
+    assert config["prosparse_up_relu"] == ["layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
+    assert all(
+        "up_proj.weight" in k or "up_proj" not in k
+        for k in load_file(tmp_path / "model.safetensors")
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert _thresholds(loaded) == ts
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, got)
+    assert [s.activation for s in find_ffn_sites(loaded)] == ["drelu", "drelu"]
+    relufy_(loaded, "relu")  # back: the up ReLU goes, and the config record with it
+    assert type(loaded.model.layers[0].mlp.up_proj) is nn.Linear
+    assert not hasattr(loaded.config, "prosparse_up_relu")
+
+
+def test_drelu_refuses_plain_ffn_by_site(ids: torch.Tensor) -> None:
+    model = tiny("gpt2")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"needs a gated FFN.*transformer\.h\.0\.mlp.*'relu'"):
+        relufy_(model, "drelu")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert type(model.transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
+
+
+def test_drelu_mixture_of_experts_eager_and_reload(tmp_path: Path) -> None:
+    """Mixtral's experts with dReLU: each expert computes act(gate) * relu(up) (checked against
+    a loop over the experts written here), in the eager and batched_mm implementations, after
+    save_pretrained / from_pretrained too; measure_sparsity counts exact zeros of that x1."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from prosparse_fx import measure_sparsity
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+        )  # fmt: skip
+    ).eval()
+    sites = relufy_(model, "drelu", 0.01)
+    assert len(sites) == 8 and {s.activation for s in sites} == {"drelu"}
+    experts = model.model.layers[0].mlp.experts
+    h = torch.randn(6, 32)
+    idx = torch.randint(0, 4, (6, 2))
+    w = torch.rand(6, 2)
+    want = torch.zeros_like(h)
+    zeros = []
+    for e in range(4):
+        tok, k = torch.where(idx == e)
+        gate, up = (h[tok] @ experts.gate_up_proj[e].T).chunk(2, -1)
+        x1 = gate * (gate >= 0.01) * (up * (up > 0))
+        zeros.append(x1)
+        want.index_add_(0, tok, (x1 @ experts.down_proj[e].T) * w[tok, k, None])
+    with torch.no_grad():
+        for impl in ("eager", "batched_mm"):
+            experts.config._experts_implementation = impl
+            assert (experts(h, idx, w) - want).abs().max() < 1e-5, impl
+        experts.config._experts_implementation = "eager"
+    ids = torch.randint(3, 128, (2, 8))
+    report = measure_sparsity(model, ids, sites=sites)
+    assert 0.5 < report.sparsity < 1.0  # ReLU on both sides: most x1 entries are zero
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        # the loaded model runs its default experts implementation: float rounding only
+        assert (loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 1e-5
+    assert {s.activation for s in find_ffn_sites(loaded)} == {"drelu"}

@@ -272,3 +272,26 @@ def test_smollm2_compiled_logits_equal_eager(smollm2, compiled_graphs) -> None:
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
     ops = [str(n.target) for n in compiled_graphs[-1].graph.nodes if n.op == "call_function"]
     assert ops.count("prosparse.sparse_gated_ffn.default") == model.config.num_hidden_layers
+
+
+def test_drelu_inference_with_inductor(compiled_graphs) -> None:
+    """A dReLU model (relufy_ "drelu", t = 0.02) compiled with Inductor under no_grad: every FFN
+    is one sparse op with up_relu=True, logits equal eager over three lengths of one
+    dynamic-shape compile; the activation option "drelu" on the SiLU model gives the same."""
+    model = tiny("llama")
+    base = tiny("llama")
+    relufy_(model, "drelu", threshold=0.02)
+    compiled = torch.compile(model, backend="prosparse", dynamic=True)
+    from_silu = torch.compile(
+        base, backend="prosparse", options={"activation": "drelu", "threshold": 0.02}
+    )
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for length in (5, 9, 16):
+            ids = torch.randint(3, 128, (2, length), generator=gen)
+            expected = model(input_ids=ids).logits
+            assert (compiled(input_ids=ids).logits - expected).abs().max() < 1e-4
+        assert (from_silu(input_ids=ids).logits - expected).abs().max() < 1e-4
+    graph = next(g for g in compiled_graphs if "prosparse.sparse_gated_ffn.default" in _ops(g))
+    calls = [n for n in graph.graph.nodes if "sparse_gated_ffn" in str(n.target)]
+    assert len(calls) == 2 and all(n.args[5] is True for n in calls)

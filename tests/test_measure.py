@@ -87,3 +87,37 @@ def test_threshold_sweep_is_monotone_and_restores(windows) -> None:
     assert sparsities == sorted(sparsities) and sparsities[-1] > sparsities[0]
     assert rows[0]["sparsity"] == pytest.approx(measure_sparsity(model, windows).sparsity)
     assert torch.equal(before, model(input_ids=windows).logits)
+
+
+def test_drelu_sparsity_by_hand(windows) -> None:
+    """dReLU's x1 is zero where the gate is below t or up is <= 0: measure_sparsity equals the
+    zero fraction of x1 written out from the gate and up projections (and exceeds the ReLU-gate
+    model's); shift_thresholds_ on dReLU sites keeps the up ReLU."""
+    from prosparse_fx import shift_thresholds_
+
+    model = tiny("llama")
+    sites = relufy_(model, "drelu", 0.01)
+    per_layer = [[] for _ in model.model.layers]
+
+    def hook(i):
+        def fn(mlp, args):
+            g, u = args[0] @ mlp.gate_proj.weight.T, args[0] @ mlp.up_proj.weight.T
+            x1 = g * (g >= 0.01) * (u * (u > 0))
+            per_layer[i].append((x1 == 0).float().mean(-1).flatten())
+
+        return fn
+
+    handles = [
+        layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.model.layers)
+    ]
+    report = measure_sparsity(model, windows, sites=sites)
+    for h in handles:
+        h.remove()
+    want = [float(torch.cat(v).mean()) for v in per_layer]
+    assert report.per_layer == pytest.approx(want, abs=1e-6)
+    relu = tiny("llama")
+    relufy_(relu, "fatrelu", 0.01)
+    assert report.sparsity > measure_sparsity(relu, windows).sparsity + 0.1
+    shifted = shift_thresholds_(model, 0.05, sites)
+    assert {(s.activation, s.threshold) for s in shifted} == {("drelu", 0.05)}
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "ReLULinear"

@@ -131,3 +131,61 @@ def test_hoyer_of_an_all_zero_token_is_zero_with_a_finite_gradient() -> None:
     value = activation_l1(x1, "hoyer")
     value.backward()
     assert float(value) == 0.0 and torch.isfinite(x1.grad).all()
+
+
+# --- dReLU (TurboSparse Sec. 3) ----------------------------------------------------------------
+
+
+def _hand_drelu_x1(model, ids, t):
+    """x1 of each LLaMA layer written out: FATReLU_t(gate(h)) * ReLU(up(h)), h the MLP input."""
+    x1s = []
+
+    def hook(mlp, args):
+        g, u = args[0] @ mlp.gate_proj.weight.T, args[0] @ mlp.up_proj.weight.T
+        x1s.append(g * (g >= t) * (u * (u > 0)))
+
+    handles = [layer.mlp.register_forward_pre_hook(hook) for layer in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return x1s
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_drelu_substitution_and_taps(family, ids) -> None:
+    """SubstituteActivationPass("drelu", t) on an export graph puts FATReLU_t on the gate and a
+    ReLU on up: the graph computes what relufy_(model, "drelu", t) does, its sites read as
+    dReLU, it is idempotent, the taps' L1 is the mean |x1| of the hand-computed dReLU x1, and
+    substituting "fatrelu" removes the up ReLU again. (Dynamo graphs: tests/test_backend.py
+    and the conformance suite's compile cells.)"""
+    model = tiny(family)
+    gm, inputs = _capture(model, "export", ids)
+    assert SubstituteActivationPass("drelu", 0.05)(gm).modified
+    assert [s.activation for s in find_sites_in_graph(gm)] == ["drelu", "drelu"]
+    assert not SubstituteActivationPass("drelu", 0.05)(gm).modified
+    relufy_(model, "drelu", 0.05)
+    with torch.no_grad():
+        want = _logits(model(**inputs))
+        assert (_logits(gm(**inputs)) - want).abs().max() < 1e-5
+    if family == "llama":
+        InsertActivationTapsPass(norm="mean")(gm)
+        with torch.no_grad():
+            out = gm(**inputs)
+        taps = out[1]
+        hand = [x.abs().mean() for x in _hand_drelu_x1(model, ids, 0.05)]
+        assert torch.allclose(torch.stack(list(taps)), torch.stack(hand), atol=1e-6)
+        return
+    assert SubstituteActivationPass("fatrelu", 0.05)(gm).modified
+    assert [s.activation for s in find_sites_in_graph(gm)] == ["fatrelu", "fatrelu"]
+    relufy_(model, "fatrelu", 0.05)
+    with torch.no_grad():
+        assert (_logits(gm(**inputs)) - _logits(model(**inputs))).abs().max() < 1e-5
+
+
+def test_drelu_substitution_refuses_plain_ffn(ids) -> None:
+    gm, _ = _capture(tiny("gpt2"), "export", ids)
+    before = str(gm.graph)
+    with pytest.raises(ValueError, match=r"needs a gated FFN.*transformer\.h\.0\.mlp.*'relu'"):
+        SubstituteActivationPass("drelu")(gm)
+    assert str(gm.graph) == before

@@ -71,7 +71,7 @@ def test_relufy_is_idempotent_and_rejects_bad_threshold(ids: torch.Tensor) -> No
         relufy_(model, "fatrelu", -0.1)
     with pytest.raises(ValueError, match="2 FFN sites"):
         relufy_(model, "fatrelu", [0.1, 0.2, 0.3])
-    with pytest.raises(ValueError, match="'relu' or 'fatrelu'"):
+    with pytest.raises(ValueError, match="'relu', 'fatrelu' or 'drelu'"):
         relufy_(model, "gelu")  # type: ignore[arg-type]
 
 

@@ -1,5 +1,6 @@
-"""Sparse-FFN rewrite on a graph: each ReLU/FATReLU FFN site becomes one call of
-``prosparse::sparse_gated_ffn`` or ``prosparse::sparse_plain_ffn`` (ProSparse App. D)."""
+"""Sparse-FFN rewrite on a graph: each ReLU/FATReLU/dReLU FFN site becomes one call of
+``prosparse::sparse_gated_ffn`` (``up_relu=True`` for dReLU) or ``prosparse::sparse_plain_ffn``
+(ProSparse App. D; TurboSparse Sec. 3)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,13 @@ def _site_nodes(site: FFNSite) -> list[fx.Node]:
     region = [n for n in reversed(nodes.region) if isinstance(n, fx.Node)]
     # a fused gate_up's parts and split feed x1 and the activation
     parts = [*nodes.x1.all_input_nodes, *nodes.act_input.all_input_nodes]
-    rest = [nodes.x1, nodes.act_output, *region, nodes.act_input, *parts, nodes.up, nodes.gate]
+    # the up side from the multiply back to up_proj (views, dReLU's ReLU, a split)
+    up_side, node = [], nodes.up_operand
+    while isinstance(node, fx.Node) and node is not nodes.up and len(up_side) < 16:
+        up_side.append(node)
+        node = node.args[0] if node.args else None
+    rest = [nodes.x1, nodes.act_output, *region, nodes.act_input, *parts, *up_side]
+    rest += [nodes.up_relu, nodes.up, nodes.gate]
     weights = [linear_operands(n)[1] for n in (nodes.down, nodes.up, nodes.gate) if n is not None]
     return list(reversed(chain)) + [n for n in rest + weights if isinstance(n, fx.Node)]
 
@@ -124,9 +131,10 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
 
 
 class SparseFFNRewritePass(PassBase):
-    """Replace each ReLU/FATReLU FFN site by one sparse-FFN op node.
+    """Replace each ReLU/FATReLU/dReLU FFN site by one sparse-FFN op node.
 
-    Gated sites become ``sparse_gated_ffn(x, w_gate, w_up, w_down_t, t)``; plain sites
+    Gated sites become ``sparse_gated_ffn(x, w_gate, w_up, w_down_t, t)`` (dReLU sites
+    ``sparse_gated_ffn(x, w_gate, w_up, w_down_t, t, True)``); plain sites
     ``sparse_plain_ffn(x, w1, b1, w2_t, b2, t)``. ``w_down_t`` (``w2_t``) is the transpose of the
     down weight, made once; the original weight attribute is removed when nothing else reads it.
     A weight that is a graph input (Dynamo) is transposed in the graph; with
@@ -209,6 +217,8 @@ class SparseFFNRewritePass(PassBase):
                 if up_t and site.gate_up_split is None:
                     w_up, _ = _transposed_weight(gm, graph, w_up, False, f"w_up_{i}")
                 args = (_op_input(x, out, site), w_gate, w_up, w_down_t, t)
+                if site.up_relu:
+                    args += (True,)
                 new = graph.call_function(torch.ops.prosparse.sparse_gated_ffn.default, args)
             else:
                 x, w1, b1, fc1_t = linear_operands(nodes.up)
