@@ -171,6 +171,67 @@ def test_translation_propagates_nan(tmp_path, crossover) -> None:
     assert np.isnan(y[0, 1]).all() and np.isfinite(y[0, 0]).all()
 
 
+def _hand_drelu(x: torch.Tensor, module: _FFN) -> torch.Tensor:
+    """dReLU FFN written out (TurboSparse Sec. 3): (FATReLU_t(gate) * ReLU(up)) @ w_down_t."""
+    g, u = x @ module.w1.T, x @ module.w_up.T
+    return (g * (g >= module.threshold) * (u * (u > 0))) @ module.w2_t
+
+
+class _DReLU(_FFN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.prosparse.sparse_gated_ffn(
+            x, self.w1, self.w_up, self.w2_t, self.threshold, True
+        )
+
+
+@pytest.mark.parametrize("crossover", [0.0, DEFAULT_CROSSOVER, 1.0])  # dense, default, sparse
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_drelu_translation_matches_hand_reference(tmp_path, threshold, crossover) -> None:
+    """The dReLU op in ONNX Runtime against the dense dReLU FFN written out, every input of the
+    gated tests (one token, batches, zero-length, all-zero x1); the sparse branch gathers the
+    down rows of the neurons whose x1 is nonzero (a second NonZero)."""
+    module = _DReLU("gated", threshold)
+    session = _export_ffn(module, tmp_path / "drelu.onnx", crossover)
+    name = session.get_inputs()[0].name
+    for label, make in INPUTS.items():
+        x = make()
+        (y,) = session.run(None, {name: x.numpy()})
+        with torch.no_grad():
+            expected = _hand_drelu(x, module).numpy()
+        assert y.shape == expected.shape, label
+        atol = 1e-5 * max(1.0, float(np.abs(expected).max(initial=0.0)))
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=atol, err_msg=label)
+    x = torch.randn(1, 2, 8)
+    x[0, 1, 3] = float("nan")
+    (y,) = session.run(None, {name: x.numpy()})
+    assert np.isnan(y[0, 1]).all() and np.isfinite(y[0, 0]).all()
+
+
+def test_drelu_model_exports_and_matches_torch(tmp_path) -> None:
+    """A tiny LLaMA relufied with dReLU (t = 0.05), exported sparse with its KV cache: every
+    FFN is one op with up_relu, and ONNX Runtime's logits equal torch's."""
+    model = tiny("llama")
+    relufy_(model, "drelu", 0.05)
+    path = export_onnx(model, tmp_path / "drelu.onnx", crossover=1.0)
+    graph = onnx.load(path).graph
+    assert sum(n.op_type == "NonZero" for n in _all_nodes(graph)) >= 4  # two per FFN
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    logits, _ = OnnxCausalLM(path).forward(ids.numpy(), np.ones((2, 5), np.int64))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                nodes += _all_nodes(attr.g)
+    return nodes
+
+
 def test_translation_rejects_bad_crossover() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         translation_table(1.5)

@@ -5,6 +5,10 @@
 active set (a neuron is active when any token keeps it), then an ``If`` on the active fraction:
 at or below the crossover, ``NonZero`` → ``Gather`` of the active rows of up/down → two small
 matmuls; above it, the dense up and down. So ONNX Runtime never runs the slower of the two.
+A dReLU FFN (``sparse_gated_ffn(..., up_relu=True)``, TurboSparse Sec. 3) takes ReLU of the
+gathered up too (``Less``/``Where``), and gathers the down rows only of the neurons whose x1 is
+nonzero for some token (a second ``NonZero``), so down skips the neurons whose up is <= 0; its
+active rows are gathered in one piece (not in chunks).
 
 Dtypes: whatever the runtime's Gemm/MatMul/Gather accept (float32 on ONNX Runtime's CPU
 provider); the function is typed for float32, float16, bfloat16 and float64.
@@ -71,6 +75,28 @@ def _gated_branches_chunked(x2: T, g: T, idx: INT64, sparse: BOOL, w_up: T, w_do
         y = op.Sum(y0, y1, y2, y3)
     else:
         y = op.MatMul(op.Mul(g, op.Gemm(x2, w_up, transB=1)), w_down_t)
+    return y
+
+
+@onnxscript.script(default_opset=op)
+def _drelu_branches(x2: T, g: T, idx: INT64, sparse: BOOL, w_up: T, w_down_t: T) -> T:
+    # dReLU: x1 = FATReLU_t(g) * ReLU(up), ReLU as "zero where < 0" so NaN propagates
+    zero = op.CastLike(op.Constant(value_float=0.0), x2)
+    if sparse:
+        up = op.Gemm(x2, op.Gather(w_up, idx, axis=0), transB=1)
+        x1 = op.Mul(op.Gather(g, idx, axis=1), op.Where(op.Less(up, zero), zero, up))
+        # the neurons whose x1 is nonzero (or NaN) for some token; the others add nothing
+        nonzero = op.Cast(op.Not(op.Equal(x1, zero)), to=1)  # 1: FLOAT
+        count = op.ReduceSum(nonzero, op.Constant(value_ints=[0]), keepdims=0)
+        cols = op.Squeeze(
+            op.NonZero(op.Greater(count, op.Constant(value_float=0.0))),
+            op.Constant(value_ints=[0]),
+        )
+        rows = op.Gather(idx, cols, axis=0)
+        y = op.MatMul(op.Gather(x1, cols, axis=1), op.Gather(w_down_t, rows, axis=0))
+    else:
+        up = op.Gemm(x2, w_up, transB=1)
+        y = op.MatMul(op.Mul(g, op.Where(op.Less(up, zero), zero, up)), w_down_t)
     return y
 
 
@@ -157,10 +183,13 @@ def translation_table(crossover: float = DEFAULT_CROSSOVER) -> dict[Any, Callabl
     if not 0.0 <= crossover <= 1.0:
         raise ValueError(f"crossover must be an active fraction in [0, 1], got {crossover}")
 
-    def gated(x: T, w_gate: T, w_up: T, w_down_t: T, threshold: float) -> T:
+    def gated(x: T, w_gate: T, w_up: T, w_down_t: T, threshold: float, up_relu: bool = False) -> T:
         x2 = _rows(x)
         g, idx, sparse = _active_set(op.Gemm(x2, w_gate, transB=1), threshold, crossover)
-        branches = _gated_branches_chunked if _is_large(w_up) else _gated_branches
+        if up_relu:
+            branches = _drelu_branches
+        else:
+            branches = _gated_branches_chunked if _is_large(w_up) else _gated_branches
         return _unrows(branches(x2, g, idx, sparse, w_up, w_down_t), x, w_down_t)
 
     def plain(x: T, w1: T, b1: T | None, w2_t: T, b2: T | None, threshold: float) -> T:
