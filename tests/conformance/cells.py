@@ -6,7 +6,10 @@ Paths: ``relufy_`` with ReLU and with FATReLU; the graph passes on ``torch.expor
 (substitution, then the sparse-FFN rewrite); the ``prosparse`` compile backend for inference
 (substitution and the sparse rewrite) and for training (``regularize=True``: loss, penalty and
 gradients); ``sparsify_ffn_``; ``export_onnx`` run in ONNX Runtime. Training setups: gradient
-checkpointing, a one-process DDP wrapper, bf16.
+checkpointing, a one-process DDP wrapper, bf16. The ``drelu_*`` cells run the same paths with
+dReLU (TurboSparse Sec. 3: FATReLU t on the gate and ReLU on up; t = 0 in training) against
+:func:`tests.conformance.families.drelu_reference`, whose gated FFN forwards are written out by
+hand.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ import prosparse_fx
 from prosparse_fx import ActivationRegularizer, find_ffn_sites, relufy_, sparsify_ffn_
 from prosparse_fx.capture import capture_export
 from prosparse_fx.passes import SparseFFNRewritePass, SubstituteActivationPass
-from tests.conformance.families import ENCODERS, RefFATReLU, build, reference
+from tests.conformance.families import (
+    ENCODERS,
+    RefFATReLU,
+    build,
+    drelu_reference,
+    reference,
+)
 
 T = 0.05  # the FATReLU threshold of every FATReLU cell
 LAMBDA = 0.1
@@ -74,8 +83,10 @@ def compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype = torch.fl
     return err
 
 
-def _reference_out(model: nn.Module, family: str, threshold: float | None, x: torch.Tensor):
-    ref = reference(model, family, threshold)
+def _reference_out(
+    model: nn.Module, family: str, threshold: float | None, x: torch.Tensor, drelu: bool = False
+):
+    ref = (drelu_reference if drelu else reference)(model, family, threshold)
     RefFATReLU.near = 0
     with torch.no_grad():
         return _forward(ref, x)
@@ -100,33 +111,42 @@ def relufy_fatrelu(family: str) -> float:
         return compare(_forward(model, x), want)
 
 
-def graph_export(family: str) -> float:
-    """capture_export, SubstituteActivationPass(FATReLU t), SparseFFNRewritePass."""
+def relufy_drelu(family: str) -> float:
+    model, x = build(family), ids()
+    relufy_(model, "drelu", T, sites=sites_of(family))
+    want = _reference_out(model, family, T, x, drelu=True)
+    with torch.no_grad():
+        return compare(_forward(model, x), want)
+
+
+def graph_export(family: str, activation: str = "fatrelu") -> float:
+    """capture_export, SubstituteActivationPass(FATReLU t, or dReLU with t), then
+    SparseFFNRewritePass."""
     model, x = build(family), ids()
     gm = capture_export(model, {"input_ids": x} | _no_cache(model))
-    SubstituteActivationPass("fatrelu", T)(gm)
+    SubstituteActivationPass(activation, T)(gm)
     SparseFFNRewritePass()(gm)
-    want = _reference_out(model, family, T, x)
+    want = _reference_out(model, family, T, x, drelu=activation == "drelu")
     with torch.no_grad():
         return compare(_out(gm(input_ids=x, **_no_cache(model))), want)
 
 
-def compile_inference(family: str) -> float:
-    """torch.compile(backend="prosparse", activation=fatrelu) under no_grad: substitution and
-    the sparse rewrite (sparse_ffn="auto")."""
+def compile_inference(family: str, activation: str = "fatrelu") -> float:
+    """torch.compile(backend="prosparse", activation=fatrelu or drelu) under no_grad:
+    substitution and the sparse rewrite (sparse_ffn="auto")."""
     model, x = build(family), ids()
     torch._dynamo.reset()
-    opts = {"activation": "fatrelu", "threshold": T, "compiler": "eager"}
+    opts = {"activation": activation, "threshold": T, "compiler": "eager"}
     compiled = torch.compile(model, backend="prosparse", options=opts)
-    want = _reference_out(model, family, T, x)
     with torch.no_grad():
-        return compare(_forward(compiled, x), want)
+        got = _forward(compiled, x)  # a refusal comes from the first call
+    return compare(got, _reference_out(model, family, T, x, drelu=activation == "drelu"))
 
 
-def sparsify(family: str) -> float:
+def sparsify(family: str, activation: str = "fatrelu") -> float:
     model, x = build(family), ids()
-    sites = relufy_(model, "fatrelu", T, sites=sites_of(family))
-    want = _reference_out(model, family, T, x)
+    sites = relufy_(model, activation, T, sites=sites_of(family))
+    want = _reference_out(model, family, T, x, drelu=activation == "drelu")
     sparsify_ffn_(model, sites=sites)
     with torch.no_grad():
         return compare(_forward(model, x), want)
@@ -143,15 +163,15 @@ class _Logits(nn.Module):
         return _out(self.model(input_ids=input_ids, **_no_cache(self.model)))
 
 
-def onnx_export(family: str, tmp: str) -> float:
+def onnx_export(family: str, tmp: str, activation: str = "fatrelu") -> float:
     """export_onnx (sparse FFNs, the translation to standard ONNX ops) run in ONNX Runtime. The
     cell exports ``input_ids -> logits`` with static shapes (``example_inputs``), twice as fast
     as the decoder signature with dynamic shapes, which tests/test_onnx.py covers."""
     import onnxruntime as ort
 
     model, x = build(family), ids()
-    relufy_(model, "fatrelu", T, sites=sites_of(family))
-    want = _reference_out(model, family, T, x)
+    relufy_(model, activation, T, sites=sites_of(family))
+    want = _reference_out(model, family, T, x, drelu=activation == "drelu")
     path = os.path.join(tmp, f"{family}.onnx")
     prosparse_fx.export_onnx(_Logits(model), path, example_inputs=(x,))
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -175,10 +195,12 @@ def _train_step(model: nn.Module, reg: ActivationRegularizer, x: torch.Tensor, c
     return float(loss), grads
 
 
-def _reference_step(model: nn.Module, family: str, x: torch.Tensor, dtype: torch.dtype):
-    """Loss and gradients of the reference ReLU model with the penalty computed by hand:
-    lambda * sum over FFN sites of mean |x1| (hooks written here, not the library's)."""
-    ref = reference(model, family, None).to(dtype).train()
+def _reference_step(
+    model: nn.Module, family: str, x: torch.Tensor, dtype: torch.dtype, drelu: bool = False
+):
+    """Loss and gradients of the reference ReLU (or dReLU) model with the penalty computed by
+    hand: lambda * sum over FFN sites of mean |x1| (hooks written here, not the library's)."""
+    ref = (drelu_reference if drelu else reference)(model, family, None).to(dtype).train()
     sites = sites_of(family)
     l1: list[torch.Tensor] = []
     handles = []
@@ -205,23 +227,25 @@ def _compare_grads(got: dict, want: dict, dtype: torch.dtype) -> float:
     return max(compare(got[k], want[k], dtype) for k in want)
 
 
-def _train_reference(model: nn.Module, family: str, x: torch.Tensor, dtype: torch.dtype):
+def _train_reference(
+    model: nn.Module, family: str, x: torch.Tensor, dtype: torch.dtype, drelu: bool = False
+):
     if family in ("mixtral", "qwen2_moe"):
         # experts have no module to hook: the eager library path (itself checked against the
         # reference's forward in the relufy cells) is the reference for the compiled one
         ref = copy.deepcopy(model).train()
         reg = ActivationRegularizer(ref, LAMBDA, sites=sites_of(family))
         return _train_step(ref, reg, x)
-    return _reference_step(model, family, x, dtype)
+    return _reference_step(model, family, x, dtype, drelu)
 
 
-def _train_cell(family: str, setup: str, compiled: bool) -> float:
+def _train_cell(family: str, setup: str, compiled: bool, activation: str = "relu") -> float:
     """One training step in ``setup`` against the reference: loss and every gradient."""
     dtype = torch.bfloat16 if setup == "bf16" else torch.float32
     model, x = build(family).to(dtype), ids()
     relufied = copy.deepcopy(model) if compiled else model
-    relufy_(relufied, "relu", sites=sites_of(family))
-    want_loss, want = _train_reference(relufied, family, x, dtype)
+    relufy_(relufied, activation, sites=sites_of(family))
+    want_loss, want = _train_reference(relufied, family, x, dtype, activation == "drelu")
     model.train()
     if setup == "checkpointing":
         _checkpointing(model)
@@ -230,7 +254,7 @@ def _train_cell(family: str, setup: str, compiled: bool) -> float:
     reg = ActivationRegularizer(model, LAMBDA, sites=sites_of(family), taps=taps)
     if compiled:
         torch._dynamo.reset()
-        opts = {"activation": "relu", "regularize": True, "compiler": "eager"}
+        opts = {"activation": activation, "regularize": True, "compiler": "eager"}
         target = torch.compile(target, backend="prosparse", options=opts)
     loss, got = _train_step(model, reg, x, target)
     reg.remove()
@@ -283,7 +307,16 @@ INFERENCE = {
     "graph_export": graph_export,
     "compile_inference": compile_inference,
     "sparsify_ffn": sparsify,
+    "drelu_relufy": relufy_drelu,
+    "drelu_graph_export": functools.partial(graph_export, activation="drelu"),
+    "drelu_compile_inference": functools.partial(compile_inference, activation="drelu"),
+    "drelu_sparsify_ffn": functools.partial(sparsify, activation="drelu"),
 }
-TRAINING = {"eager_train": eager_train, "compile_train": compile_train}
+TRAINING = {
+    "eager_train": eager_train,
+    "compile_train": compile_train,
+    "drelu_eager_train": lambda f, setup="plain": _train_cell(f, setup, False, "drelu"),
+    "drelu_compile_train": lambda f, setup="plain": _train_cell(f, setup, True, "drelu"),
+}
 SETUPS = ("checkpointing", "ddp", "bf16")
 __all__ = ["ENCODERS", "INFERENCE", "SETUPS", "TRAINING", "ThresholdFlip", "onnx_export"]

@@ -5,7 +5,7 @@ rendered from this file by :func:`render_table`, so the table cannot drift from 
 
 from __future__ import annotations
 
-from tests.conformance.families import FAMILIES, MOE
+from tests.conformance.families import FAMILIES, GATED, MOE
 
 PATHS = (
     "relufy_relu",
@@ -21,6 +21,21 @@ SETUP_CELLS = tuple(
     f"{path}:{setup}"
     for path in ("eager_train", "compile_train")
     for setup in ("checkpointing", "ddp", "bf16")
+)
+# dReLU (TurboSparse Sec. 3): the paths again, with FATReLU t on the gate and ReLU on up
+DRELU_PATHS = tuple(
+    f"drelu_{path}"
+    for path in (
+        "relufy",
+        "graph_export",
+        "compile_inference",
+        "compile_train",
+        "sparsify_ffn",
+        "onnx",
+        "eager_train",
+        "eager_train:bf16",
+        "compile_train:bf16",
+    )
 )
 
 # reason key -> (words the error message must contain, the README's explanation)
@@ -57,6 +72,10 @@ REASONS = {
         "Dynamo's DDP optimizer splits the graph: set torch._dynamo.config.optimize_ddp = False "
         "or compile before wrapping in DDP",
     ),
+    "drelu-plain": (
+        "needs a gated FFN",
+        "dReLU puts a ReLU on the up projection, which a plain FFN does not have: use relu",
+    ),
 }
 
 
@@ -76,6 +95,14 @@ def _expected() -> dict[tuple[str, str], str]:
         if family not in MOE:
             refused[(family, "compile_train:checkpointing")] = "gc-taps"
             refused[(family, "compile_train:ddp")] = "ddp"
+    # dReLU: the same refusals where the FFN is gated; plain FFNs refuse every dReLU cell
+    for (family, cell), reason in list(refused.items()):
+        if f"drelu_{cell}" in DRELU_PATHS:
+            refused[(family, f"drelu_{cell}")] = reason
+    for family in FAMILIES:
+        if family not in GATED:
+            for cell in DRELU_PATHS:
+                refused[(family, cell)] = "drelu-plain"
     return refused
 
 
@@ -87,17 +114,25 @@ def expected(family: str, cell: str) -> str | None:
     return REFUSED.get((family, cell))
 
 
-def render_table() -> str:
-    """The README's support table (markdown), families x paths and training setups."""
-    cells = PATHS + SETUP_CELLS
+def _table(cells: tuple[str, ...], first: str, strip: str = "") -> list[str]:
     keys = list(REASONS)
-    head = "| family | " + " | ".join(c.replace(":", " ") for c in cells) + " |"
-    rows = [head, "|---|" + "---|" * len(cells)]
+    head = f"| {first} | " + " | ".join(c.removeprefix(strip).replace(":", " ") for c in cells)
+    rows = [head + " |", "|---|" + "---|" * len(cells)]
     for family in FAMILIES:
         marks = []
         for cell in cells:
             reason = expected(family, cell)
             marks.append("exact" if reason is None else f"refused ({keys.index(reason) + 1})")
         rows.append(f"| {family} | " + " | ".join(marks) + " |")
+    return rows
+
+
+def render_table() -> str:
+    """The README's support tables (markdown): families x paths and training setups, then the
+    dReLU paths (TurboSparse: FATReLU t = 0.05 on the gate and ReLU on up in inference cells,
+    t = 0 in training cells), then the reasons of the refusals."""
+    keys = list(REASONS)
+    main = _table(PATHS + SETUP_CELLS, "family")
+    drelu = _table(DRELU_PATHS, "dReLU", "drelu_")
     notes = [f"({i + 1}) {REASONS[k][1]}" for i, k in enumerate(keys)]
-    return "\n".join(rows) + "\n\n" + "\n".join(f"{n}  " if n != notes[-1] else n for n in notes)
+    return "\n".join([*main, "", *drelu, "", *(f"{n}  " if n != notes[-1] else n for n in notes)])

@@ -131,6 +131,8 @@ def _configs() -> dict[str, tuple[Callable[..., nn.Module], Callable[[], object]
 FAMILIES = list(_configs())
 ENCODERS = {"bert"}
 MOE = {"mixtral", "qwen2_moe"}
+PLAIN = {"gpt2", "gpt_neox", "opt", "bert"}  # fc1 -> act -> fc2: no up projection
+GATED = [f for f in FAMILIES if f not in PLAIN]
 
 
 def build(family: str, seed: int = 0) -> nn.Module:
@@ -177,3 +179,55 @@ def reference(model: nn.Module, family: str, threshold: float | None) -> nn.Modu
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("threshold_bits")}
     ref.load_state_dict(state, strict=True)
     return ref.to(next(model.parameters()).dtype).eval()
+
+
+# ----------------------------------------------------------------------------- dReLU reference
+
+
+def _drelu_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A gated MLP with ReLU on up too (TurboSparse Sec. 3): down(act(gate(x)) * relu(up(x)))."""
+    up = self.up_proj(x)
+    return self.down_proj(self.act_fn(self.gate_proj(x)) * torch.where(up > 0, up, 0.0))
+
+
+def _drelu_fused_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Phi-3's fused MLP with ReLU on the up half."""
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(self.activation_fn(gate) * torch.where(up > 0, up, 0.0))
+
+
+def _drelu_experts(self: nn.Module, hidden: torch.Tensor, top_k_index, top_k_weights):
+    """transformers' eager experts loop (Mixtral, Qwen2-MoE) with ReLU on each expert's up."""
+    out = torch.zeros_like(hidden)
+    for e in range(self.gate_up_proj.shape[0]):
+        token_idx, k_pos = torch.where(top_k_index == e)
+        gate, up = nn.functional.linear(hidden[token_idx], self.gate_up_proj[e]).chunk(2, dim=-1)
+        h = self.act_fn(gate) * torch.where(up > 0, up, 0.0)
+        h = nn.functional.linear(h, self.down_proj[e]) * top_k_weights[token_idx, k_pos, None]
+        out.index_add_(0, token_idx, h.to(out.dtype))
+    return out
+
+
+def drelu_reference(model: nn.Module, family: str, threshold: float | None) -> nn.Module:
+    """:func:`reference` with each gated FFN's forward written out by hand as dReLU: the gate's
+    ReLU (or :class:`RefFATReLU` t) times ReLU of up (TurboSparse Sec. 3). Plain FFNs have no
+    up projection: ``ValueError``."""
+    import types
+
+    ref = reference(model, family, threshold)
+    patched = 0
+    for module in ref.modules():
+        if isinstance(getattr(module, "gate_up_proj", None), nn.Linear):
+            module.forward = types.MethodType(_drelu_fused_mlp, module)
+        elif isinstance(getattr(module, "up_proj", None), nn.Linear) and hasattr(
+            module, "gate_proj"
+        ):
+            module.forward = types.MethodType(_drelu_mlp, module)
+        elif isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
+            module.forward = types.MethodType(_drelu_experts, module)
+        else:
+            continue
+        patched += 1
+    if not patched:
+        raise ValueError(f"{family} has no gated FFN for a dReLU reference")
+    return ref

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from tests.conformance import cells
-from tests.conformance.expected import PATHS, REASONS, SETUP_CELLS, expected, render_table
+from tests.conformance.expected import (
+    DRELU_PATHS,
+    PATHS,
+    REASONS,
+    SETUP_CELLS,
+    expected,
+    render_table,
+)
 from tests.conformance.families import FAMILIES
 
 # the training setups run on these families in the default run, on all with
@@ -28,6 +35,8 @@ def _run(family: str, cell: str, tmp_path: pathlib.Path) -> float:
     path, _, setup = cell.partition(":")
     if path == "onnx":
         return cells.onnx_export(family, str(tmp_path))
+    if path == "drelu_onnx":
+        return cells.onnx_export(family, str(tmp_path), "drelu")
     if path in cells.TRAINING:
         return cells.TRAINING[path](family, setup or "plain")
     return cells.INFERENCE[path](family)
@@ -58,6 +67,12 @@ def check_cell(family: str, cell: str, tmp_path: pathlib.Path) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("cell", PATHS)
 def test_path(family: str, cell: str, tmp_path: pathlib.Path) -> None:
+    check_cell(family, cell, tmp_path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cell", DRELU_PATHS)
+def test_drelu_path(family: str, cell: str, tmp_path: pathlib.Path) -> None:
     check_cell(family, cell, tmp_path)
 
 
