@@ -37,10 +37,17 @@ class SparsifyConfig:
         weight_decay: AdamW weight decay.
         norm: L1 normalisation, ``"mean"`` (mean |x1| per layer, summed over layers) or
             ``"token_l1"``.
+        activation: what replaces SiLU/GELU: ``"relu"`` (ProSparse Sec. 3.1) or ``"drelu"``
+            (TurboSparse: ReLU on the gate and on up; gated FFNs only), both shifted to FATReLU
+            on the gate by the threshold step.
         threshold_mode: ``"fixed"`` (FATReLU t = ``threshold`` for all layers), ``"target"``
-            (per-layer t calibrated to ``target_sparsity`` on calibration text) or ``"none"``.
+            (per-layer t calibrated to ``target_sparsity`` on calibration text), ``"budget"``
+            (per-layer t for the highest sparsity whose calibration perplexity is within
+            ``threshold_budget`` times the unshifted model's:
+            :func:`~prosparse_fx.threshold.calibrate_to_budget`) or ``"none"``.
         threshold: t for ``"fixed"``.
         target_sparsity: sparsity for ``"target"``.
+        threshold_budget: perplexity ratio allowed by ``"budget"`` (>= 1).
         sweep_thresholds: global thresholds measured on calibration text (paper Table 9).
         eval_windows: held-out windows for perplexity and sparsity.
         calib_windows: calibration windows (training documents' sibling split, not held-out).
@@ -49,7 +56,8 @@ class SparsifyConfig:
             fast bf16 matmuls: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX; else fp32),
             ``"bf16"`` or ``"fp32"``. Weights, optimizer and all evaluations stay float32.
         checkpoint_every: optimizer steps between training checkpoints in ``out/checkpoint``
-            (also written at each stage end); a killed run loses at most this many steps.
+            (also written at each stage end at least ``checkpoint_every // 4`` steps after the
+            last one); a killed run loses at most this many steps.
         lr_decay: the learning rate after warmup: ``"constant"``, or a ``"linear"`` or
             ``"cosine"`` decay to ``min_lr_ratio * lr`` at the last step.
         min_lr_ratio: the final learning rate of a decay, as a fraction of ``lr``.
@@ -80,9 +88,11 @@ class SparsifyConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     norm: Literal["mean", "token_l1", "hoyer"] = "mean"
-    threshold_mode: Literal["fixed", "target", "none"] = "fixed"
+    activation: Literal["relu", "drelu"] = "relu"
+    threshold_mode: Literal["fixed", "target", "budget", "none"] = "fixed"
     threshold: float = 0.35
     target_sparsity: float = 0.85
+    threshold_budget: float = 1.05
     sweep_thresholds: list[float] = field(
         default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.5]
     )
@@ -152,6 +162,11 @@ class SparsifyConfig:
         """
         for f in dataclasses.fields(self):
             FIELD_RULES[f.name].check(f.name, getattr(self, f.name))
+        if self.activation == "drelu" and self.substitution > 0:
+            raise InputError(
+                "substitution (a smooth blend into ReLU) blends the gate's activation only, and "
+                "dReLU also puts a ReLU on up: set substitution = 0 with activation = 'drelu'"
+            )
         n = len(self.stages)
         if self.max_steps is not None and self.max_steps < n:
             raise InputError(
@@ -338,9 +353,11 @@ FIELD_RULES: dict[str, Whole | Real | OneOf | ListOf | Stages | TextNames] = {
         0.0, 1.0, why="AdamW scales the weights by 1 - lr * weight_decay at each step"
     ),
     "norm": OneOf(L1_NORMS, prefix="one of "),
-    "threshold_mode": OneOf(("fixed", "target", "none")),
+    "activation": OneOf(("relu", "drelu")),
+    "threshold_mode": OneOf(("fixed", "target", "budget", "none")),
     "threshold": Real(0.0),
     "target_sparsity": Real(0.0, 1.0, hi_open=True),
+    "threshold_budget": Real(1.0, 100.0, why="a perplexity ratio over the unshifted model"),
     "sweep_thresholds": ListOf(Real(0.0), 0, 1000, "numbers >= 0"),
     "eval_windows": Whole(1, 1_000_000),
     "calib_windows": Whole(1, 1_000_000),

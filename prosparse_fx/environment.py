@@ -103,15 +103,22 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def peak_memory(device: str) -> dict[str, Any]:
+def peak_memory(device: str, weights: torch.nn.Module | None = None) -> dict[str, Any]:
     """The peak memory of this process so far, in bytes: resident set on the host
-    (``ru_maxrss``), and allocated memory on a CUDA device."""
+    (``ru_maxrss``), and allocated memory on a CUDA device; with ``weights``, also the bytes of
+    that model's parameters and each peak as a multiple of them."""
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     info: dict[str, Any] = {"host_bytes": int(rss) * (1 if sys.platform == "darwin" else 1024)}
     if torch.device(device).type == "cuda":
         info["cuda_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
+    if weights is not None:
+        size = sum(p.numel() * p.element_size() for p in weights.parameters())
+        info["weights_bytes"] = size
+        for key in ("host", "cuda"):
+            if f"{key}_bytes" in info and size:
+                info[f"{key}_multiple_of_weights"] = info[f"{key}_bytes"] / size
     return info
 
 

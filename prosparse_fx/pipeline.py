@@ -44,7 +44,12 @@ from .relufy import relufy_
 from .report import evaluation_dict, new_report, out_of_domain_entry, write_plots
 from .run_folder import REPORT, RunFolder
 from .texts import load_text
-from .threshold import calibrate_thresholds, shift_thresholds_, threshold_sweep
+from .threshold import (
+    calibrate_thresholds,
+    calibrate_to_budget,
+    shift_thresholds_,
+    threshold_sweep,
+)
 from .training.checkpoint import check_state, load_state
 from .training.distill import check_teacher, check_teacher_memory
 from .training.distributed import DistContext, full_model_state, init_from_env
@@ -191,7 +196,7 @@ def _run(
         _check_tokenizer_saves(tokenizer, run)
     model.to(device)
     windows = _Windows.make(tokenizer, split, config, model, tokenizer_dir or model_source)
-    sites = _ffn_sites(model)
+    sites = _ffn_sites(model, config.activation)
     # the teacher is the original model; a resumed run rebuilds it from the original weights
     teacher = _teacher(model, model_source, resume_state, config, ctx, device)
 
@@ -223,7 +228,8 @@ def _run(
             name: evaluation_dict(evaluate(model, w, sites=sites, batch_size=config.batch_size))
             for name, w in windows.out_of_domain.items()
         }
-        sites = relufy_(model, "relu", sites=sites)  # ReLU substitution (Sec. 3.1)
+        # ReLU substitution (Sec. 3.1), or dReLU (TurboSparse)
+        sites = relufy_(model, config.activation, sites=sites)
         relu0 = evaluate(model, windows.held_out, sites=sites, batch_size=config.batch_size)
         report["relu_no_training"] = evaluation_dict(relu0)
 
@@ -266,7 +272,7 @@ def _run(
             "per_layer_sparsity": final.sparsity.per_layer,
             "perplexity_ratio": final.perplexity / report["baseline_perplexity"],
             "seconds": elapsed(),
-            "peak_memory": peak_memory(device),
+            "peak_memory": peak_memory(device, weights=model),
         }
     )
     full_state = full_model_state(model, ctx)  # all processes take part under FSDP2
@@ -356,8 +362,9 @@ class _Windows:
         }
 
 
-def _ffn_sites(model: Any) -> list[FFNSite]:
-    """The model's FFN sites, refused by name when sparsify cannot train them."""
+def _ffn_sites(model: Any, activation: str) -> list[FFNSite]:
+    """The model's FFN sites, refused by name when sparsify cannot train them (or give them
+    ``activation``: dReLU needs a gated FFN's up projection)."""
     try:
         sites = find_ffn_sites(model)
         check_no_unknown(sites)
@@ -365,6 +372,13 @@ def _ffn_sites(model: Any) -> list[FFNSite]:
             raise ValueError(
                 "this model computes its FFN activation as a function call, with no module "
                 "to swap; sparsify needs activation modules (as in Hugging Face models)"
+            )
+        plain = [s.path for s in sites if s.kind != "gated"]
+        if activation == "drelu" and plain:
+            raise ValueError(
+                f"activation 'drelu' puts a ReLU on a gated FFN's up projection, and "
+                f"{len(plain)} FFN(s) of this model have none ({', '.join(plain[:3])}); use "
+                "activation 'relu'"
             )
     except (FFNNotFoundError, ValueError) as exc:
         raise InputError(str(exc)) from exc
@@ -412,6 +426,12 @@ def _shift_thresholds(
         thresholds = calibrate_thresholds(
             model, calib, config.target_sparsity, sites, batch_size=config.batch_size
         )
+    elif config.threshold_mode == "budget":
+        choice = calibrate_to_budget(
+            model, calib, config.threshold_budget, sites, batch_size=config.batch_size
+        )
+        report["threshold_calibration"] = choice  # the chosen target, and what was tried
+        thresholds = choice["thresholds"]
     else:
         thresholds = [0.0] * len(sites)
     # the last stage end measured the trained model on the same windows

@@ -149,3 +149,86 @@ def threshold_sweep(
     finally:
         shift_thresholds_(model, original, sites)
     return rows
+
+
+def calibrate_to_budget(
+    model: nn.Module,
+    windows: torch.Tensor,
+    budget: float,
+    sites: Sequence[FFNSite],
+    *,
+    batch_size: int = 4,
+    iterations: int = 6,
+) -> dict[str, Any]:
+    """Per-layer FATReLU thresholds for the highest sparsity whose perplexity on calibration
+    text stays within ``budget`` times the unshifted model's (a quality budget instead of a
+    fixed t, which fits one model and not another: ProSparse Sec. 3.3 tunes t per model).
+
+    For a target sparsity s, layer l's threshold is the s-quantile of its gate pre-activations
+    (:func:`calibrate_thresholds`); s is found by bisection between the model's own sparsity
+    (t = 0) and 0.99, ``iterations`` evaluations of ``windows``. The model is left unshifted.
+
+    Args:
+        model: a ReLU/FATReLU causal LM.
+        windows: ``[N, T]`` int64 calibration windows (not the evaluation text).
+        budget: allowed perplexity ratio over the unshifted model, >= 1 (e.g. 1.05: 5% worse).
+        sites: FFN sites of ``model``.
+        batch_size: windows per forward.
+        iterations: bisection steps (each one evaluation of ``windows``).
+
+    Returns:
+        ``{"thresholds": [...], "target_sparsity": s, "calib_perplexity": p,
+        "calib_sparsity": q, "unshifted_perplexity": p0, "budget": budget, "tried": [...]}``;
+        ``thresholds`` are all 0 when no target above the model's own sparsity fits.
+
+    Raises:
+        ValueError: ``budget`` < 1 or not finite, or ``iterations`` < 1.
+    """
+    if not (budget >= 1.0 and budget < float("inf")):
+        raise ValueError(f"the perplexity budget must be a finite ratio >= 1, got {budget!r}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations!r}")
+    original = [s.threshold or 0.0 for s in sites]
+    base = evaluate(model, windows, sites=sites, batch_size=batch_size)
+    best = {
+        "thresholds": list(original),
+        "target_sparsity": base.sparsity.sparsity,
+        "calib_perplexity": base.perplexity,
+        "calib_sparsity": base.sparsity.sparsity,
+    }
+    tried = []
+    lo, hi = base.sparsity.sparsity, 0.99
+    try:
+        for _ in range(iterations):
+            target = (lo + hi) / 2
+            thresholds = calibrate_thresholds(model, windows, target, sites, batch_size=batch_size)
+            current = shift_thresholds_(model, thresholds, sites)
+            ev = evaluate(model, windows, sites=current, batch_size=batch_size)
+            shift_thresholds_(model, original, sites)
+            fits = ev.perplexity <= budget * base.perplexity
+            tried.append(
+                {
+                    "target_sparsity": target,
+                    "sparsity": ev.sparsity.sparsity,
+                    "perplexity": ev.perplexity,
+                    "fits": fits,
+                }
+            )
+            if fits:
+                lo = target
+                best = {
+                    "thresholds": thresholds,
+                    "target_sparsity": target,
+                    "calib_perplexity": ev.perplexity,
+                    "calib_sparsity": ev.sparsity.sparsity,
+                }
+            else:
+                hi = target
+    finally:
+        shift_thresholds_(model, original, sites)
+    return {
+        **best,
+        "unshifted_perplexity": base.perplexity,
+        "budget": budget,
+        "tried": tried,
+    }

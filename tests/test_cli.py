@@ -389,3 +389,52 @@ def test_an_unreadable_output_folder_is_named(tmp_path, monkeypatch) -> None:
     )
     with pytest.raises(InputError, match=r"cannot read the output folder .*locked_out"):
         run_folder.check_output_dir(out, overwrite=True, inputs=[])
+
+
+def test_sparsify_with_drelu_and_a_perplexity_budget(tmp_path, tiny_model_dir, text_file) -> None:
+    """activation 'drelu' and threshold_mode 'budget': the saved model is the dReLU model with
+    the chosen per-layer thresholds (reloads to the measured perplexity), and the report says
+    what the budget chose."""
+    import prosparse_fx  # noqa: F401  (hidden_act="drelu" for from_pretrained)
+    from prosparse_fx.data import load_documents, split_documents, spread, token_windows
+    from prosparse_fx.measure import evaluate
+    from prosparse_fx.models import load_tokenizer
+
+    out = tmp_path / "out"
+    config = _config(
+        tmp_path,
+        activation="drelu",
+        threshold_mode="budget",
+        threshold_budget=1.1,
+        stages=[[0.0, 2], [0.5, 4]],
+    )
+    result = runner.invoke(app, _run_args(tiny_model_dir, text_file, config, out))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    choice = report["threshold_calibration"]
+    assert report["thresholds"] == choice["thresholds"]
+    assert choice["calib_perplexity"] <= 1.1 * choice["unshifted_perplexity"]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["hidden_act"] == "drelu"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = load_tokenizer(out)
+    held = split_documents(load_documents(text_file), seed=0).held_out
+    windows = spread(token_windows(tok, held, 32), 2)
+    again = evaluate(model, windows)
+    assert again.perplexity == pytest.approx(report["perplexity"], rel=1e-4)
+    assert again.sparsity.sparsity == pytest.approx(report["sparsity"], abs=1e-6)
+
+
+def test_drelu_on_a_model_without_up_projection_exits_2(tmp_path, text_file, smollm2) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tok = smollm2
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2)
+    ).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    config = _config(tmp_path, activation="drelu")
+    result = runner.invoke(app, _run_args(folder, text_file, config, tmp_path / "o"))
+    assert result.exit_code == 2 and "activation 'relu'" in result.output, result.output
+    assert not (tmp_path / "o" / "checkpoint").exists()

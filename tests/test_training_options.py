@@ -238,3 +238,38 @@ def test_smooth_substitution_blends_silu_into_relu_then_is_the_relu_model() -> N
         assert torch.equal(model(input_ids=ids).logits, relu_logits)
     with pytest.raises(InputError, match="substitution"):
         SmoothSubstitution(model, paths, ["relu"] * len(paths), steps=4)
+
+
+# ---------------------------------------------------------------- thresholds against a budget
+
+
+def test_budget_thresholds_are_the_sparsest_within_the_budget_and_leave_the_model_alone() -> None:
+    from prosparse_fx.ffn import find_ffn_sites
+    from prosparse_fx.measure import evaluate
+    from prosparse_fx.relufy import relufy_
+    from prosparse_fx.threshold import calibrate_to_budget, shift_thresholds_
+
+    model = _llama()
+    sites = relufy_(model, "relu", sites=find_ffn_sites(model))
+    windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    before = model(input_ids=windows).logits.detach()
+    choice = calibrate_to_budget(model, windows, 1.02, sites, iterations=5)
+    assert torch.equal(model(input_ids=windows).logits.detach(), before)  # left unshifted
+    assert len(choice["tried"]) == 5
+    assert choice["calib_perplexity"] <= 1.02 * choice["unshifted_perplexity"]
+    # every tried target that fits is at most the chosen one, every one that does not is above
+    for row in choice["tried"]:
+        if row["fits"]:
+            assert row["target_sparsity"] <= choice["target_sparsity"]
+        else:
+            assert row["target_sparsity"] > choice["target_sparsity"]
+            assert row["perplexity"] > 1.02 * choice["unshifted_perplexity"]
+    # the thresholds give what the choice says, measured again from scratch
+    shifted = shift_thresholds_(model, choice["thresholds"], sites)
+    again = evaluate(model, windows, sites=shifted)
+    assert again.perplexity == pytest.approx(choice["calib_perplexity"], rel=1e-5)
+    assert again.sparsity.sparsity == pytest.approx(choice["calib_sparsity"], abs=1e-6)
+    with pytest.raises(ValueError, match="budget"):
+        calibrate_to_budget(model, windows, 0.9, sites)
+    with pytest.raises(InputError, match="threshold_budget"):
+        SparsifyConfig(threshold_budget=0.5).validate()

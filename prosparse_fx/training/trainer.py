@@ -130,8 +130,9 @@ class StageTrainer:
         resume_state: dict[str, Any] | None = None,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Train to the schedule's last step (from ``resume_state``'s step when given), with a
-        checkpoint every ``config.checkpoint_every`` steps and at each stage end, and measure
-        the held-out windows at each stage end.
+        checkpoint every ``config.checkpoint_every`` steps and at each stage end that is at
+        least ``checkpoint_every // 4`` steps after the last checkpoint (so a run of a few steps
+        writes few), and measure the held-out windows at each stage end.
 
         Returns:
             ``(history, stage_ends)``: one dict per optimizer step (step, stage, lambda, LM
@@ -166,6 +167,7 @@ class StageTrainer:
         if resume_state is not None:
             self._resume(resume_state)
         self.probe = held_out[: max(1, config.batch_size // ctx.world_size)]
+        self.last_checkpoint_step = self.step
         bar = tqdm(
             total=total,
             initial=self.step,
@@ -269,7 +271,10 @@ class StageTrainer:
                 f"stage {stage} ends at step {end}: lambda {lam:.3g}, held-out perplexity "
                 f"{ev.perplexity:.2f}, sparsity {ev.sparsity.sparsity:.4f}"
             )
-        self._checkpoint(reg)
+        # in proportion to the run: a stage end a few steps after the last checkpoint (a short
+        # run's stages) gets none; a stop loses at most those steps and this measurement
+        if self.step - self.last_checkpoint_step >= max(1, self.config.checkpoint_every // 4):
+            self._checkpoint(reg)
 
     def _checkpoint(self, reg: ActivationRegularizer) -> None:
         ctx, model = self.ctx, self.model
@@ -300,6 +305,7 @@ class StageTrainer:
                 lambda folder: save_model(model, self.tokenizer, folder, full_state),
                 state,
             )
+        self.last_checkpoint_step = self.step
         ctx.barrier()
 
     def _resume_hint(self) -> str:
