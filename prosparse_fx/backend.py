@@ -311,29 +311,35 @@ def _refuse_under_ddp_optimizer(opts: BackendOptions) -> None:
 
 def _sinks(
     gm: fx.GraphModule, example_inputs: Sequence[Any], sites: Sequence[Any]
-) -> list[tuple[Any, int]]:
-    """The regularizer and site index for each graph site, found by its down_proj weight."""
+) -> list[tuple[Any, int, int | None]]:
+    """The regularizer and site index for each graph site, found by its down_proj weight, and
+    the graph input that weight arrives through (``None`` for a weight held by the graph)."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     found = []
     for site in sites:
         _, weight_node, _, _ = linear_operands(site.nodes.down)
-        weight = None
+        weight, position = None, None
         if weight_node.op == "placeholder":
-            weight = example_inputs[placeholders.index(weight_node)]
+            position = placeholders.index(weight_node)
+            weight = example_inputs[position]
         elif weight_node.op == "get_attr":
             weight = gm.get_parameter(str(weight_node.target))
         sink = sink_for(weight) if isinstance(weight, torch.Tensor) else None
         if sink is None:
-            raise ValueError(
-                f"options regularize=True, but no ActivationRegularizer receives graph taps for "
-                f"FFN site {site.path}: create ActivationRegularizer(model, schedule, "
-                f"taps='graph') before the first call of the compiled model. Under FSDP2 "
-                "(fully_shard) the compiled graph sees unsharded copies of the weights, which "
-                "graph taps cannot match: use hook taps, ActivationRegularizer(model, schedule, "
-                "sites=...), with options={'activation': ...} and without regularize"
-            )
-        found.append(sink)
+            raise ValueError(_no_sink(site.path))
+        found.append((*sink, position))
     return found
+
+
+def _no_sink(where: str) -> str:
+    return (
+        f"options regularize=True, but no ActivationRegularizer receives graph taps for "
+        f"FFN site {where}: create ActivationRegularizer(model, schedule, "
+        f"taps='graph') before the first call of the compiled model. Under FSDP2 "
+        "(fully_shard) the compiled graph sees unsharded copies of the weights, which "
+        "graph taps cannot match: use hook taps, ActivationRegularizer(model, schedule, "
+        "sites=...), with options={'activation': ...} and without regularize"
+    )
 
 
 class _TapDelivery:
@@ -347,12 +353,27 @@ class _TapDelivery:
         self._boxed_call = getattr(compiled, "_boxed_call", False)
 
     def __call__(self, *args: Any) -> Any:
+        # Dynamo reuses one compiled graph for every instance of a module class, each call
+        # passing that instance's weights: the sink is the one of the down_proj weight passed
+        # now, never the one of the instance first compiled (looked up before the call, which
+        # may free boxed arguments)
+        sinks = [self._sink(args, entry) for entry in self.sinks]
         out = self.compiled(*args)
-        k = len(self.sinks)
+        k = len(sinks)
         taps = out[self.n_outputs :]
-        for j, (sink, i) in enumerate(self.sinks):
+        for j, (sink, i) in enumerate(sinks):
             sink.receive(i, taps[j], taps[k + j])
         return out[: self.n_outputs]
+
+    @staticmethod
+    def _sink(args: Sequence[Any], entry: tuple[Any, int, int | None]) -> tuple[Any, int]:
+        sink, i, position = entry
+        if position is None:
+            return sink, i
+        found = sink_for(args[position])
+        if found is None:
+            raise RuntimeError(_no_sink(f"(down_proj weight of graph input {position})"))
+        return found
 
 
 def _compile(

@@ -295,3 +295,35 @@ def test_drelu_inference_with_inductor(compiled_graphs) -> None:
     graph = next(g for g in compiled_graphs if "prosparse.sparse_gated_ffn.default" in _ops(g))
     calls = [n for n in graph.graph.nodes if "sparse_gated_ffn" in str(n.target)]
     assert len(calls) == 2 and all(n.args[5] is True for n in calls)
+
+
+def test_two_compiled_instances_each_feed_their_own_regularizer() -> None:
+    """Dynamo reuses one compiled graph for a second instance of the same module class; its
+    graph taps must reach the second instance's regularizer, not the first's (found while
+    benchmarking eager against compiled training: the second model's L1 went to the first)."""
+    from prosparse_fx import find_ffn_sites
+
+    base = tiny("llama")
+    relufy_(base, "relu", sites=find_ffn_sites(base))
+    a, b = copy.deepcopy(base).train(), copy.deepcopy(base).train()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(1.5)
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    expected = {}
+    for name, model in (("a", a), ("b", b)):  # eager hook taps: the reference
+        hooks = ActivationRegularizer(model, 1.0)
+        model(input_ids=ids, labels=ids)
+        expected[name] = float(hooks.penalty(1))
+        hooks.remove()
+    assert abs(expected["a"] - expected["b"]) > 1e-4
+    regs = {n: ActivationRegularizer(m, 1.0, taps="graph") for n, m in (("a", a), ("b", b))}
+    opts = {"regularize": True}
+    ca = torch.compile(a, backend="prosparse", fullgraph=True, options=opts)
+    cb = torch.compile(b, backend="prosparse", fullgraph=True, options=opts)
+    for name, compiled in (("a", ca), ("b", cb), ("a", ca)):
+        compiled(input_ids=ids, labels=ids)
+        assert float(regs[name].penalty(1)) == pytest.approx(expected[name], rel=1e-5), name
+        other = regs["b" if name == "a" else "a"]
+        with pytest.raises(RuntimeError, match="no activations recorded"):
+            other.penalty(1)  # nothing leaked to the other instance's regularizer
