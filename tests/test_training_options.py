@@ -273,3 +273,38 @@ def test_budget_thresholds_are_the_sparsest_within_the_budget_and_leave_the_mode
         calibrate_to_budget(model, windows, 0.9, sites)
     with pytest.raises(InputError, match="threshold_budget"):
         SparsifyConfig(threshold_budget=0.5).validate()
+
+
+# ---------------------------------------------------------------- training-throughput benchmark
+
+
+def test_bench_train_step_runs_every_variant_on_a_tiny_model(tmp_path, tiny_model_dir) -> None:
+    """benchmarks/bench_train_step.py end to end on a tiny model: the four variants, eager's and
+    the compiled step's first losses equal (the script asserts it), finite timings."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "train_step.json"
+    argv = ["x", "--model", str(tiny_model_dir), "--batch-size", "2", "--seq-len", "8"]
+    argv += ["--warmup", "1", "--repeats", "1", "--precision", "fp32", "--out-json", str(out)]
+    old, sys.argv = sys.argv, argv
+    try:
+        bench.main()
+    finally:
+        sys.argv = old
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {
+        "eager",
+        "compiled",
+        "eager + distill",
+        "compiled + distill",
+    }
+    for row in result["variants"].values():
+        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
+    assert result["variants"]["eager"]["vs_eager"] == 1.0
