@@ -252,16 +252,24 @@ def _run(
     report["history"] = history
     report["stage_ends"] = stage_ends
 
+    def out_of_domain() -> dict[str, dict[str, Any]]:
+        return {
+            name: evaluation_dict(evaluate(model, w, sites=sites, batch_size=config.batch_size))
+            for name, w in windows.out_of_domain.items()
+        }
+
+    trained = out_of_domain()  # before the shift: what training did, apart from the threshold
     sites, thresholds = _shift_thresholds(model, sites, windows.calib, config, report)
     final = evaluate(model, windows.held_out, sites=sites, batch_size=config.batch_size)
     report["out_of_domain"] = {
         name: out_of_domain_entry(
             name,
             report["out_of_domain_baseline"][name],
-            evaluation_dict(evaluate(model, w, sites=sites, batch_size=config.batch_size)),
-            int(w.shape[0]),
+            trained[name],
+            ev,
+            int(windows.out_of_domain[name].shape[0]),
         )
-        for name, w in windows.out_of_domain.items()
+        for name, ev in out_of_domain().items()
     }
     report.update(
         {

@@ -51,15 +51,21 @@ def new_report(
 
 
 def out_of_domain_entry(
-    name: str, baseline: dict[str, Any], final: dict[str, Any], windows: int
+    name: str,
+    baseline: dict[str, Any],
+    before_shift: dict[str, Any],
+    final: dict[str, Any],
+    windows: int,
 ) -> dict[str, Any]:
-    """One out-of-domain text's entry: the original and the final model (each an
-    :func:`evaluation_dict`) on the same windows, and the ratio of their perplexities (the cost
-    of training on another domain)."""
+    """One out-of-domain text's entry: the original model, the trained model before the
+    threshold shift and the final model (each an :func:`evaluation_dict`) on the same windows,
+    and the final perplexity's ratio to the original's (the cost of training on another
+    domain)."""
     return {
         "text": name,
         "windows": windows,
         "baseline": baseline,
+        "before_threshold_shift": before_shift,
         "final": final,
         "perplexity_ratio": final["perplexity"] / baseline["perplexity"],
     }
