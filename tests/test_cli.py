@@ -167,7 +167,9 @@ def test_model_without_ffn_exits_2(tmp_path, smollm2, text_file) -> None:
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_model_dir, text_file) -> None:
     out = tmp_path / "out"
-    config = _config(tmp_path, stages=[[0.0, 2], [1e300, 3]])  # lambda * L1 overflows float32
+    # lambda * L1 overflows float32 at step 3; the stage end at step 2 is checkpointed (a
+    # stage end at least checkpoint_every // 4 steps after the last checkpoint)
+    config = _config(tmp_path, stages=[[0.0, 2], [1e300, 3]], checkpoint_every=4)
     result = runner.invoke(
         app,
         [
