@@ -53,6 +53,7 @@ from .threshold import (
 from .training.checkpoint import check_state, load_state
 from .training.distill import check_teacher, check_teacher_memory
 from .training.distributed import DistContext, full_model_state, init_from_env
+from .training.substitution import ORIGINAL_ACTIVATIONS
 from .training.trainer import StageTrainer
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def _run(
         _check_tokenizer_saves(tokenizer, run)
     model.to(device)
     windows = _Windows.make(tokenizer, split, config, model, tokenizer_dir or model_source)
-    sites = _ffn_sites(model, config.activation)
+    sites = _ffn_sites(model, config)
     # the teacher is the original model; a resumed run rebuilds it from the original weights
     teacher = _teacher(model, model_source, resume_state, config, ctx, device)
 
@@ -370,7 +371,7 @@ class _Windows:
         }
 
 
-def _ffn_sites(model: Any, activation: str) -> list[FFNSite]:
+def _ffn_sites(model: Any, config: SparsifyConfig) -> list[FFNSite]:
     """The model's FFN sites, refused by name when sparsify cannot train them (or give them
     ``activation``: dReLU needs a gated FFN's up projection)."""
     try:
@@ -381,8 +382,14 @@ def _ffn_sites(model: Any, activation: str) -> list[FFNSite]:
                 "this model computes its FFN activation as a function call, with no module "
                 "to swap; sparsify needs activation modules (as in Hugging Face models)"
             )
+        from_kinds = sorted({s.activation for s in sites} - set(ORIGINAL_ACTIVATIONS))
+        if config.substitution > 0 and from_kinds:
+            raise ValueError(
+                f"substitution blends SiLU/GELU into ReLU, and this model's FFNs compute "
+                f"{from_kinds}; set substitution = 0"
+            )
         plain = [s.path for s in sites if s.kind != "gated"]
-        if activation == "drelu" and plain:
+        if config.activation == "drelu" and plain:
             raise ValueError(
                 f"activation 'drelu' puts a ReLU on a gated FFN's up projection, and "
                 f"{len(plain)} FFN(s) of this model have none ({', '.join(plain[:3])}); use "
@@ -408,8 +415,10 @@ def _teacher(
     if resume_state is None:
         source = model
     else:
-        original = Path(resume_state["report"]["model"])
-        source, _ = _load(original, None, config)
+        report = resume_state["report"]
+        original = Path(report["model"])
+        tokenizer = Path(report["tokenizer"]) if report.get("tokenizer") else None
+        source, _ = _load(original, tokenizer, config)
     check_teacher_memory(source, ctx, device)
     teacher = copy.deepcopy(source) if source is model else source
     check_teacher(teacher, model)

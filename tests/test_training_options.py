@@ -308,3 +308,23 @@ def test_bench_train_step_runs_every_variant_on_a_tiny_model(tmp_path, tiny_mode
     for row in result["variants"].values():
         assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
     assert result["variants"]["eager"]["vs_eager"] == 1.0
+
+
+def test_the_default_data_cannot_join_its_own_training_mix() -> None:
+    """ "wikipedia" is the default data: joined to the training split it would train on the
+    held-out and calibration documents (found by a reviewer), so it is refused."""
+    with pytest.raises(InputError, match="not training texts"):
+        SparsifyConfig(train_texts=["wikipedia"]).validate()
+    SparsifyConfig(train_texts=["news"]).validate()
+
+
+def test_substitution_on_a_model_that_is_relu_already_is_refused_before_any_work() -> None:
+    from prosparse_fx.ffn import find_ffn_sites
+    from prosparse_fx.pipeline import _ffn_sites
+    from prosparse_fx.relufy import relufy_
+
+    model = _llama()
+    relufy_(model, "relu", sites=find_ffn_sites(model))
+    with pytest.raises(InputError, match="set substitution = 0"):
+        _ffn_sites(model, SparsifyConfig(substitution=0.5))
+    assert len(_ffn_sites(model, SparsifyConfig())) == 2

@@ -68,7 +68,7 @@ class SmoothSubstitution:
         if bad:
             raise InputError(
                 f"smooth substitution starts from {sorted(ORIGINAL_ACTIVATIONS)}, not {bad}; "
-                "set substitution_steps = 0 (an abrupt swap)"
+                "set substitution = 0 (an abrupt swap)"
             )
         if steps < 1:
             raise InputError(f"a smooth substitution needs >= 1 step, got {steps}")
