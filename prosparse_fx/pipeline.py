@@ -197,7 +197,7 @@ def _run(
         _check_tokenizer_saves(tokenizer, run)
     model.to(device)
     windows = _Windows.make(tokenizer, split, config, model, tokenizer_dir or model_source)
-    sites = _ffn_sites(model, config)
+    sites = _ffn_sites(model, config, resumed=resume_state is not None)
     # the teacher is the original model; a resumed run rebuilds it from the original weights
     teacher = _teacher(model, model_source, resume_state, config, ctx, device)
 
@@ -371,9 +371,10 @@ class _Windows:
         }
 
 
-def _ffn_sites(model: Any, config: SparsifyConfig) -> list[FFNSite]:
+def _ffn_sites(model: Any, config: SparsifyConfig, *, resumed: bool) -> list[FFNSite]:
     """The model's FFN sites, refused by name when sparsify cannot train them (or give them
-    ``activation``: dReLU needs a gated FFN's up projection)."""
+    ``activation``: dReLU needs a gated FFN's up projection). A resumed run's checkpoint is ReLU
+    already by construction, so the substitution check applies to a fresh run only."""
     try:
         sites = find_ffn_sites(model)
         check_no_unknown(sites)
@@ -383,7 +384,7 @@ def _ffn_sites(model: Any, config: SparsifyConfig) -> list[FFNSite]:
                 "to swap; sparsify needs activation modules (as in Hugging Face models)"
             )
         from_kinds = sorted({s.activation for s in sites} - set(ORIGINAL_ACTIVATIONS))
-        if config.substitution > 0 and from_kinds:
+        if config.substitution > 0 and from_kinds and not resumed:
             raise ValueError(
                 f"substitution blends SiLU/GELU into ReLU, and this model's FFNs compute "
                 f"{from_kinds}; set substitution = 0"

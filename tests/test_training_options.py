@@ -326,5 +326,7 @@ def test_substitution_on_a_model_that_is_relu_already_is_refused_before_any_work
     model = _llama()
     relufy_(model, "relu", sites=find_ffn_sites(model))
     with pytest.raises(InputError, match="set substitution = 0"):
-        _ffn_sites(model, SparsifyConfig(substitution=0.5))
-    assert len(_ffn_sites(model, SparsifyConfig())) == 2
+        _ffn_sites(model, SparsifyConfig(substitution=0.5), resumed=False)
+    assert len(_ffn_sites(model, SparsifyConfig(), resumed=False)) == 2
+    # a resumed run's checkpoint is ReLU by construction: no refusal there
+    assert len(_ffn_sites(model, SparsifyConfig(substitution=0.5), resumed=True)) == 2
