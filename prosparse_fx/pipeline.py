@@ -23,10 +23,7 @@ from .config import PRESETS, SparsifyConfig
 from .data import (
     bos_token_id,
     load_documents,
-    sample_windows,
     split_documents,
-    spread,
-    token_windows,
 )
 from .environment import autocast_dtype, check_device, peak_memory
 from .errors import InputError
@@ -36,14 +33,12 @@ from .models import (
     check_causal_lm,
     check_model_path,
     check_seq_len,
-    check_token_ids,
     load_model,
     save_model,
 )
 from .relufy import relufy_
 from .report import evaluation_dict, new_report, out_of_domain_entry, write_plots
 from .run_folder import REPORT, RunFolder
-from .texts import load_text
 from .threshold import (
     calibrate_thresholds,
     calibrate_to_budget,
@@ -55,6 +50,7 @@ from .training.distill import check_teacher, check_teacher_memory
 from .training.distributed import DistContext, full_model_state, init_from_env
 from .training.substitution import ORIGINAL_ACTIVATIONS
 from .training.trainer import StageTrainer
+from .windows import RunWindows
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +192,9 @@ def _run(
     if run.is_main and resume_state is None:
         _check_tokenizer_saves(tokenizer, run)
     model.to(device)
-    windows = _Windows.make(tokenizer, split, config, model, tokenizer_dir or model_source)
-    sites = _ffn_sites(model, config, resumed=resume_state is not None)
+    sites = _ffn_sites(model, config, resumed=resume_state is not None)  # refusals first
+    windows = RunWindows.make(tokenizer, split, config)
+    windows.check(model, tokenizer_dir or model_source)
     # the teacher is the original model; a resumed run rebuilds it from the original weights
     teacher = _teacher(model, model_source, resume_state, config, ctx, device)
 
@@ -321,54 +318,6 @@ def _load(model_source: Path, tokenizer_dir: Path | None, config: SparsifyConfig
         raise InputError(f"cannot load the model in {model_source}: {exc}") from exc
     check_seq_len(model, config.seq_len)
     return model, tokenizer
-
-
-@dataclasses.dataclass
-class _Windows:
-    """The token windows of a run: training (the training split plus ``config.train_texts``),
-    held-out, calibration and one set per out-of-domain text."""
-
-    train: torch.Tensor
-    held_out: torch.Tensor
-    calib: torch.Tensor
-    out_of_domain: dict[str, torch.Tensor]
-
-    @classmethod
-    def make(
-        cls, tokenizer: Any, split: Any, config: SparsifyConfig, model: Any, source: Path
-    ) -> _Windows:
-        n = config.eval_windows
-        train_docs = list(split.train)
-        for name in config.train_texts:
-            train_docs.extend(load_text(name))
-        train = token_windows(tokenizer, train_docs, config.seq_len)
-        needed = max(config.batch_size, 1)
-        if train.shape[0] < needed:
-            raise InputError(
-                f"training text gives {train.shape[0]} windows of {config.seq_len} tokens, "
-                f"fewer than one batch of {needed}; give more text"
-            )
-        windows = cls(
-            train=train,
-            held_out=spread(token_windows(tokenizer, split.held_out, config.seq_len), n),
-            calib=spread(
-                token_windows(tokenizer, split.calib, config.seq_len), config.calib_windows
-            ),
-            out_of_domain={
-                name: sample_windows(tokenizer, load_text(name), config.seq_len, n)
-                for name in config.eval_texts
-            },
-        )
-        for w in (windows.train, windows.held_out, windows.calib, *windows.out_of_domain.values()):
-            check_token_ids(w, model, source)
-        return windows
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "train_windows": int(self.train.shape[0]),
-            "held_out_windows": int(self.held_out.shape[0]),
-            "calib_windows": int(self.calib.shape[0]),
-        }
 
 
 def _ffn_sites(model: Any, config: SparsifyConfig, *, resumed: bool) -> list[FFNSite]:
@@ -565,6 +514,12 @@ def _resume_inputs(
     if data_file is not None and not data_file.exists():
         raise InputError(
             f"--resume {out}: the run's data {data_file} is gone; pass --data with its new path"
+        )
+    teacher = Path(report["model"])
+    if stored.distill > 0 and not teacher.exists():
+        raise InputError(
+            f"--resume {out}: the run distils from its original model {teacher}, which is gone; "
+            "pass --model with its new path"
         )
     if report.get("data_fingerprint") != fingerprint(data_file):
         raise InputError(

@@ -11,7 +11,7 @@ from torch import nn
 
 from .activations import check_threshold
 from .ffn import FFNSite
-from .measure import evaluate
+from .measure import Evaluation, evaluate
 from .relufy import relufy_
 from .taps import tap_inputs
 
@@ -111,6 +111,23 @@ def calibrate_thresholds(
     return thresholds
 
 
+def _evaluate_at(
+    model: nn.Module,
+    windows: torch.Tensor,
+    thresholds: float | Sequence[float],
+    sites: Sequence[FFNSite],
+    batch_size: int,
+) -> Evaluation:
+    """Perplexity and sparsity of ``model`` on ``windows`` with its FFN thresholds set to
+    ``thresholds``; the sites' own thresholds are restored afterwards, also on error."""
+    original = [s.threshold or 0.0 for s in sites]
+    try:
+        current = shift_thresholds_(model, thresholds, sites)
+        return evaluate(model, windows, sites=current, batch_size=batch_size)
+    finally:
+        shift_thresholds_(model, original, sites)
+
+
 def threshold_sweep(
     model: nn.Module,
     windows: torch.Tensor,
@@ -132,22 +149,17 @@ def threshold_sweep(
     Returns:
         ``[{"threshold": t, "sparsity": s, "perplexity": p, "per_layer_sparsity": [...]}, ...]``.
     """
-    original = [s.threshold or 0.0 for s in sites]
     rows = []
-    try:
-        for t in thresholds:
-            current = shift_thresholds_(model, check_threshold(t), sites)
-            ev = evaluate(model, windows, sites=current, batch_size=batch_size)
-            rows.append(
-                {
-                    "threshold": float(t),
-                    "sparsity": ev.sparsity.sparsity,
-                    "perplexity": ev.perplexity,
-                    "per_layer_sparsity": ev.sparsity.per_layer,
-                }
-            )
-    finally:
-        shift_thresholds_(model, original, sites)
+    for t in thresholds:
+        ev = _evaluate_at(model, windows, check_threshold(t), sites, batch_size)
+        rows.append(
+            {
+                "threshold": float(t),
+                "sparsity": ev.sparsity.sparsity,
+                "perplexity": ev.perplexity,
+                "per_layer_sparsity": ev.sparsity.per_layer,
+            }
+        )
     return rows
 
 
@@ -188,44 +200,38 @@ def calibrate_to_budget(
         raise ValueError(f"the perplexity budget must be a finite ratio >= 1, got {budget!r}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations!r}")
-    original = [s.threshold or 0.0 for s in sites]
     base = evaluate(model, windows, sites=sites, batch_size=batch_size)
     best = {
-        "thresholds": list(original),
+        "thresholds": [s.threshold or 0.0 for s in sites],
         "target_sparsity": base.sparsity.sparsity,
         "calib_perplexity": base.perplexity,
         "calib_sparsity": base.sparsity.sparsity,
     }
     tried = []
     lo, hi = base.sparsity.sparsity, 0.99
-    try:
-        for _ in range(iterations):
-            target = (lo + hi) / 2
-            thresholds = calibrate_thresholds(model, windows, target, sites, batch_size=batch_size)
-            current = shift_thresholds_(model, thresholds, sites)
-            ev = evaluate(model, windows, sites=current, batch_size=batch_size)
-            shift_thresholds_(model, original, sites)
-            fits = ev.perplexity <= budget * base.perplexity
-            tried.append(
-                {
-                    "target_sparsity": target,
-                    "sparsity": ev.sparsity.sparsity,
-                    "perplexity": ev.perplexity,
-                    "fits": fits,
-                }
-            )
-            if fits:
-                lo = target
-                best = {
-                    "thresholds": thresholds,
-                    "target_sparsity": target,
-                    "calib_perplexity": ev.perplexity,
-                    "calib_sparsity": ev.sparsity.sparsity,
-                }
-            else:
-                hi = target
-    finally:
-        shift_thresholds_(model, original, sites)
+    for _ in range(iterations):
+        target = (lo + hi) / 2
+        thresholds = calibrate_thresholds(model, windows, target, sites, batch_size=batch_size)
+        ev = _evaluate_at(model, windows, thresholds, sites, batch_size)
+        fits = ev.perplexity <= budget * base.perplexity
+        tried.append(
+            {
+                "target_sparsity": target,
+                "sparsity": ev.sparsity.sparsity,
+                "perplexity": ev.perplexity,
+                "fits": fits,
+            }
+        )
+        if fits:
+            lo = target
+            best = {
+                "thresholds": thresholds,
+                "target_sparsity": target,
+                "calib_perplexity": ev.perplexity,
+                "calib_sparsity": ev.sparsity.sparsity,
+            }
+        else:
+            hi = target
     return {
         **best,
         "unshifted_perplexity": base.perplexity,

@@ -763,3 +763,33 @@ def test_resume_with_distillation_smooth_substitution_and_decay_matches_the_whol
         assert entry["perplexity_ratio"] == pytest.approx(
             entry["final"]["perplexity"] / base["perplexity"]
         )
+
+
+def test_resuming_a_distillation_run_after_its_original_model_moved(
+    tmp_path, tiny_model_dir, text_file, monkeypatch
+) -> None:
+    """The teacher is reloaded from the original model on resume: when that folder is gone, the
+    refusal names it and says to pass --model; with --model NEW (same fingerprint) it resumes."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    options = {**FAST, "distill": 0.5, "stages": [[0.0, 3], [0.5, 4]]}
+    out = tmp_path / "crashed"
+    monkeypatch.setenv(FAILPOINT_ENV, "train.step@3:raise")
+    reset_failpoints()
+    with pytest.raises(SimulatedCrash):
+        run_sparsify(
+            out,
+            SparsifyConfig.from_dict(options),
+            model_path=model,
+            data_path=text_file,
+            show_progress=False,
+        )
+    monkeypatch.delenv(FAILPOINT_ENV)
+    reset_failpoints()
+    moved = tmp_path / "moved-model"
+    model.rename(moved)
+    with pytest.raises(InputError, match=r"distils from its original model .* pass --model"):
+        run_sparsify(out, resume=True, show_progress=False)
+    report = run_sparsify(out, resume=True, model_path=moved, show_progress=False)
+    assert report["status"] == "done" and report["model"] == str(moved.resolve())
+    assert all(h["kl"] is not None for h in report["history"])
