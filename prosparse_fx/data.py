@@ -365,20 +365,25 @@ def sample_windows(
     first windows of each, without tokenizing whole long texts (37 plays are 1.7M tokens).
 
     Each of up to ``n`` documents (spread evenly) gives ``ceil(n / documents)`` windows (fewer
-    if it is shorter); the windows are then spread down to ``n``. BOS as in
+    if it is shorter); when short documents leave fewer than ``n``, the other documents, in
+    order, make up for them; the windows are then spread down to ``n``. BOS as in
     :func:`token_windows`.
 
     Raises:
         InputError: the documents give no window of ``seq_len`` tokens.
     """
-    picked = [docs[i] for i in spread(torch.arange(len(docs)).view(-1, 1), n).view(-1).tolist()]
+    picked = spread(torch.arange(len(docs)).view(-1, 1), n).view(-1).tolist()
     per_doc = -(-n // len(picked))
-    parts = []
-    for doc in picked:
+    rest = sorted(set(range(len(docs))) - set(picked))
+    parts, total = [], 0
+    for i, index in enumerate(picked + rest):
+        if i >= len(picked) and total >= n:
+            break  # the other documents only make up for short ones
         try:
-            parts.append(token_windows(tokenizer, [doc], seq_len, max_windows=per_doc))
+            parts.append(token_windows(tokenizer, [docs[index]], seq_len, max_windows=per_doc))
         except InputError:
             continue  # a document shorter than one window
+        total += parts[-1].shape[0]
     if not parts:
         raise InputError(f"the text gives no window of {seq_len} tokens")
     return spread(torch.cat(parts), n)

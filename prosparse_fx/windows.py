@@ -41,12 +41,17 @@ class RunWindows:
 
         Raises:
             InputError: the training text gives fewer windows than one batch of
-                ``config.batch_size``; a named text that is not installed.
+                ``config.batch_size``; a named text that is not installed; a text of
+                ``config.train_texts`` whose documents are in the held-out or calibration
+                split (the same text given as data: training on it would leak into the
+                measurement).
         """
         n = config.eval_windows
         train_docs = list(split.train)
         for name in config.train_texts:
-            train_docs.extend(load_text(name))
+            docs = load_text(name)
+            _check_no_leak(name, docs, split)
+            train_docs.extend(docs)
         train = token_windows(tokenizer, train_docs, config.seq_len)
         needed = max(config.batch_size, 1)
         if train.shape[0] < needed:
@@ -79,3 +84,16 @@ class RunWindows:
             "held_out_windows": int(self.held_out.shape[0]),
             "calib_windows": int(self.calib.shape[0]),
         }
+
+
+def _check_no_leak(name: str, docs: list[str], split: DocumentSplit) -> None:
+    """Refuse a training text whose documents (40 characters or more, whitespace collapsed)
+    occur in the held-out or calibration split, however the data file cut them."""
+    measured = " ".join(" ".join(d.split()) for d in (*split.held_out, *split.calib))
+    leaked = [d for d in docs if len(d) >= 40 and " ".join(d.split()) in measured]
+    if leaked:
+        raise InputError(
+            f"train_texts {name!r}: {len(leaked)} of its {len(docs)} documents are in the data's "
+            "held-out or calibration split (is --data the same text?), so training on them "
+            f"would leak into the measurement; drop {name!r} from train_texts or give other data"
+        )

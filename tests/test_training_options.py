@@ -189,6 +189,12 @@ def test_sample_windows_spans_the_documents_without_tokenizing_all() -> None:
     assert w.shape == (6, 10)
     with pytest.raises(InputError, match="no window"):
         sample_windows(_Chars(), ["ab", "cd"], 10, 3)
+    # a picked document shorter than one window: an unpicked one makes up for it (python-docs
+    # gave 15 windows for 16)
+    short = [d if i != 19 else "t" * 5 for i, d in enumerate(docs)]
+    w = sample_windows(_Chars(), short, 10, 5)
+    assert w.shape == (5, 10)
+    assert ord("t") not in {int(row[0]) for row in w}
 
 
 def test_spread_keeps_first_and_last() -> None:
@@ -330,3 +336,29 @@ def test_substitution_on_a_model_that_is_relu_already_is_refused_before_any_work
     assert len(_ffn_sites(model, SparsifyConfig(), resumed=False)) == 2
     # a resumed run's checkpoint is ReLU by construction: no refusal there
     assert len(_ffn_sites(model, SparsifyConfig(substitution=0.5), resumed=True)) == 2
+
+
+def test_a_training_text_that_is_also_the_data_is_refused(tmp_path) -> None:
+    """'news' in train_texts with --data the same news file (here as plain text, one paragraph
+    per document) would train on the held-out documents: refused, naming the text; other data
+    with 'news' is accepted."""
+    from prosparse_fx.data import load_documents, split_documents
+    from prosparse_fx.models import load_tokenizer, model_folder
+    from prosparse_fx.texts import load_text
+    from prosparse_fx.windows import RunWindows
+
+    tok = load_tokenizer(model_folder(None))
+    config = SparsifyConfig(train_texts=["news"], seq_len=32, eval_windows=2, calib_windows=2)
+    same = tmp_path / "news.txt"
+    same.write_text("\n\n".join(load_text("news")), encoding="utf-8")
+    split = split_documents(load_documents(same), seed=0)
+    with pytest.raises(InputError, match="train_texts 'news'.*held-out or calibration split"):
+        RunWindows.make(tok, split, config)
+    other = tmp_path / "other.txt"
+    other.write_text(
+        "\n\n".join(f"Document {i} is about the number {i} and nothing else." for i in range(40)),
+        encoding="utf-8",
+    )
+    windows = RunWindows.make(tok, split_documents(load_documents(other), seed=0), config)
+    news_tokens = sum(len(tok(d)["input_ids"]) for d in load_text("news"))
+    assert windows.train.numel() >= news_tokens * 0.9  # the news documents joined training
