@@ -164,11 +164,23 @@ def measure(
     ] = 128,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     tokenizer: Annotated[Path | None, typer.Option(help=_TOKENIZER_HELP)] = None,
+    held_out: Annotated[
+        bool | None,
+        typer.Option(
+            "--held-out/--whole",
+            help="Measure on the held-out split of the text, as sparsify's report does (same "
+            "--seed), or on the whole text (default: held-out for the default text, whole for "
+            "--data).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the document split (--held-out).")] = 0,
 ) -> None:
     """Per-layer sparsity of x1 and perplexity of a model on held-out text.
 
-    Windows follow the tokenizer's BOS convention: when it adds BOS to a text (Gemma, LLaMA-2),
-    every window starts with BOS, which is not scored.
+    With ``--held-out`` (the default for the default text) the windows are those of a sparsify
+    run with the same ``--seed``, ``--seq-len`` and ``--windows`` (its ``eval_windows``): the
+    report's perplexity is reproduced. Windows follow the tokenizer's BOS convention: when it
+    adds BOS to a text (Gemma, LLaMA-2), every window starts with BOS, which is not scored.
     """
     from .data import bos_token_id, load_documents, split_documents, spread, token_windows
     from .ffn import FFNNotFoundError, find_ffn_sites
@@ -188,7 +200,8 @@ def measure(
             check_causal_lm(model)  # an encoder is refused before the text is read
         docs = load_documents(data)
         lm, tok = load_model(model, tokenizer=tokenizer)
-        text = split_documents(docs).held_out if data is None else docs
+        split = data is None if held_out is None else held_out
+        text = split_documents(docs, seed=seed).held_out if split else docs
         bos = bos_token_id(tok)
         check_seq_len(lm, seq_len)
         win = spread(token_windows(tok, text, seq_len), windows)
@@ -208,6 +221,7 @@ def measure(
         "tokens": ev.sparsity.tokens,
         "windows": int(win.shape[0]),
         "seq_len": seq_len,
+        "text": f"held-out split (seed {seed})" if split else "whole text",
         "bos": bos is not None,  # each window starts with BOS (not scored)
         "bos_token_id": bos,
         "activation": sorted({s.activation for s in sites}),
@@ -221,7 +235,8 @@ def measure(
     start = f"each starting with BOS (id {bos}, not scored)" if bos is not None else "no BOS"
     typer.echo(
         f"overall sparsity {ev.sparsity.sparsity:.4f}, perplexity {ev.perplexity:.2f} "
-        f"({ev.sparsity.tokens} tokens in {win.shape[0]} windows of {seq_len}, {start}; "
+        f"({ev.sparsity.tokens} tokens in {win.shape[0]} windows of {seq_len} from the "
+        f"{result['text']}, {start}; "
         f"activation {', '.join(result['activation'])})"
     )
 

@@ -81,6 +81,16 @@ def test_sparsify_writes_model_report_and_plots(tmp_path, tiny_model_dir, text_f
     )
     assert measured.exit_code == 0, measured.output
     assert 0 <= json.loads(measured.stdout)["sparsity"] <= 1
+    # --held-out: the run's own held-out windows, so the report's numbers are reproduced
+    same = ["--seq-len", str(FAST["seq_len"]), "--windows", str(FAST["eval_windows"])]
+    measured = runner.invoke(
+        app, ["measure", str(out), "--data", str(text_file), "--held-out", "--json", *same]
+    )
+    assert measured.exit_code == 0, measured.output
+    again = json.loads(measured.stdout)
+    assert again["text"] == "held-out split (seed 0)"
+    assert again["perplexity"] == pytest.approx(report["perplexity"], rel=1e-4)
+    assert again["sparsity"] == pytest.approx(report["sparsity"], abs=1e-6)
     # inputs untouched and a second run into the same folder refused
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "not empty" in again.output
