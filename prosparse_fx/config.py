@@ -110,6 +110,13 @@ class SparsifyConfig:
     train_texts: list[str] = field(default_factory=list)
     eval_texts: list[str] = field(default_factory=lambda: list(OUT_OF_DOMAIN))
 
+    VERSION = 1  # of the dict form: to_dict writes it, from_dict refuses a newer one
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON values, with ``"version"`` (:attr:`VERSION`): what
+        ``report.json`` records and :meth:`from_dict` reads back."""
+        return {"version": self.VERSION, **dataclasses.asdict(self)}
+
     def schedule(self) -> ProSparseSchedule:
         """The lambda schedule, scaled to ``max_steps`` when it is set."""
         schedule = ProSparseSchedule.from_stages(self.stages)
@@ -140,10 +147,29 @@ class SparsifyConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparsifyConfig:
-        """Build from a dict, with an error naming unknown fields and the valid ones."""
+        """Build from a dict (a config file's table, or :meth:`to_dict`'s output), with an error
+        naming unknown fields and the valid ones.
+
+        A ``"version"`` key, when present, must be a whole number no newer than
+        :attr:`VERSION` (a config written by a newer prosparse-fx is refused, not misread); a
+        dict without one (a hand-written config) is read as the current version.
+
+        Raises:
+            InputError: not a dict, a bad or newer version, unknown fields, or a field value
+                that :meth:`validate` refuses.
+        """
         if not isinstance(data, dict):
             raise InputError(
                 f"a config must be a table of SparsifyConfig fields, got {type(data).__name__}"
+            )
+        data = dict(data)
+        version = data.pop("version", cls.VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InputError(f"config version must be a whole number >= 1, got {version!r}")
+        if version > cls.VERSION:
+            raise InputError(
+                f"config version {version} was written by a newer prosparse-fx (this one reads "
+                f"version {cls.VERSION}); upgrade prosparse-fx"
             )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)

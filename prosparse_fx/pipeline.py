@@ -213,7 +213,7 @@ def _run(
                 **windows.counts(),
                 "seq_len": config.seq_len,
             },
-            config=dataclasses.asdict(config),
+            config=config.to_dict(),
             schedule=schedule.to_dict(),
             sites=[s.to_dict() for s in sites],
             training_autocast=str(autocast_dtype(config.precision, device) or "float32"),

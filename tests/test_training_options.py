@@ -3,6 +3,7 @@ training mix and the out-of-domain texts (issue 14)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -362,3 +363,19 @@ def test_a_training_text_that_is_also_the_data_is_refused(tmp_path) -> None:
     windows = RunWindows.make(tok, split_documents(load_documents(other), seed=0), config)
     news_tokens = sum(len(tok(d)["input_ids"]) for d in load_text("news"))
     assert windows.train.numel() >= news_tokens * 0.9  # the news documents joined training
+
+
+def test_config_round_trips_through_its_versioned_dict() -> None:
+    """to_dict carries the version; from_dict reads it back equal, reads a hand-written dict
+    without a version, and refuses a newer or malformed version by name."""
+    config = SparsifyConfig(distill=0.5, lr_decay="cosine", train_texts=["news"], max_steps=9)
+    data = config.to_dict()
+    assert data["version"] == SparsifyConfig.VERSION == 1
+    assert json.loads(json.dumps(data)) == data  # plain JSON values
+    assert SparsifyConfig.from_dict(data) == config
+    assert SparsifyConfig.from_dict({"distill": 0.5}) == SparsifyConfig(distill=0.5)
+    with pytest.raises(InputError, match="version 2 was written by a newer prosparse-fx"):
+        SparsifyConfig.from_dict({**data, "version": 2})
+    for bad in ("1", 0, True, 1.0):
+        with pytest.raises(InputError, match="config version must be a whole number"):
+            SparsifyConfig.from_dict({**data, "version": bad})
