@@ -1,0 +1,101 @@
+"""The activation predictor of one FFN site: which neurons a token will activate, guessed from
+the FFN input before the gate is computed (Deja Vu, Liu et al. 2023, arXiv 2310.17157;
+ProSparse Sec. 4 and its appendix on approximate acceleration).
+
+A predictor maps the FFN input ``x`` to an estimate of the gate pre-activation; neuron ``j`` is
+predicted active where its estimate is above the predictor's ``cut``. A sparse kernel then reads
+the gate, up and down rows of the predicted neurons only, and still applies the FATReLU to them:
+a neuron predicted active but truly inactive gives exactly 0, so a truly active neuron that the
+predictor misses is the only approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("svd",)  # "trained" (a learned low-rank MLP, as in Deja Vu) is to come
+
+
+@dataclass(eq=False)
+class Predictor:
+    """The predictor of one FFN site, with the cut calibrated on text and what it measured there.
+
+    Attributes:
+        site: module path of the FFN (:attr:`prosparse_fx.ffn.FFNSite.path`).
+        kind: ``"svd"`` (training-free, :func:`~prosparse_fx.predictors.svd_factors`).
+        rank: the rank r of the low-rank estimate.
+        a: ``[rank, d]`` floating-point factor applied to the input first.
+        b: ``[d_ff, rank]`` floating-point factor.
+        cut: a neuron is predicted active where its estimate is above ``cut`` (in the units of
+            the gate pre-activation; a float32 value, compared in float32).
+        bias: ``[d_ff]`` added to the estimate (the gate's or fc1's bias), or ``None``.
+        recall: fraction of the truly active (token, neuron) pairs predicted active, on the
+            calibration windows.
+        precision: fraction of the predicted (token, neuron) pairs that are truly active.
+        predicted_sparsity: fraction of (token, neuron) pairs predicted inactive.
+        true_sparsity: fraction of (token, neuron) pairs with x1 == 0.
+    """
+
+    site: str
+    kind: str
+    rank: int
+    a: torch.Tensor
+    b: torch.Tensor
+    cut: float
+    bias: torch.Tensor | None = None
+    recall: float = math.nan
+    precision: float = math.nan
+    predicted_sparsity: float = math.nan
+    true_sparsity: float = math.nan
+
+    @property
+    def d(self) -> int:
+        """Width of the FFN input."""
+        return self.a.shape[1]
+
+    @property
+    def d_ff(self) -> int:
+        """Number of neurons (width of x1)."""
+        return self.b.shape[0]
+
+
+def low_rank_estimate(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ a.T @ b.T (+ bias)``: the low-rank estimate of the gate pre-activation.
+
+    Args:
+        x: ``[..., d]`` (cast to the dtype of ``a``).
+        a: ``[rank, d]``; b: ``[d_ff, rank]``; bias: ``[d_ff]`` or ``None``.
+
+    Returns:
+        ``[..., d_ff]`` in the dtype of ``a``.
+    """
+    return F.linear(F.linear(x.to(a.dtype), a), b, bias)
+
+
+def predicted_active(estimate: torch.Tensor, cut: float) -> torch.Tensor:
+    """Bool ``[..., d_ff]``: the neurons predicted active, where ``estimate > cut``.
+
+    Compared in float32 (the precision the cut was calibrated in). A non-finite estimate (from a
+    NaN or infinite input) counts as active, so that the neuron is computed and the NaN reaches
+    the output as in the dense model, instead of being skipped as a silent 0.
+    """
+    estimate = estimate.float()
+    return ~((estimate <= cut) & estimate.isfinite())
+
+
+def estimate(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
+    """The predictor's estimate of the gate pre-activation: ``[..., d]`` -> ``[..., d_ff]``, in
+    the dtype of ``predictor.a``."""
+    return low_rank_estimate(x, predictor.a, predictor.b, predictor.bias)
+
+
+def predicted_mask(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., d_ff]``: the neurons predicted active for each token of ``x`` (``[..., d]``);
+    see :func:`predicted_active`."""
+    return predicted_active(estimate(predictor, x), predictor.cut)

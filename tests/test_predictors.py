@@ -1,0 +1,470 @@
+"""Activation predictors (approximate mode, issue 15): SVD factors, the recall-calibrated cut,
+storage and the dense references of the predicted FFN ops."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+
+import pytest
+import safetensors.torch
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prosparse_fx import find_ffn_sites, relufy_
+from prosparse_fx.atomic import OutputWriteError
+from prosparse_fx.kernels.reference import gated_ffn_reference, plain_ffn_reference
+from prosparse_fx.predictors import (
+    Predictor,
+    PredictorFileError,
+    build_predictors,
+    cut_for_recall,
+    estimate,
+    gate_weight,
+    load_predictors,
+    low_rank_estimate,
+    predicted_active,
+    predicted_gated_ffn_reference,
+    predicted_mask,
+    predicted_plain_ffn_reference,
+    save_predictors,
+    svd_factors,
+)
+from prosparse_fx.sparse_modules import NotSparseError
+from tests.models import VOCAB, tiny
+
+T = 0.05  # FATReLU threshold of the test models
+FULL = 32  # min(d, d_ff) of the tiny models
+
+
+@pytest.fixture(scope="module")
+def windows() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def llama_sites() -> list:
+    """The (SiLU) sites of tiny llama; the models below are relufied along them, no capture."""
+    return find_ffn_sites(tiny("llama"))
+
+
+def _relufied(family: str, activation: str, sites: list, seed: int = 0):
+    model = tiny(family, seed=seed)
+    return model, relufy_(model, activation, T, sites=sites)
+
+
+@pytest.fixture(scope="module")
+def llama(llama_sites):
+    return _relufied("llama", "fatrelu", llama_sites)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    model = tiny("gpt2")
+    return model, relufy_(model, "fatrelu", T)
+
+
+@pytest.fixture(scope="module")
+def models(llama, gpt2, llama_sites) -> dict:
+    return {"llama": llama, "gpt2": gpt2, "drelu": _relufied("llama", "drelu", llama_sites)}
+
+
+def _capture(model, site, windows: torch.Tensor):
+    """FFN input x ``[tokens, d]``, x1 ``[tokens, d_ff]`` and FFN output ``[tokens, d]`` of one
+    site, from one forward of all windows (the batch build_predictors runs with batch_size=4)."""
+    seen = {}
+    ffn, down = model.get_submodule(site.path), model.get_submodule(site.down)
+    h1 = ffn.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    h2 = down.register_forward_pre_hook(lambda m, args: seen.update(x1=args[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids=windows)
+    finally:
+        h1.remove()
+        h2.remove()
+    return tuple(seen[k].reshape(-1, seen[k].shape[-1]) for k in ("x", "x1", "y"))
+
+
+# --------------------------------------------------------------------------- SVD factors
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (16, 32)])
+def test_svd_full_rank_reproduces_the_gate(shape) -> None:
+    w = torch.randn(shape)
+    a, b = svd_factors(w, min(shape))
+    assert a.shape == (min(shape), shape[1]) and b.shape == (shape[0], min(shape))
+    x = torch.randn(5, shape[1])
+    torch.testing.assert_close(x @ a.T @ b.T, x @ w.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b @ a, w, atol=1e-5, rtol=1e-5)
+
+
+def test_svd_low_rank_is_the_best_rank_r_approximation() -> None:
+    w = torch.randn(64, 32)
+    a, b = svd_factors(w, 5)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    best = u[:, :5] @ torch.diag(s[:5]) @ vh[:5]
+    torch.testing.assert_close(b @ a, best, atol=1e-5, rtol=1e-5)
+    # Eckart-Young: the Frobenius error is the norm of the dropped singular values
+    err = torch.linalg.matrix_norm(w - b @ a)
+    assert math.isclose(float(err), float(s[5:].square().sum().sqrt()), rel_tol=1e-4)
+    # a worse rank-5 factorisation (rows 1..5 of the SVD instead of 0..4) has a larger error
+    worse = u[:, 1:6] @ torch.diag(s[1:6]) @ vh[1:6]
+    assert float(torch.linalg.matrix_norm(w - worse)) > float(err)
+
+
+def test_svd_keeps_dtype_and_refuses_bad_ranks() -> None:
+    w = torch.randn(64, 32, dtype=torch.bfloat16)
+    a, b = svd_factors(w, 8)
+    assert a.dtype == b.dtype == torch.bfloat16
+    for rank in (0, 33, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"\[1, min\(d, d_ff\)\] = \[1, 32\]"):
+            svd_factors(w, rank)
+
+
+# --------------------------------------------------------------------------- the cut
+
+
+def test_cut_for_recall_is_the_quantile_on_a_hand_built_example() -> None:
+    values = torch.arange(1.0, 11.0)  # 1..10
+    three = float(torch.nextafter(torch.tensor(3.0), torch.tensor(-math.inf)))
+    assert cut_for_recall(values, 0.8) == three  # keep 8 of 10: 3..10
+    assert cut_for_recall(values, 0.75) == three  # ceil(7.5) = 8: at least the target
+    assert 2.0 < three < 3.0 and int((values > three).sum()) == 8
+    one = cut_for_recall(values, 1.0)
+    assert one < 1.0 and int((values > one).sum()) == 10
+    assert 9.0 < cut_for_recall(values, 0.05) < 10.0  # keep 1: the largest
+    ties = torch.tensor([5.0, 2.0, 2.0, 1.0, 2.0])
+    cut = cut_for_recall(ties, 0.4)  # keep 2: the lowest kept is a 2, so all three 2s stay
+    assert 1.0 < cut < 2.0 and int((ties > cut).sum()) == 4
+    for bad in (0.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            cut_for_recall(values, bad)
+    with pytest.raises(ValueError, match="finite"):
+        cut_for_recall(torch.tensor([1.0, math.nan]), 0.5)
+    with pytest.raises(ValueError, match="at least one"):
+        cut_for_recall(torch.empty(0), 0.5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_build_predictors_reaches_the_recall_and_measures_it(family, models, windows) -> None:
+    model, sites = models[family]
+    predictors = build_predictors(model, windows, sites, rank=4, recall=0.9)
+    assert [p.site for p in predictors] == [s.path for s in sites]
+    for p, s in zip(predictors, sites):
+        w, bias = gate_weight(model, s)
+        a, b = svd_factors(w, 4)
+        assert p.kind == "svd" and p.rank == 4 and torch.equal(p.a, a) and torch.equal(p.b, b)
+        assert (p.bias is None) == (family == "llama")
+        x, x1, _ = _capture(model, s, windows)
+        active = x1 != 0
+        est = estimate(p, x).float()
+        assert p.cut == cut_for_recall(est[active], 0.9)
+        mask = predicted_mask(p, x)
+        both = int((mask & active).sum())
+        assert p.recall == both / int(active.sum()) >= 0.9
+        assert p.precision == both / int(mask.sum())
+        assert p.true_sparsity == 1 - int(active.sum()) / active.numel()
+        assert p.predicted_sparsity == 1 - int(mask.sum()) / mask.numel()
+        assert 0.3 < p.true_sparsity < 0.95 and p.predicted_sparsity < p.true_sparsity
+
+
+def test_the_cut_from_a_subsample_is_seeded(llama, windows, monkeypatch) -> None:
+    from prosparse_fx.predictors import calibrate
+
+    model, sites = llama
+    full = build_predictors(model, windows, sites, rank=4, recall=0.9)
+    monkeypatch.setattr(calibrate, "SAMPLES_PER_LAYER", 200)  # of ~1400 active pairs a layer
+    first = build_predictors(model, windows, sites, rank=4, recall=0.9, seed=0)
+    again = build_predictors(model, windows, sites, rank=4, recall=0.9, seed=0)
+    other = build_predictors(model, windows, sites, rank=4, recall=0.9, seed=1)
+    assert [p.cut for p in first] == [p.cut for p in again]
+    assert [p.cut for p in first] != [p.cut for p in other]
+    for p, q in zip(first, full):  # a 200-value sample: the recall is near the target
+        assert abs(p.recall - 0.9) < 0.05 and p.cut != q.cut
+
+
+def _dense_and_predicted(model, site, p, x):
+    """The exact FFN and the predicted one (the references) on ``x``."""
+    if site.kind == "gated":
+        w_gate = model.get_submodule(site.gate).weight
+        w_up = model.get_submodule(site.up).weight
+        w_down_t = model.get_submodule(site.down).weight.T
+        args = (w_gate, w_up, w_down_t, site.threshold, site.up_relu)
+        return (
+            gated_ffn_reference(x, *args),
+            predicted_gated_ffn_reference(x, p.a, p.b, p.cut, *args),
+        )
+    fc1, fc2 = model.get_submodule(site.up), model.get_submodule(site.down)  # Conv1D: [in, out]
+    args = (fc1.weight.T, fc1.bias, fc2.weight, fc2.bias, site.threshold)
+    return (
+        plain_ffn_reference(x, *args),
+        predicted_plain_ffn_reference(x, p.a, p.b, p.bias, p.cut, *args),
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "drelu", "gpt2"])
+def test_full_rank_recall_one_gives_the_exact_ffn(family, models, windows) -> None:
+    model, sites = models[family]
+    predictors = build_predictors(model, windows, sites, rank=FULL, recall=1.0)
+    for p, s in zip(predictors, sites):
+        assert p.recall == 1.0
+        x, _, y = _capture(model, s, windows)
+        dense, predicted = _dense_and_predicted(model, s, p, x)
+        assert torch.equal(predicted, dense)
+        torch.testing.assert_close(predicted, y, atol=1e-5, rtol=1e-5)
+        # at full rank the estimate is the gate: the cut sits at the threshold
+        assert T - 1e-5 < p.cut < T + 0.01
+        if family != "drelu":  # dReLU also zeroes where up <= 0, which the gate cannot see
+            assert p.precision > 0.99
+            assert abs(p.predicted_sparsity - p.true_sparsity) < 0.01
+
+
+# --------------------------------------------------------------------------- the references
+
+
+def _hand_built():
+    """d = 2, d_ff = 3, t = 0.7: x = [1, 0.5] gives gate [1, 0.5, 1.5] -> FATReLU [1, 0, 1.5],
+    up [2, 1, 1], so x1 = [2, 0, 1.5]; neuron 1 is inactive."""
+    x = torch.tensor([[1.0, 0.5]])
+    w_gate = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    w_up = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
+    w_down_t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    return x, w_gate, w_up, w_down_t, 0.7
+
+
+def test_predicted_inactive_gives_zero_and_a_miss_is_the_only_difference() -> None:
+    x, w_gate, w_up, w_down_t, t = _hand_built()
+    dense = gated_ffn_reference(x, w_gate, w_up, w_down_t, t)
+    assert dense.tolist() == [[3.5, 1.5]]
+    a = torch.eye(2)
+
+    def run(b: torch.Tensor) -> torch.Tensor:
+        return predicted_gated_ffn_reference(x, a, b, 0.0, w_gate, w_up, w_down_t, t)
+
+    # estimate x @ b.T = [1, 0.5, 1.5] > 0: all predicted, inactive neuron 1 included
+    assert torch.equal(run(w_gate), dense)
+    # estimate [1, 0.5, -1]: neuron 1 predicted (inactive, adds 0), active neuron 2 missed
+    missed = run(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    assert missed.tolist() == [[2.0, 0.0]]
+    x1_2 = 1.5  # FATReLU(1.5) * up 1
+    assert torch.equal(dense - missed, x1_2 * w_down_t[2:])
+    # estimate [1, -0.5, -1]: neuron 1 not predicted either: the same output
+    assert torch.equal(run(torch.tensor([[1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]])), missed)
+
+
+def test_plain_hand_built_miss() -> None:
+    x, w1, _, w2_t, t = _hand_built()
+    b1 = torch.tensor([0.0, 0.0, -0.5])  # h = [1, 0.5, 1.0] -> FATReLU [1, 0, 1]
+    b2 = torch.tensor([0.25, 0.25])
+    dense = plain_ffn_reference(x, w1, b1, w2_t, b2, t)
+    assert dense.tolist() == [[2.25, 1.25]]
+    a = torch.eye(2)
+    exact = predicted_plain_ffn_reference(x, a, w1, b1, 0.0, w1, b1, w2_t, b2, t)
+    assert torch.equal(exact, dense)
+    # the predictor's own bias lowers neuron 2's estimate below the cut: it is missed
+    miss = predicted_plain_ffn_reference(
+        x, a, w1, torch.tensor([0.0, 0.0, -2.0]), 0.0, w1, b1, w2_t, b2, t
+    )
+    assert torch.equal(dense - miss, 1.0 * w2_t[2:])
+
+
+def test_nan_in_gives_nan_out_even_when_nothing_is_predicted() -> None:
+    d, d_ff = 32, 64
+    a, b = torch.randn(4, d), torch.randn(d_ff, 4)
+    w_gate, w_up, w_down_t = torch.randn(d_ff, d), torch.randn(d_ff, d), torch.randn(d_ff, d)
+    x = torch.randn(3, d)
+    x[1, 5] = math.nan
+    cut = 1e9  # no finite estimate is above it
+    out = predicted_gated_ffn_reference(x, a, b, cut, w_gate, w_up, w_down_t, T)
+    assert out[1].isnan().all()
+    assert torch.equal(out[[0, 2]], torch.zeros(2, d))
+    plain = predicted_plain_ffn_reference(
+        x, a, b, torch.zeros(d_ff), cut, w_gate, torch.zeros(d_ff), w_down_t, torch.ones(d), T
+    )
+    assert plain[1].isnan().all() and torch.equal(plain[[0, 2]], torch.ones(2, d))
+    p = Predictor("ffn", "svd", 4, a, b, cut)
+    assert predicted_mask(p, x)[1].all() and not predicted_mask(p, x)[[0, 2]].any()
+    est = torch.tensor([math.nan, math.inf, -math.inf, 0.5, -0.5])
+    assert predicted_active(est, 0.0).tolist() == [True, True, True, True, False]
+
+
+def test_zero_length_input() -> None:
+    d, d_ff, d_out = 32, 64, 24
+    a, b = torch.randn(4, d), torch.randn(d_ff, 4)
+    w, w_down_t = torch.randn(d_ff, d), torch.randn(d_ff, d_out)
+    x = torch.empty(0, d)
+    gated = predicted_gated_ffn_reference(x, a, b, 0.0, w, w, w_down_t, T, up_relu=True)
+    assert gated.shape == (0, d_out)
+    plain = predicted_plain_ffn_reference(x, a, b, None, 0.0, w, None, w_down_t, None, T)
+    assert plain.shape == (0, d_out)
+    assert low_rank_estimate(x, a, b).shape == (0, d_ff)
+    mask = predicted_mask(Predictor("ffn", "svd", 4, a, b, 0.0), x)
+    assert mask.shape == (0, d_ff) and mask.dtype == torch.bool
+
+
+# --------------------------------------------------------------------------- build refusals
+
+
+def test_build_refusals(llama, llama_sites, windows) -> None:
+    model, sites = llama
+    for recall in (0.0, -0.1, 1.5, math.nan, "high"):
+        with pytest.raises(ValueError, match=r"recall must be in \(0, 1\]"):
+            build_predictors(model, windows, sites, rank=4, recall=recall)
+    for rank in (0, 33):
+        with pytest.raises(ValueError, match=r"\[1, 32\]"):
+            build_predictors(model, windows, sites, rank=rank)
+    with pytest.raises(ValueError, match="kind must be one of svd"):
+        build_predictors(model, windows, sites, kind="trained", rank=4)
+    with pytest.raises(ValueError, match="token ids"):
+        build_predictors(model, windows.float(), sites, rank=4)
+    with pytest.raises(ValueError, match="no FFN sites"):
+        build_predictors(model, windows, [], rank=4)
+    expert = [dataclasses.replace(sites[0], expert=0)] + sites[1:]
+    with pytest.raises(ValueError, match="mixture-of-experts .* not supported yet"):
+        build_predictors(model, windows, expert, rank=4)
+    silu = tiny("llama")  # SiLU: no exact zeros
+    with pytest.raises(NotSparseError, match="relufy_"):
+        build_predictors(silu, windows, llama_sites, rank=4)
+    dead = tiny("llama")
+    dead_sites = relufy_(dead, "fatrelu", 1e6, sites=llama_sites)
+    with pytest.raises(ValueError, match="model.layers.0.mlp: no neuron was active"):
+        build_predictors(dead, windows, dead_sites, rank=4)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+@pytest.fixture(scope="module")
+def built(models, windows) -> dict:
+    return {
+        f: build_predictors(models[f][0], windows, models[f][1], rank=4, recall=0.9)
+        for f in ("llama", "gpt2")
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_save_load_round_trip(family, models, built, tmp_path) -> None:
+    model, sites = models[family]
+    saved = built[family]
+    assert save_predictors(tmp_path, saved, model, sites) == tmp_path
+    record = json.loads((tmp_path / "predictors.json").read_text())
+    assert record["version"] == 1 and len(record["sites"]) == len(sites)
+    assert record["sites"][0]["d"] == 32 and record["sites"][0]["d_ff"] == 64
+    loaded = load_predictors(tmp_path, model, sites)
+    for p, q in zip(saved, loaded):
+        for f in dataclasses.fields(Predictor):
+            u, v = getattr(p, f.name), getattr(q, f.name)
+            assert torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v, f.name
+    assert not [e for e in tmp_path.iterdir() if e.name.startswith(".prosparse-tmp-")]
+
+
+def test_save_refuses_to_overwrite_and_bad_predictors(llama, built, tmp_path) -> None:
+    model, sites = llama
+    save_predictors(tmp_path, built["llama"], model, sites)
+    before = (tmp_path / "predictors.json").read_bytes()
+    with pytest.raises(OutputWriteError, match="overwrite=True"):
+        save_predictors(tmp_path, built["llama"], model, sites)
+    assert (tmp_path / "predictors.json").read_bytes() == before
+    changed = [dataclasses.replace(p, cut=p.cut + 1) for p in built["llama"]]
+    save_predictors(tmp_path, changed, model, sites, overwrite=True)
+    assert load_predictors(tmp_path, model, sites)[0].cut == changed[0].cut
+    unmeasured = [dataclasses.replace(p, recall=math.nan) for p in built["llama"]]
+    save_predictors(tmp_path / "unmeasured", unmeasured, model, sites)  # recall: null
+    assert math.isnan(load_predictors(tmp_path / "unmeasured", model, sites)[0].recall)
+    nan = [dataclasses.replace(built["llama"][0], a=built["llama"][0].a.clone())]
+    nan[0].a[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        save_predictors(tmp_path / "other", nan + built["llama"][1:], model, sites)
+    with pytest.raises(ValueError, match="not"):
+        save_predictors(tmp_path / "other", built["llama"][:1], model, sites)
+
+
+def _edit_json(folder, edit) -> None:
+    path = folder / "predictors.json"
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+
+
+def _edit_tensors(folder, edit) -> None:
+    """Change the tensors and record their new sha256, as a deliberate editor would."""
+    path = folder / "predictors.safetensors"
+    tensors = safetensors.torch.load(path.read_bytes())
+    edit(tensors)
+    data = safetensors.torch.save(tensors)
+    path.write_bytes(data)
+    _edit_json(folder, lambda r: r.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
+
+
+def test_load_refusals(models, built, llama_sites, tmp_path) -> None:
+    model, sites = models["llama"]
+
+    def saved(name: str):
+        folder = tmp_path / name
+        save_predictors(folder, built["llama"], model, sites)
+        return folder
+
+    def refused(folder, match: str, on_model=model, on_sites=sites) -> None:
+        with pytest.raises(PredictorFileError, match=match):
+            load_predictors(folder, on_model, on_sites)
+
+    folder = saved("missing")
+    (folder / "predictors.safetensors").unlink()
+    refused(folder, "predictors.safetensors is missing")
+    # another model: a different seed's tiny llama
+    other, other_sites = _relufied("llama", "fatrelu", llama_sites, seed=1)
+    refused(saved("other"), "gate weight differs.*another model", other, other_sites)
+    # another width
+    torch.manual_seed(0)
+    narrow = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )  # fmt: skip
+    ).eval()
+    narrow_sites = relufy_(narrow, "fatrelu", T)
+    refused(saved("narrow"), "d=32, d_ff=64; the model's is d=32, d_ff=48", narrow, narrow_sites)
+    # other sites
+    refused(saved("fewer"), "2 FFN site.*but 1 sites", model, sites[:1])
+    gpt2, gpt2_sites = models["gpt2"]
+    refused(saved("paths"), "'model.layers.0.mlp' where the model has 'transformer.h.0.mlp'",
+            gpt2, gpt2_sites)  # fmt: skip
+    # tampered JSON
+    folder = saved("text")
+    (folder / "predictors.json").write_text("{not json")
+    refused(folder, "not readable JSON")
+    for name, edit, match in [
+        ("width", lambda r: r["sites"][1].update(d_ff=48), "d_ff=48; the model's is"),
+        ("cut", lambda r: r["sites"][0].update(cut="x"), "field 'cut'"),
+        ("rank", lambda r: r["sites"][0].update(rank=5), r"tensor a has shape \[4, 32\]"),
+        ("bigrank", lambda r: r["sites"][0].update(rank=40), r"\[1, 32\]"),
+        ("kind", lambda r: r["sites"][0].update(kind="magic"), "unknown predictor kind"),
+        ("recall", lambda r: r["sites"][0].update(recall=2.0), "not a fraction"),
+        ("format", lambda r: r.update(format="other"), "not a predictors file"),
+        ("newer", lambda r: r.update(version=2), "format version 2, newer"),
+        ("bias", lambda r: r["sites"][0].update(bias=True), "no tensor model.layers.0.mlp.bias"),
+    ]:
+        folder = saved(name)
+        _edit_json(folder, edit)
+        refused(folder, match)
+    # tensors changed behind the JSON's back (or a torn save)
+    folder = saved("torn")
+    (folder / "predictors.safetensors").write_bytes(b"x" + b"\0" * 16)
+    refused(folder, "not the tensors file that predictors.json was saved with")
+    # NaN, integer and misshapen tensors, with a consistent sha256
+    for name, edit, match in [
+        ("nan", lambda t: t["model.layers.1.mlp.b"].__setitem__((0, 0), math.nan), "NaN"),
+        ("int", lambda t: t.update({"model.layers.0.mlp.a": torch.ones(4, 32, dtype=torch.int32)}),
+         "is torch.int32, not floating point"),
+        ("shape", lambda t: t.update({"model.layers.0.mlp.b": torch.ones(64, 3)}),
+         r"tensor b has shape \[64, 3\], not \[64, 4\]"),
+    ]:  # fmt: skip
+        folder = saved(name)
+        _edit_tensors(folder, edit)
+        refused(folder, match)
