@@ -42,10 +42,14 @@ class SparsifyConfig:
             (TurboSparse: ReLU on the gate and on up; gated FFNs only), both shifted to FATReLU
             on the gate by the threshold step.
         threshold_mode: ``"fixed"`` (FATReLU t = ``threshold`` for all layers), ``"target"``
-            (per-layer t calibrated to ``target_sparsity`` on calibration text), ``"budget"``
-            (per-layer t for the highest sparsity whose calibration perplexity is within
-            ``threshold_budget`` times the unshifted model's:
-            :func:`~prosparse_fx.threshold.calibrate_to_budget`) or ``"none"``.
+            (t calibrated to ``target_sparsity`` on calibration text), ``"budget"`` (t for the
+            highest sparsity whose calibration perplexity is within ``threshold_budget`` times
+            the unshifted model's: :func:`~prosparse_fx.threshold.calibrate_to_budget`) or
+            ``"none"``.
+        threshold_scope: for ``"target"`` and ``"budget"``: ``"model"`` (one t for all
+            layers, the quantile of their pooled gate pre-activations) or ``"layer"`` (each
+            layer's own quantile, equal sparsity per layer; measured worse at equal overall
+            sparsity on SmolLM2, README "the quality frontier").
         threshold: t for ``"fixed"``.
         target_sparsity: sparsity for ``"target"``.
         threshold_budget: perplexity ratio allowed by ``"budget"`` (>= 1).
@@ -91,6 +95,7 @@ class SparsifyConfig:
     norm: Literal["mean", "token_l1", "hoyer"] = "mean"
     activation: Literal["relu", "drelu"] = "relu"
     threshold_mode: Literal["fixed", "target", "budget", "none"] = "fixed"
+    threshold_scope: Literal["model", "layer"] = "model"
     threshold: float = 0.35
     target_sparsity: float = 0.85
     threshold_budget: float = 1.05
@@ -382,6 +387,7 @@ FIELD_RULES: dict[str, Whole | Real | OneOf | ListOf | Stages | TextNames] = {
     "norm": OneOf(L1_NORMS, prefix="one of "),
     "activation": OneOf(("relu", "drelu")),
     "threshold_mode": OneOf(("fixed", "target", "budget", "none")),
+    "threshold_scope": OneOf(("model", "layer")),
     "threshold": Real(0.0),
     "target_sparsity": Real(0.0, 1.0, hi_open=True),
     "threshold_budget": Real(1.0, 100.0, why="a perplexity ratio over the unshifted model"),

@@ -391,11 +391,21 @@ def _shift_thresholds(
         thresholds = [config.threshold] * len(sites)
     elif config.threshold_mode == "target":
         thresholds = calibrate_thresholds(
-            model, calib, config.target_sparsity, sites, batch_size=config.batch_size
+            model,
+            calib,
+            config.target_sparsity,
+            sites,
+            batch_size=config.batch_size,
+            per_layer=config.threshold_scope == "layer",
         )
     elif config.threshold_mode == "budget":
         choice = calibrate_to_budget(
-            model, calib, config.threshold_budget, sites, batch_size=config.batch_size
+            model,
+            calib,
+            config.threshold_budget,
+            sites,
+            batch_size=config.batch_size,
+            per_layer=config.threshold_scope == "layer",
         )
         report["threshold_calibration"] = choice  # the chosen target, and what was tried
         thresholds = choice["thresholds"]

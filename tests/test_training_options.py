@@ -250,7 +250,10 @@ def test_smooth_substitution_blends_silu_into_relu_then_is_the_relu_model() -> N
 # ---------------------------------------------------------------- thresholds against a budget
 
 
-def test_budget_thresholds_are_the_sparsest_within_the_budget_and_leave_the_model_alone() -> None:
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_budget_thresholds_are_the_sparsest_within_the_budget_and_leave_the_model_alone(
+    per_layer: bool,
+) -> None:
     from prosparse_fx.ffn import find_ffn_sites
     from prosparse_fx.measure import evaluate
     from prosparse_fx.relufy import relufy_
@@ -260,7 +263,9 @@ def test_budget_thresholds_are_the_sparsest_within_the_budget_and_leave_the_mode
     sites = relufy_(model, "relu", sites=find_ffn_sites(model))
     windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
     before = model(input_ids=windows).logits.detach()
-    choice = calibrate_to_budget(model, windows, 1.02, sites, iterations=5)
+    choice = calibrate_to_budget(model, windows, 1.02, sites, iterations=5, per_layer=per_layer)
+    if not per_layer:  # one threshold per model
+        assert len(set(choice["thresholds"])) == 1
     assert torch.equal(model(input_ids=windows).logits.detach(), before)  # left unshifted
     assert len(choice["tried"]) == 5
     assert choice["calib_perplexity"] <= 1.02 * choice["unshifted_perplexity"]
@@ -379,3 +384,33 @@ def test_config_round_trips_through_its_versioned_dict() -> None:
     for bad in ("1", 0, True, 1.0):
         with pytest.raises(InputError, match="config version must be a whole number"):
             SparsifyConfig.from_dict({**data, "version": bad})
+
+
+def test_a_model_wide_threshold_is_the_quantile_of_all_layers_pooled() -> None:
+    """calibrate_thresholds(per_layer=False): one t, the target quantile of every layer's gate
+    pre-activations taken together (tapped here by hand); per layer, each layer's own."""
+    from prosparse_fx.ffn import find_ffn_sites
+    from prosparse_fx.relufy import relufy_
+    from prosparse_fx.taps import tap_inputs
+    from prosparse_fx.threshold import calibrate_thresholds
+
+    model = _llama()
+    sites = relufy_(model, "relu", sites=find_ffn_sites(model))
+    windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(5))
+    seen: list[list[torch.Tensor]] = [[] for _ in sites]
+    with tap_inputs(model, [s.activation_module for s in sites], lambda i, x: seen[i].append(x)):
+        model(input_ids=windows)
+    layers = [torch.cat([x.flatten() for x in v]) for v in seen]
+
+    def quantile(v: torch.Tensor, q: float) -> float:
+        k = min(max(int(round(q * v.numel())), 1), v.numel())
+        return max(float(v.sort().values[k - 1]), 0.0)
+
+    for q in (0.3, 0.9):
+        pooled = calibrate_thresholds(model, windows, q, sites, batch_size=4, per_layer=False)
+        assert pooled == [pytest.approx(quantile(torch.cat(layers), q))] * len(sites)
+        own = calibrate_thresholds(model, windows, q, sites, batch_size=4)
+        assert own == [pytest.approx(quantile(v, q)) for v in layers]
+    assert SparsifyConfig().threshold_scope == "model"
+    with pytest.raises(InputError, match="threshold_scope"):
+        SparsifyConfig(threshold_scope="neuron").validate()
