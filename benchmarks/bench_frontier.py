@@ -7,9 +7,10 @@ Curves, each at the target sparsities ``--targets`` (default 0.5 0.7 0.8 0.9):
   default SmolLM2-135M as in the main job): per-layer thresholds calibrated to the target on the
   calibration windows, no training;
 * each ``--run LABEL=FOLDER`` (a finished ``prosparse-fx sparsify`` output: HF model and
-  ``report.json``): per-layer FATReLU thresholds calibrated to the target
-  (:func:`~prosparse_fx.calibrate_thresholds` + :func:`~prosparse_fx.shift_thresholds_` on the
-  calibration windows), plus one point at the run's own final thresholds.
+  ``report.json``): FATReLU thresholds calibrated to the target on the calibration windows
+  (:func:`~prosparse_fx.calibrate_thresholds` + :func:`~prosparse_fx.shift_thresholds_`), per
+  layer at equal sparsity (``scope`` "layer") and one t per model (``scope`` "model", a dashed
+  line; ``m`` after the target in the table), plus one point at the run's own final thresholds.
 
 Every point is measured (perplexity and sparsity of x1, :func:`~prosparse_fx.evaluate`) on the
 held-out windows of the main job's text (same split function, seed, ``seq_len`` and window
@@ -57,6 +58,8 @@ DEFAULT_DATA_LABEL = "enwiki sample (gensim test data)"  # report.json's "data" 
 # the window settings the runs must share; --quick shrinks them
 WINDOW_FIELDS = ("seq_len", "seed", "eval_windows", "calib_windows", "batch_size", "eval_texts")
 QUICK = {"seq_len": 32, "eval_windows": 2, "calib_windows": 2, "batch_size": 2}
+# a trained run's thresholds for a target: per layer at equal sparsity, or one t per model
+SCOPES = ("layer", "model")
 PEERS = {"CATS": ("cats", apply_cats_), "TEAL": ("teal", apply_teal_)}
 
 
@@ -212,20 +215,29 @@ def run_curve(
     sites = find_ffn_sites(model)
     own = [s.threshold or 0.0 for s in sites]
     points = [
-        {"target": None, "thresholds": own, "texts": measure(model, sites, texts, base, batch_size)}
+        {
+            "target": None,
+            "scope": "own",
+            "thresholds": own,
+            "texts": measure(model, sites, texts, base, batch_size),
+        }
     ]
     print(f"  {label} own thresholds: done", flush=True)
-    for target in targets:
-        thresholds = calibrate_thresholds(model, calib, target, sites, batch_size=batch_size)
-        shifted = shift_thresholds_(model, thresholds, sites)
-        points.append(
-            {
-                "target": target,
-                "thresholds": thresholds,
-                "texts": measure(model, shifted, texts, base, batch_size),
-            }
-        )
-        print(f"  {label} target {target}: done", flush=True)
+    for scope in SCOPES:
+        for target in targets:
+            thresholds = calibrate_thresholds(
+                model, calib, target, sites, batch_size=batch_size, per_layer=scope == "layer"
+            )
+            shifted = shift_thresholds_(model, thresholds, sites)
+            points.append(
+                {
+                    "target": target,
+                    "scope": scope,
+                    "thresholds": thresholds,
+                    "texts": measure(model, shifted, texts, base, batch_size),
+                }
+            )
+            print(f"  {label} target {target} ({scope} t): done", flush=True)
     # the run's report measured its final model on the same held-out windows: they must agree
     main = next(iter(texts))
     check = {
@@ -259,6 +271,8 @@ def print_table(result: dict[str, Any]) -> None:
     for curve in result["curves"]:
         for p in curve["points"]:
             target = "own" if p["target"] is None else f"{p['target']:.2f}"
+            if p.get("scope") == "model":
+                target += "m"
             cells = [
                 f"{p['texts'][n]['perplexity']:>12.2f} (x{p['texts'][n]['perplexity_ratio']:.3f})"
                 f" @ {p['texts'][n]['sparsity']:.4f}"
@@ -278,10 +292,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     for ax, name in zip(axes[0], names):
         for i, curve in enumerate(result["curves"]):
-            pts = [p for p in curve["points"] if p["target"] is not None]
+            pts = [p for p in curve["points"] if p.get("scope", "layer") == "layer"]
+            pts = [p for p in pts if p["target"] is not None]
             xs = [p["texts"][name]["sparsity"] for p in pts]
             ys = [p["texts"][name]["perplexity_ratio"] for p in pts]
             (line,) = ax.plot(xs, ys, marker=markers[i % len(markers)], label=curve["label"])
+            wide = [p for p in curve["points"] if p.get("scope") == "model"]
+            if wide:
+                ax.plot([p["texts"][name]["sparsity"] for p in wide],
+                        [p["texts"][name]["perplexity_ratio"] for p in wide],
+                        marker=markers[i % len(markers)], linestyle="--", color=line.get_color(),
+                        fillstyle="none", label=f"{curve['label']} (one t per model)")  # fmt: skip
             own = [p for p in curve["points"] if p["target"] is None]
             for p in own:
                 ax.plot(p["texts"][name]["sparsity"], p["texts"][name]["perplexity_ratio"],

@@ -342,7 +342,12 @@ def test_bench_frontier_quick(tmp_path) -> None:
     assert [c["label"] for c in result["curves"]] == ["CATS", "TEAL", "toy"]
     for curve in result["curves"]:
         targets = [p["target"] for p in curve["points"]]
-        assert targets == ([None] if curve["kind"] == "trained" else []) + [0.5, 0.9]
+        trained = curve["kind"] == "trained"
+        assert targets == ([None, 0.5, 0.9, 0.5, 0.9] if trained else [0.5, 0.9])
+        if trained:  # per layer, then one t per model (all layers equal)
+            scopes = [p["scope"] for p in curve["points"]]
+            assert scopes == ["own", "layer", "layer", "model", "model"]
+            assert all(len(set(p["thresholds"])) == 1 for p in curve["points"][3:])
         for p in curve["points"]:
             assert len(p["thresholds"]) == 2
             for name in texts:
