@@ -605,6 +605,15 @@ def find_ffn_sites(
             gm = capture_export(model, example_inputs)
         sites = _in_module_order(model, find_sites_in_graph(gm) + find_expert_sites(model))
     if require and not sites:
+        from .peers import peer_hooks  # peers imports this module
+
+        if not isinstance(model, fx.GraphModule) and peer_hooks(model):
+            raise FFNNotFoundError(
+                f"no FFN found in {type(model).__name__}: it carries training-free peer hooks "
+                "(prosparse_fx.peers), which change x1 inside the FFN, so the FFN pattern no "
+                "longer matches; find the sites before apply_cats_/apply_teal_ and pass them "
+                "as sites=..., or remove_peers_(model) first"
+            )
         raise FFNNotFoundError(
             f"no FFN found in {type(model).__name__}: the graph has {describe_graph(gm)}. "
             "An FFN is two linears on the same input, an activation, a multiply and a third "

@@ -229,6 +229,12 @@ def test_bad_inputs_are_refused(calib) -> None:
     apply_cats_(model, calib, 0.5, sites)
     with pytest.raises(PeerHooksError, match="remove_peers_"):
         apply_teal_(model, calib, 0.5, sites)  # a second peer on top of the first
+    # the hooks hide the FFN pattern from capture: the refusal says so and gives the way out
+    from prosparse_fx import FFNNotFoundError, evaluate
+
+    with pytest.raises(FFNNotFoundError, match="peer hooks.*find the sites before"):
+        evaluate(model, calib)
+    assert evaluate(model, calib, sites=sites).sparsity.sparsity > 0.4  # sites given: measured
 
 
 # --------------------------------------------------------------------------- other paths
