@@ -173,7 +173,10 @@ def measure(
             "--data).",
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the document split (--held-out).")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(min=0, max=2**32 - 1, help="Seed of the document split (--held-out)."),
+    ] = 0,
 ) -> None:
     """Per-layer sparsity of x1 and perplexity of a model on held-out text.
 

@@ -468,3 +468,21 @@ def test_load_refusals(models, built, llama_sites, tmp_path) -> None:
         folder = saved(name)
         _edit_tensors(folder, edit)
         refused(folder, match)
+
+
+def test_a_gated_ffn_with_biases_is_refused() -> None:
+    """The predicted references take no gated biases, so predictors for such FFNs would not
+    match the model (found by review): refused by name."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prosparse_fx import find_ffn_sites, relufy_
+    from prosparse_fx.predictors import build_predictors
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, mlp_bias=True)
+    ).eval()  # fmt: skip
+    sites = relufy_(model, "fatrelu", 0.05, sites=find_ffn_sites(model))
+    with pytest.raises(ValueError, match="gated FFN site.*biases"):
+        build_predictors(model, torch.randint(0, 64, (2, 8)), sites, rank=4)

@@ -61,8 +61,9 @@ def check_predictable(sites: Sequence[FFNSite]) -> None:
     """Raise unless a predictor can be built for every site.
 
     Raises:
-        ValueError: no sites, or a site is an expert of a mixture-of-experts layer (not
-            supported yet).
+        ValueError: no sites, a site is an expert of a mixture-of-experts layer, or a gated
+            FFN with biases (neither supported yet: the predicted op references take no gated
+            biases).
         NotSparseError: a site's activation is not ReLU/FATReLU/dReLU (relufy_ first).
     """
     if not sites:
@@ -72,6 +73,12 @@ def check_predictable(sites: Sequence[FFNSite]) -> None:
         raise ValueError(
             f"{len(experts)} site(s) are experts of a mixture-of-experts layer ({experts[0]}, "
             "...): activation predictors for mixture-of-experts experts are not supported yet"
+        )
+    biased = [s.path for s in sites if s.kind == "gated" and s.bias]
+    if biased:
+        raise ValueError(
+            f"{len(biased)} gated FFN site(s) have biases ({biased[0]}, ...): predictors for "
+            "gated FFNs with biases are not supported yet (the predicted op would drop them)"
         )
     check_relu_family(sites)
 
