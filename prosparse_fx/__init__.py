@@ -10,6 +10,7 @@ from . import kernels  # noqa: F401  (registers torch.ops.prosparse.sparse_*_ffn
 from .activations import FATReLU, fatrelu
 from .backend import BackendOptions, prosparse_backend
 from .backend import register as _register_backend
+from .eager_fallback import EagerFallbackError
 from .errors import InputError
 from .ffn import FFNNotFoundError, FFNSite, find_ffn_sites
 from .measure import Evaluation, SparsityReport, evaluate, measure_sparsity, perplexity
@@ -37,6 +38,7 @@ __all__ = [
     "ActivationRegularizer",
     "BackendOptions",
     "ConstantSchedule",
+    "EagerFallbackError",
     "Evaluation",
     "FATReLU",
     "FFNNotFoundError",

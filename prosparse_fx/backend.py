@@ -36,6 +36,7 @@ from .capture import (
     nested_graph_modules,
     specialize_symbolic_thresholds,
 )
+from .eager_fallback import watch_compiled_model
 from .ffn import (
     FFNSite,
     UncoveredFFNError,
@@ -153,6 +154,20 @@ def _say_no_sites_once() -> None:
         log.warning("prosparse backend: a graph has no FFN site; compiling it unchanged")
 
 
+_said_unwatched = False
+
+
+def _say_unwatched_once() -> None:
+    global _said_unwatched
+    if not _said_unwatched:
+        _said_unwatched = True
+        log.warning(
+            "prosparse backend: the compiled callable holds no nn.Module the backend can find, "
+            "so FFNs that Dynamo runs eagerly (outside its graphs) cannot be refused; compile "
+            "the model itself (torch.compile(model, ...)) to have them refused"
+        )
+
+
 def prosparse_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -176,6 +191,9 @@ def prosparse_backend(
             ``ActivationRegularizer(model, ..., taps="graph")`` for the model; a site whose
             activation cannot be replaced.
         NotSparseError: ``sparse_ffn=True`` on a site that is not ReLU-family.
+        EagerFallbackError: (later, from a call of the compiled model) with ``activation`` or
+            ``regularize``, an activation module of the model ran eagerly, outside the graphs
+            (:mod:`prosparse_fx.eager_fallback`).
     """
     opts = BackendOptions.parse(options)
     specialize_symbolic_thresholds(gm)
@@ -184,6 +202,8 @@ def prosparse_backend(
     per_graph = [find_sites_in_graph(g) for g in graphs]
     if opts.activation is not None or opts.regularize:
         _refuse_under_ddp_optimizer(opts)
+        if not watch_compiled_model(opts.activation, opts.regularize, opts.threshold):
+            _say_unwatched_once()
     if not any(per_graph):
         if opts.activation is not None:
             for g in graphs:

@@ -247,8 +247,10 @@ def _train_cell(family: str, setup: str, compiled: bool, activation: str = "relu
     relufy_(relufied, activation, sites=sites_of(family))
     want_loss, want = _train_reference(relufied, family, x, dtype, activation == "drelu")
     model.train()
-    if setup == "checkpointing":
+    if setup in ("checkpointing", "checkpointing_hook"):
         _checkpointing(model)
+    if setup == "checkpointing_hook":
+        _graph_break_in_ffns(model, family)
     target = _ddp(model) if setup == "ddp" else model
     taps = "graph" if compiled else "hooks"
     reg = ActivationRegularizer(model, LAMBDA, sites=sites_of(family), taps=taps)
@@ -256,7 +258,11 @@ def _train_cell(family: str, setup: str, compiled: bool, activation: str = "relu
         torch._dynamo.reset()
         opts = {"activation": activation, "regularize": True, "compiler": "eager"}
         target = torch.compile(target, backend="prosparse", options=opts)
-    loss, got = _train_step(model, reg, x, target)
+    # transformers >= 5.25 with `kernels`: a global set per attention call, which Dynamo traces
+    # inside a checkpointed layer only when told to skip it in the backward (without, the layer
+    # runs eagerly, and the backend refuses it: tests/test_eager_fallback.py)
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        loss, got = _train_step(model, reg, x, target)
     reg.remove()
     compare(torch.tensor(loss), torch.tensor(want_loss), dtype)
     return _compare_grads(got, want, dtype)
@@ -265,6 +271,8 @@ def _train_cell(family: str, setup: str, compiled: bool, activation: str = "relu
 def eager_train(family: str, setup: str = "plain") -> float:
     """relufy_ + ActivationRegularizer (hook taps), one forward/backward: loss and gradients
     against the reference. ``setup``: ``plain``, ``checkpointing`` (gradient checkpointing),
+    ``checkpointing_hook`` (checkpointing, and a forward hook on each FFN that breaks Dynamo's
+    graph),
     ``bf16``, ``ddp`` (a one-process gloo DistributedDataParallel wrapper)."""
     return _train_cell(family, setup, compiled=False)
 
@@ -280,6 +288,17 @@ def _checkpointing(model: nn.Module) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise prosparse_fx.InputError(f"{type(model).__name__} has no gradient checkpointing")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _graph_break_in_ffns(model: nn.Module, family: str) -> None:
+    """A forward hook on the module holding each FFN's activation (inside the layer) that
+    breaks Dynamo's graph (a no-op eagerly): inside an activation-checkpointed layer Dynamo then
+    runs the whole layer eagerly."""
+    holders = (s.activation_module or s.up for s in sites_of(family))
+    for path in dict.fromkeys(p.rpartition(".")[0] for p in holders):
+        model.get_submodule(path).register_forward_hook(
+            lambda module, args, out: torch._dynamo.graph_break()
+        )
 
 
 def _ddp(model: nn.Module) -> nn.Module:
@@ -318,5 +337,5 @@ TRAINING = {
     "drelu_eager_train": lambda f, setup="plain": _train_cell(f, setup, False, "drelu"),
     "drelu_compile_train": lambda f, setup="plain": _train_cell(f, setup, True, "drelu"),
 }
-SETUPS = ("checkpointing", "ddp", "bf16")
+SETUPS = ("checkpointing", "checkpointing_hook", "ddp", "bf16")
 __all__ = ["ENCODERS", "INFERENCE", "SETUPS", "TRAINING", "ThresholdFlip", "onnx_export"]

@@ -20,7 +20,7 @@ PATHS = (
 SETUP_CELLS = tuple(
     f"{path}:{setup}"
     for path in ("eager_train", "compile_train")
-    for setup in ("checkpointing", "ddp", "bf16")
+    for setup in ("checkpointing", "checkpointing_hook", "ddp", "bf16")
 )
 # dReLU (TurboSparse Sec. 3): the paths again, with FATReLU t on the gate and ReLU on up
 DRELU_PATHS = tuple(
@@ -67,6 +67,11 @@ REASONS = {
         "graph taps cannot reach FFNs inside checkpointed regions: hook taps (eager) support "
         "checkpointing",
     ),
+    "eager-fallback": (
+        "ran eagerly inside a call",
+        "a graph break inside an activation-checkpointed layer makes Dynamo run the whole layer "
+        "eagerly, outside the backend's graphs: relufy_ eagerly before compiling",
+    ),
     "ddp": (
         "optimize_ddp",
         "Dynamo's DDP optimizer splits the graph: set torch._dynamo.config.optimize_ddp = False "
@@ -88,11 +93,12 @@ def _expected() -> dict[tuple[str, str], str]:
         refused[(family, "compile_inference")] = "moe-graph"
         refused[(family, "sparsify_ffn")] = "moe-sparse"
         refused[(family, "compile_train")] = "moe-taps"
-        for setup in ("checkpointing", "ddp", "bf16"):
+        for setup in ("checkpointing", "checkpointing_hook", "ddp", "bf16"):
             refused[(family, f"compile_train:{setup}")] = "moe-taps"
         refused[(family, "onnx")] = "moe-onnx"
     for family in FAMILIES:
         if family not in MOE:
+            refused[(family, "compile_train:checkpointing_hook")] = "eager-fallback"
             refused[(family, "compile_train:checkpointing")] = "gc-taps"
             refused[(family, "compile_train:ddp")] = "ddp"
     # dReLU: the same refusals where the FFN is gated; plain FFNs refuse every dReLU cell
