@@ -296,6 +296,63 @@ def export(
 
 
 @app.command()
+def predictors(
+    model: Annotated[Path, typer.Argument(help="HF model folder of a relufied (trained) model.")],
+    rank: Annotated[int, typer.Option(help="Rank r of each predictor's estimate.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Text to calibrate and measure on (default: the Wikipedia sample)."),
+    ] = None,
+    kind: Annotated[str, typer.Option(help="Predictor kind: 'svd' (training-free).")] = "svd",
+    recall: Annotated[
+        float, typer.Option(help="Target recall of the truly active neurons, in (0, 1].")
+    ] = 0.99,
+    windows: Annotated[int, typer.Option(help="Windows of each split.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Document split seed.")] = 0,
+    tokenizer: Annotated[Path | None, typer.Option(help=_TOKENIZER_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace predictors in the folder.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Build approximate mode's activation predictors, measure them, and save them into MODEL.
+
+    Each cut is calibrated on the text's calibration split; the perplexity of approximate mode
+    and of the exact model are measured on its held-out split.
+    """
+    from .predictors.job import run_predictors_job
+
+    try:
+        report = run_predictors_job(
+            model,
+            data=data,
+            kind=kind,
+            rank=rank,
+            recall=recall,
+            windows=windows,
+            seq_len=seq_len,
+            seed=seed,
+            tokenizer=tokenizer,
+            overwrite=overwrite,
+        )
+    except InputError as exc:
+        _fail(str(exc))
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{'FFN site':32s} {'recall':>7s} {'precision':>9s} {'pred sp':>8s} {'true sp':>8s}")
+    for e in report["sites"]:
+        typer.echo(
+            f"{e['site']:32s} {e['recall']:7.4f} {e['precision']:9.4f} "
+            f"{e['predicted_sparsity']:8.4f} {e['true_sparsity']:8.4f}"
+        )
+    typer.echo(
+        f"held-out perplexity: exact {report['perplexity_exact']:.3f}, approximate mode "
+        f"{report['perplexity_predicted']:.3f} ({report['perplexity_ratio']:.4f}x); "
+        f"recall/precision/sparsity on the calibration windows; predictors saved in {model}"
+    )
+
+
+@app.command()
 def generate(
     onnx_file: Annotated[Path, typer.Argument(help="A file written by `prosparse-fx export`.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],

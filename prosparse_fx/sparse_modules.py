@@ -1,11 +1,12 @@
 """Eager sparse-FFN rewrite for ``nn.Module`` users: ``sparsify_ffn_`` swaps each
 ReLU/FATReLU/dReLU FFN for a module that calls ``torch.ops.prosparse.sparse_gated_ffn`` /
 ``sparse_plain_ffn``, so ``generate()`` runs on the sparse kernels (ProSparse App. D;
-TurboSparse Sec. 3 for dReLU)."""
+TurboSparse Sec. 3 for dReLU); with predictors, gated FFNs call ``predicted_gated_ffn``
+(approximate mode)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -137,6 +138,66 @@ class SparseGatedFFN(nn.Module):
         return f"d={d}, d_ff={d_ff}, threshold={self.threshold:g}{drelu}"
 
 
+class PredictedGatedFFN(SparseGatedFFN):
+    """A gated FFN in approximate mode, computed by ``prosparse::predicted_gated_ffn``: a
+    low-rank predictor guesses each token's active neurons, and gate, up and down are read on
+    those rows only (Deja Vu; ProSparse Sec. 4). FATReLU still applies on them, so a neuron the
+    predictor misses is the only approximation.
+
+    Holds the FFN's weights as :class:`SparseGatedFFN` does, and the predictor's factors ``a``
+    ``[rank, d]`` and ``b`` ``[d_ff, rank]`` (buffers, in the predictor's dtype) and its ``cut``.
+
+    Args:
+        gate, up, down, threshold, gate_up_split, up_relu: as for :class:`SparseGatedFFN`.
+        predictor: the site's :class:`~prosparse_fx.predictors.Predictor` (without bias).
+
+    Raises:
+        UnsupportedFFNError: a linear has a bias.
+        ValueError: the predictor's widths differ from the FFN's, or it has a bias.
+    """
+
+    def __init__(
+        self,
+        gate: nn.Module,
+        up: nn.Module,
+        down: nn.Module,
+        threshold: float,
+        predictor: Any,
+        gate_up_split: tuple[int, int] | None = None,
+        up_relu: bool = False,
+    ) -> None:
+        super().__init__(gate, up, down, threshold, gate_up_split, up_relu)
+        d_ff, d = self.w_gate.shape
+        if (predictor.d, predictor.d_ff) != (d, d_ff):
+            raise ValueError(
+                f"the predictor of {predictor.site} is for d={predictor.d}, d_ff="
+                f"{predictor.d_ff}, but the FFN has d={d}, d_ff={d_ff}: build the predictors "
+                "for this model (prosparse-fx predictors)"
+            )
+        if predictor.bias is not None:
+            raise ValueError(f"the predictor of {predictor.site} has a bias; a gated FFN has none")
+        self.register_buffer("a", predictor.a.detach().contiguous())
+        self.register_buffer("b", predictor.b.detach().contiguous())
+        self.cut = float(predictor.cut)
+        self.rank = int(predictor.rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.prosparse.predicted_gated_ffn(
+            x,
+            self.a,
+            self.b,
+            self.cut,
+            self.w_gate,
+            self.w_up,
+            self.w_down_t,
+            self.threshold,
+            self.up_relu,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, predictor rank={self.rank}, cut={self.cut:g}"
+
+
 class SparsePlainFFN(nn.Module):
     """A plain FFN ``FATReLU_t(x @ w1.T + b1) @ w2_t + b2`` computed by
     ``prosparse::sparse_plain_ffn``; replaces fc2, while fc1 and the activation become identities.
@@ -167,13 +228,41 @@ def _leaf(path: str, base: str) -> str:
     return path[len(base) + 1 :] if path.startswith(base + ".") else path
 
 
+def _predictors_by_site(predictors: Any, sites: Sequence[FFNSite]) -> dict[str, Any]:
+    """``predictors`` (a sequence of :class:`~prosparse_fx.predictors.Predictor` or a mapping
+    from site path to one) keyed by site path, checked against ``sites``."""
+    if predictors is None:
+        return {}
+    items = list(predictors.values() if isinstance(predictors, Mapping) else predictors)
+    by_site = {p.site: p for p in items}
+    known = {s.path: s for s in sites}
+    unknown = sorted(set(by_site) - set(known))
+    if unknown:
+        raise ValueError(
+            f"predictors for {unknown[:3]}, which are not FFN sites of this model (its sites: "
+            f"{list(known)[:3]} ...): build the predictors for this model"
+        )
+    plain = sorted(p for p in by_site if known[p].kind != "gated")
+    if plain:
+        raise UnsupportedFFNError(
+            f"predictors for plain FFNs ({plain[:3]}): approximate mode is built for gated FFNs "
+            "only so far; rewrite these FFNs without predictors (exact mode)"
+        )
+    return by_site
+
+
 def sparsify_ffn_(
-    model: nn.Module, *, sites: Sequence[FFNSite] | None = None, example_inputs: Any = None
+    model: nn.Module,
+    *,
+    sites: Sequence[FFNSite] | None = None,
+    example_inputs: Any = None,
+    predictors: Any = None,
 ) -> list[FFNSite]:
     """Rewrite every ReLU/FATReLU/dReLU FFN of ``model`` to the sparse-FFN ops, in place.
 
     Gated FFNs: the FFN module (``site.path``, whose children must be exactly gate/up/down and
-    the activation) becomes a :class:`SparseGatedFFN`. Plain FFNs: fc2 becomes a
+    the activation) becomes a :class:`SparseGatedFFN`, or with a predictor for it a
+    :class:`PredictedGatedFFN` (approximate mode). Plain FFNs: fc2 becomes a
     :class:`SparsePlainFFN`, fc1 and the activation become ``nn.Identity``. The rewritten model
     is for inference (``generate()`` works); save the model before rewriting it.
 
@@ -181,6 +270,11 @@ def sparsify_ffn_(
         model: a relufied (and trained) model.
         sites: its FFN sites (found by capture when ``None``).
         example_inputs: inputs for the capture when ``sites`` is ``None``.
+        predictors: ``None`` (exact mode), or :class:`~prosparse_fx.predictors.Predictor` s (a
+            sequence, or a mapping from site path) for some or all gated sites, as
+            :func:`~prosparse_fx.predictors.build_predictors` or
+            :func:`~prosparse_fx.predictors.load_predictors` give them; sites without one stay
+            exact.
 
     Returns:
         The sites that were rewritten.
@@ -190,11 +284,13 @@ def sparsify_ffn_(
         UnsupportedFFNError: a gated FFN with biases, or a mixture-of-experts expert.
         PeerHooksError: the model carries training-free peer hooks (:mod:`prosparse_fx.peers`),
             which the rewritten modules would drop.
-        ValueError: a site whose module layout cannot be swapped (nothing is changed).
+        ValueError: a site whose module layout cannot be swapped, a predictor for a path that
+            is not a site, or of other widths (nothing is changed).
     """
     check_no_peers(model, "the sparse-FFN rewrite replaces the modules they hook")
     sites = list(sites) if sites is not None else find_ffn_sites(model, example_inputs)
     check_sparse_rewritable(sites)
+    by_site = _predictors_by_site(predictors, sites)
     plans = []
     for site in sites:
         if site.activation_module is None:
@@ -210,13 +306,12 @@ def sparsify_ffn_(
                     f"{site.path} has children {sorted(children)}, expected exactly "
                     f"{sorted(expected)}; its forward may do more than the FFN"
                 )
-            module: nn.Module = SparseGatedFFN(
-                resolve_module(model, site.gate or ""),
-                resolve_module(model, site.up),
-                resolve_module(model, site.down),
-                site.threshold or 0.0,
-                site.gate_up_split,
-                site.up_relu,
+            linears = [resolve_module(model, p) for p in (site.gate or "", site.up, site.down)]
+            t = site.threshold or 0.0
+            module: nn.Module = (
+                PredictedGatedFFN(*linears, t, by_site[site.path], site.gate_up_split, site.up_relu)
+                if site.path in by_site
+                else SparseGatedFFN(*linears, t, site.gate_up_split, site.up_relu)
             )
             plans.append([(site.path, module)])
         else:

@@ -96,3 +96,18 @@ def text_file(tmp_path_factory):
     docs = load_documents()[:30]
     path.write_text("\n".join(json.dumps({"text": d[:3000]}) for d in docs))
     return path
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def cpu_path(request):
+    """Run a test with the CPU kernels' C++ helper and with their pure-torch fallback."""
+    from prosparse_fx.kernels import cpu_ext
+
+    if request.param == "cpp":
+        assert cpu_ext.get() is not None, "the C++ helper did not build on this machine"
+        yield request.param
+        return
+    saved = cpu_ext._state.get("module")
+    cpu_ext._state["module"] = None
+    yield request.param
+    cpu_ext._state["module"] = saved

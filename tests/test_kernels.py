@@ -11,7 +11,6 @@ assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 from prosparse_fx.kernels import cpu as cpu_impl  # noqa: E402
 from prosparse_fx.kernels import (  # noqa: E402
-    cpu_ext,  # noqa: E402
     gated_ffn_reference,
     plain_ffn_reference,
     set_cpu_crossover,
@@ -20,18 +19,8 @@ from prosparse_fx.kernels import (  # noqa: E402
     triton_ffn,  # noqa: E402
 )
 
-
-@pytest.fixture(params=["cpp", "torch"], autouse=True)
-def cpu_path(request):
-    """Run each test with the C++ helper and with the pure-torch fallback of the CPU path."""
-    if request.param == "cpp":
-        assert cpu_ext.get() is not None, "the C++ helper did not build on this machine"
-        yield request.param
-        return
-    saved = cpu_ext._state.get("module")
-    cpu_ext._state["module"] = None
-    yield request.param
-    cpu_ext._state["module"] = saved
+# every test runs with the C++ helper and with the pure-torch fallback (conftest.py's cpu_path)
+pytestmark = pytest.mark.usefixtures("cpu_path")
 
 
 # dtype -> (atol, rtol), relative to the output's scale (max |reference|)

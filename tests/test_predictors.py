@@ -486,3 +486,72 @@ def test_a_gated_ffn_with_biases_is_refused() -> None:
     sites = relufy_(model, "fatrelu", 0.05, sites=find_ffn_sites(model))
     with pytest.raises(ValueError, match="gated FFN site.*biases"):
         build_predictors(model, torch.randint(0, 64, (2, 8)), sites, rank=4)
+
+
+# --------------------------------------------------------------------------- sparsify_ffn_
+
+
+def _logits_with_reference_ffns(model, sites, predictors, windows, up_relu: bool):
+    """Logits of ``model`` with each FFN's output replaced by the predicted reference."""
+    from prosparse_fx.predictors import predicted_gated_ffn_reference
+
+    hooks = []
+    for s, p in zip(sites, predictors):
+        gate, up, down = (model.get_submodule(q) for q in (s.gate, s.up, s.down))
+
+        def replace(module, args, out, p=p, gate=gate, up=up, down=down, t=s.threshold):
+            w = (gate.weight, up.weight, down.weight.T)
+            return predicted_gated_ffn_reference(args[0], p.a, p.b, p.cut, *w, t, up_relu)
+
+        hooks.append(model.get_submodule(s.path).register_forward_hook(replace))
+    try:
+        with torch.no_grad():
+            return model(input_ids=windows).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", ["llama", "drelu"])
+def test_sparsify_with_predictors_runs_approximate_mode(family, models, windows) -> None:
+    """sparsify_ffn_(predictors=...) swaps in PredictedGatedFFN modules whose model computes the
+    predicted reference FFN by FFN, and differs from the exact model (rank 4 misses some)."""
+    import copy
+
+    from prosparse_fx import sparsify_ffn_
+    from prosparse_fx.sparse_modules import PredictedGatedFFN
+
+    model, sites = models[family]
+    predictors = build_predictors(model, windows, sites, rank=4, recall=0.9)
+    want = _logits_with_reference_ffns(model, sites, predictors, windows, family == "drelu")
+    fast = copy.deepcopy(model).eval()
+    sparsify_ffn_(fast, sites=sites, predictors=predictors)
+    assert all(isinstance(fast.get_submodule(s.path), PredictedGatedFFN) for s in sites)
+    with torch.no_grad():
+        got = fast(input_ids=windows).logits
+        exact = model(input_ids=windows).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - exact).abs().max() > 1e-4
+
+
+def test_sparsify_with_predictors_refusals_change_nothing(models, windows, gpt2) -> None:
+    import copy
+
+    from prosparse_fx import sparsify_ffn_
+    from prosparse_fx.sparse_modules import UnsupportedFFNError
+
+    model, sites = models["llama"]
+    predictors = build_predictors(model, windows, sites, rank=4, recall=0.9)
+    target = copy.deepcopy(model)
+    before = [type(m) for m in target.modules()]
+    renamed = [dataclasses.replace(predictors[0], site="model.layers.9.mlp")]
+    with pytest.raises(ValueError, match=r"not FFN sites of this model"):
+        sparsify_ffn_(target, sites=sites, predictors=renamed)
+    narrow = dataclasses.replace(predictors[0], a=predictors[0].a[:, :8])
+    with pytest.raises(ValueError, match=r"predictor of model\.layers\.0\.mlp is for d=8"):
+        sparsify_ffn_(target, sites=sites, predictors=[narrow])
+    assert [type(m) for m in target.modules()] == before
+    plain_model, plain_sites = gpt2
+    plain = build_predictors(plain_model, windows, plain_sites, rank=4, recall=0.9)
+    with pytest.raises(UnsupportedFFNError, match="gated FFNs only"):
+        sparsify_ffn_(copy.deepcopy(plain_model), sites=plain_sites, predictors=plain)

@@ -235,3 +235,43 @@ def plain_ffn(
     if b2 is not None:
         y = y + b2
     return y.reshape(*x.shape[:-1], w2_t.shape[1])
+
+
+def predicted_gated_ffn(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cut: float,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    threshold: float,
+    up_relu: bool = False,
+) -> torch.Tensor:
+    """CPU ``predicted_gated_ffn`` (inputs already checked by the op): the low-rank estimate,
+    then gate, up and down over the neurons predicted for some token; a token's x1 is 0 on the
+    neurons not predicted for it. Dense (masked) above the crossover."""
+    from ..predictors.predictor import low_rank_estimate, predicted_active
+
+    d_ff, d = w_gate.shape
+    x2 = x.reshape(-1, d).contiguous()
+    n = x2.shape[0]
+    ext = _helper(n, x2, a, b, w_gate, w_up, w_down_t)
+    if ext is not None:  # the whole FFN in one C++ call
+        crossover = get_cpu_crossover(n, cpp=True)
+        y = ext.predicted_gated(
+            x2, a, b, cut, w_gate, w_up, w_down_t, threshold, crossover, up_relu
+        )
+        return y.reshape(*x.shape[:-1], w_down_t.shape[1])
+    mask = predicted_active(low_rank_estimate(x2, a, b), cut)
+    idx = mask.any(0).nonzero().squeeze(1)
+    if idx.numel() > get_cpu_crossover(n, cpp=False) * d_ff:
+        gate, up, cols = x2 @ w_gate.T, x2 @ w_up.T, mask
+    elif idx.numel() == 0:
+        return x2.new_zeros((*x.shape[:-1], w_down_t.shape[1]))
+    else:
+        gate, up, cols = _rows_times(x2, w_gate, idx), _rows_times(x2, w_up, idx), mask[:, idx]
+    up = fatrelu_ref(up, 0.0) if up_relu else up
+    x1 = torch.where(cols, fatrelu_ref(gate, threshold) * up, 0)
+    y = x1 @ w_down_t if cols is mask else _times_rows(x1, w_down_t, idx)
+    return y.reshape(*x.shape[:-1], w_down_t.shape[1])

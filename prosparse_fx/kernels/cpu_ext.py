@@ -10,9 +10,10 @@ again); these loops read each active row once, in place, across all threads:
 ``sparse_gated`` and ``sparse_plain`` run a whole FFN in one call (gate, active set, crossover,
 up, down; for dReLU, ``up_relu``, also the ReLU on up and a second active set, the neurons whose
 x1 is nonzero for some token, so down skips those whose up is <= 0), so no Python runs between
-its steps: at SmolLM2's widths the steps are a few
-microseconds each, and Python between them, with caches just flushed by the weights, cost more
-than the arithmetic.
+its steps: at SmolLM2's widths the steps are a few microseconds each, and Python between them,
+with caches just flushed by the weights, cost more than the arithmetic. ``predicted_gated`` runs
+approximate mode's FFN the same way: the low-rank estimate, the predicted set, then gate, up and
+down over the predicted rows only.
 
 float32, contiguous tensors only. If there is no compiler (or ``PROSPARSE_NO_CPP=1``), :func:`get`
 returns ``None`` and the pure-torch path runs instead.
@@ -30,6 +31,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 // Rows are taken eight at a time: eight independent streams from memory and eight independent
@@ -208,6 +210,62 @@ torch::Tensor sparse_gated(const torch::Tensor& x, const torch::Tensor& wg, cons
   return gather_axpy(wdt, idx2, x1);
 }
 
+// Approximate mode (Deja Vu): the neurons predicted active, where the low-rank estimate
+// est [N, F] is above `cut` or not finite (so a NaN input reaches the output), for some token;
+// and per token whether each listed neuron is predicted for it, as 1/0 in m [N, K].
+static std::pair<torch::Tensor, torch::Tensor> predicted_set(const torch::Tensor& est,
+                                                             double cut) {
+  const int64_t N = est.size(0), F = est.size(1);
+  const float* E = est.data_ptr<float>();
+  const float c = static_cast<float>(cut);
+  auto predicted = [&](float v) { return !(v <= c && std::isfinite(v)); };
+  std::vector<int64_t> rows;
+  rows.reserve(F);
+  for (int64_t j = 0; j < F; ++j) {
+    for (int64_t m = 0; m < N; ++m) {
+      if (predicted(E[m * F + j])) {
+        rows.push_back(j);
+        break;
+      }
+    }
+  }
+  const int64_t K = static_cast<int64_t>(rows.size());
+  auto idx = torch::empty({K}, torch::kInt64);
+  std::copy(rows.begin(), rows.end(), idx.data_ptr<int64_t>());
+  auto mask = torch::empty({N, K}, torch::kBool);
+  bool* M = mask.data_ptr<bool>();
+  for (int64_t m = 0; m < N; ++m)
+    for (int64_t i = 0; i < K; ++i) M[m * K + i] = predicted(E[m * F + rows[i]]);
+  return {idx, mask};
+}
+
+// The predicted gated FFN in one call: the low-rank estimate x @ pa.T @ pb.T, then gate, up and
+// down over the predicted rows only, each read in place; FATReLU_t still applies on those rows,
+// so a neuron predicted but truly inactive gives 0. Dense (masked) above `crossover`.
+torch::Tensor predicted_gated(const torch::Tensor& x, const torch::Tensor& pa,
+                              const torch::Tensor& pb, double cut, const torch::Tensor& wg,
+                              const torch::Tensor& wu, const torch::Tensor& wdt, double t,
+                              double crossover, bool up_relu) {
+  auto est = torch::mm(torch::mm(x, pa.t()), pb.t());
+  auto [idx, mask] = predicted_set(est, cut);
+  const int64_t F = wg.size(0), K = idx.size(0);
+  auto zeros = torch::zeros({}, x.options());
+  if (K > crossover * F) {
+    auto up = torch::mm(x, wu.t());
+    auto x1 = fatrelu(torch::mm(x, wg.t()), t) * (up_relu ? fatrelu(up, 0.0) : up);
+    auto full = torch::zeros({x.size(0), F}, torch::kBool);
+    full.index_copy_(1, idx, mask);
+    return torch::mm(torch::where(full, x1, zeros), wdt);
+  }
+  if (K == 0) return torch::zeros({x.size(0), wdt.size(1)}, x.options());
+  auto gate = gather_gemv(wg, idx, x);
+  auto up = gather_gemv(wu, idx, x);
+  auto x1 = torch::where(mask, fatrelu(gate, t) * (up_relu ? fatrelu(up, 0.0) : up), zeros);
+  auto [idx2, x1c] = nonzero_columns(x1.contiguous(), idx);
+  if (idx2.size(0) == 0) return torch::zeros({x.size(0), wdt.size(1)}, x.options());
+  return gather_axpy(wdt, idx2, x1c);
+}
+
 // The plain FFN (fc1 + FATReLU + fc2) the same way; b1, b2 may be None.
 torch::Tensor sparse_plain(const torch::Tensor& x, const torch::Tensor& w1,
                            const c10::optional<torch::Tensor>& b1, const torch::Tensor& w2t,
@@ -238,7 +296,7 @@ def get() -> Any | None:
             module = load_inline(
                 name="prosparse_cpu_ffn",
                 cpp_sources=_SOURCE,
-                functions=["sparse_gated", "sparse_plain"],
+                functions=["sparse_gated", "sparse_plain", "predicted_gated"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,

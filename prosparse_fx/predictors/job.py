@@ -1,0 +1,122 @@
+"""The ``prosparse-fx predictors`` job: build the predictors of a relufied model folder on
+calibration text, measure approximate mode against the exact model on held-out text, and save
+the predictors into the folder (composes :func:`build_predictors`, :func:`sparsify_ffn_` and
+:func:`save_predictors`)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .storage import JSON_FILE, TENSORS_FILE
+
+
+def run_predictors_job(
+    model_dir: Path,
+    *,
+    data: Path | None = None,
+    kind: str = "svd",
+    rank: int,
+    recall: float = 0.99,
+    windows: int = 16,
+    seq_len: int = 128,
+    seed: int = 0,
+    tokenizer: Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Build, measure and save the predictors of the model in ``model_dir``.
+
+    The cut of each predictor is calibrated on the calibration split of the text, and the
+    perplexities are measured on its held-out split (the document split of ``seed``, as
+    ``prosparse-fx sparsify`` makes it).
+
+    Args:
+        model_dir: a Hugging Face model folder of a ReLU/FATReLU/dReLU causal LM with gated
+            FFNs; the predictors are written into it.
+        data: the text (default: the Wikipedia sample).
+        kind, rank, recall: as for :func:`~prosparse_fx.predictors.build_predictors`.
+        windows, seq_len: windows of each split, tokens per window.
+        seed: seed of the document split.
+        tokenizer: a tokenizer folder when the model folder has none.
+        overwrite: replace predictors already in the folder.
+
+    Returns:
+        The report: per-site rank, cut, recall, precision, predicted and true sparsity (on the
+        calibration windows), and the held-out perplexity of the exact model and of
+        approximate mode.
+
+    Raises:
+        InputError: a bad argument, a model that is not a folder, not ReLU-family or has plain
+            FFNs, or predictors already in the folder without ``overwrite``.
+    """
+    from ..data import load_documents, split_documents, spread, token_windows
+    from ..ffn import FFNNotFoundError, find_ffn_sites
+    from ..measure import perplexity
+    from ..models import check_causal_lm, check_model_path, check_seq_len, load_model
+    from ..sparse_modules import NotSparseError, sparsify_ffn_
+    from .calibrate import build_predictors
+    from .storage import save_predictors
+
+    if windows < 1 or seq_len < 2:
+        raise InputError("--windows must be >= 1 and --seq-len >= 2")
+    if not check_model_path(model_dir).is_dir():
+        raise InputError(
+            f"{model_dir} is a file; the predictors are saved into the model's folder: give a "
+            "Hugging Face model folder (e.g. a sparsify --out folder)"
+        )
+    existing = [n for n in (JSON_FILE, TENSORS_FILE) if (model_dir / n).exists()]
+    if existing and not overwrite:
+        raise InputError(
+            f"{model_dir} already holds predictors ({', '.join(existing)}); pass --overwrite to "
+            "replace them"
+        )
+    check_causal_lm(model_dir)
+    docs = load_documents(data)
+    lm, tok = load_model(model_dir, tokenizer=tokenizer)
+    check_seq_len(lm, seq_len)
+    split = split_documents(docs, seed=seed)
+    calib = spread(token_windows(tok, split.calib, seq_len), windows)
+    held_out = spread(token_windows(tok, split.held_out, seq_len), windows)
+    try:
+        sites = find_ffn_sites(lm)
+        if any(s.kind != "gated" for s in sites):
+            raise InputError(
+                "approximate mode is built for gated FFNs only so far; this model has plain "
+                "FFNs (use exact mode: sparsify_ffn_ or the compile backend)"
+            )
+        predictors = build_predictors(lm, calib, sites, kind=kind, rank=rank, recall=recall)
+    except (FFNNotFoundError, NotSparseError, ValueError) as exc:
+        raise InputError(str(exc)) from exc
+    exact = perplexity(lm, held_out)
+    approximate = copy.deepcopy(lm).eval()
+    sparsify_ffn_(approximate, sites=sites, predictors=predictors)
+    predicted = perplexity(approximate, held_out)
+    save_predictors(model_dir, predictors, lm, sites, overwrite=overwrite)
+    return {
+        "model": str(model_dir),
+        "kind": kind,
+        "rank": rank,
+        "recall_target": recall,
+        "perplexity_exact": exact,
+        "perplexity_predicted": predicted,
+        "perplexity_ratio": predicted / exact,
+        "calibration_windows": int(calib.shape[0]),
+        "held_out_windows": int(held_out.shape[0]),
+        "seq_len": seq_len,
+        "sites": [
+            {
+                "site": p.site,
+                "cut": p.cut,
+                "recall": p.recall,
+                "precision": p.precision,
+                "predicted_sparsity": p.predicted_sparsity,
+                "true_sparsity": p.true_sparsity,
+            }
+            for p in predictors
+        ],
+    }
+
+
+__all__ = ["run_predictors_job"]

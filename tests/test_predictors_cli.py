@@ -1,0 +1,97 @@
+"""``prosparse-fx predictors``: builds, measures and saves approximate mode's predictors into a
+relufied model folder; bad input exits 2 and loses nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from prosparse_fx import find_ffn_sites, relufy_
+from prosparse_fx.cli import app
+from prosparse_fx.models import load_model
+from prosparse_fx.predictors import load_predictors
+from tests.test_cli_inputs import SEQ, llama, word_tokenizer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """relu: the tiny LLaMA relufied (ReLU) with a tokenizer; silu: the same, not relufied;
+    text: 30 JSONL documents."""
+    import random
+
+    root = tmp_path_factory.mktemp("predictors")
+    for name, relu in (("relu", True), ("silu", False)):
+        model = llama()
+        if relu:
+            relufy_(model, "relu")
+        model.save_pretrained(root / name)
+        word_tokenizer(False).save_pretrained(root / name)
+    rng = random.Random(0)
+    docs = [
+        " ".join(f"w{rng.randrange(60)}" for _ in range(rng.randrange(40, 80))) for _ in range(30)
+    ]
+    (root / "text.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    return root
+
+
+def _run(folder, text, *extra):
+    args = ["predictors", str(folder), "--data", str(text), "--seq-len", str(SEQ), "--json"]
+    return runner.invoke(app, [*args, *extra])
+
+
+def test_full_rank_is_exact_then_low_rank_is_measured_and_saved(folders) -> None:
+    model_dir, text = folders / "relu", folders / "text.jsonl"
+    full = _run(model_dir, text, "--rank", "32", "--recall", "1.0")
+    assert full.exit_code == 0, full.output
+    report = json.loads(full.stdout)
+    assert all(e["recall"] == 1.0 for e in report["sites"])
+    assert report["perplexity_predicted"] == pytest.approx(report["perplexity_exact"], rel=1e-5)
+    saved = (model_dir / "predictors.json").read_bytes()
+
+    again = _run(model_dir, text, "--rank", "4", "--recall", "0.9")
+    assert again.exit_code == 2 and "already holds predictors" in again.output
+    assert (model_dir / "predictors.json").read_bytes() == saved
+
+    low = _run(model_dir, text, "--rank", "4", "--recall", "0.9", "--overwrite")
+    assert low.exit_code == 0, low.output
+    report = json.loads(low.stdout)
+    assert report["perplexity_predicted"] != report["perplexity_exact"]
+    lm, _ = load_model(model_dir)
+    loaded = load_predictors(model_dir, lm, find_ffn_sites(lm))
+    assert [p.rank for p in loaded] == [4, 4]
+    assert [p.cut for p in loaded] == [e["cut"] for e in report["sites"]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--rank", "4", "--recall", "1.5"], "recall"),
+        (["--rank", "4", "--recall", "0"], "recall"),
+        (["--rank", "1000"], "rank"),
+        (["--rank", "4", "--kind", "trained"], "kind"),
+        (["--rank", "4", "--windows", "0"], "--windows"),
+    ],
+)
+def test_bad_arguments_exit_2_and_write_nothing(folders, tmp_path, extra, words) -> None:
+    import shutil
+
+    model_dir = tmp_path / "relu"
+    shutil.copytree(folders / "relu", model_dir)
+    for name in ("predictors.json", "predictors.safetensors"):
+        (model_dir / name).unlink(missing_ok=True)
+    result = _run(model_dir, folders / "text.jsonl", *extra)
+    assert result.exit_code == 2, result.output
+    assert words in result.output
+    assert not (model_dir / "predictors.json").exists()
+
+
+def test_silu_model_and_a_file_are_refused(folders) -> None:
+    silu = _run(folders / "silu", folders / "text.jsonl", "--rank", "4")
+    assert silu.exit_code == 2 and "relufy" in silu.output.lower()
+    weights = folders / "silu" / "model.safetensors"
+    as_file = _run(weights, folders / "text.jsonl", "--rank", "4")
+    assert as_file.exit_code == 2
