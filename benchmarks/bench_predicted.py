@@ -10,10 +10,11 @@ times, interleaved in one run (median of ``--repeats`` after warm-up):
 - dejavu-torch: the same computation as Deja Vu's PyTorch code does it (index the weight rows,
   then matmuls), the peer.
 
-The predicted set has the size of the active set ((1 - s) d_ff neurons for one token; the cut
-is the estimate's s quantile). The bound for predicted mode is ``3 / (p + 3 (1 - s))`` with p
-the predictor's bytes over one matrix's; exact mode's is ``3 / (1 + 2 (1 - s))``. Prints a
-table, writes JSON and a plot, and records the machine.
+Each call takes the next of 16 random inputs. The cut is the s quantile of the estimate over
+them and t that of the gate, so the predicted set has the size of the active set on average.
+The bound for predicted mode is ``3 / (p + 3 (1 - s))`` with p the predictor's bytes over one
+matrix's; exact mode's is ``3 / (1 + 2 (1 - s))``. Prints a table, writes JSON and a plot, and
+records the machine.
 
     python benchmarks/bench_predicted.py
 """
@@ -37,6 +38,7 @@ from prosparse_fx.kernels import (  # noqa: E402
 
 WIDTHS = {"llama2-7b": (4096, 11008), "smollm2": (576, 1536)}
 BYTE_SHARES = (0.02, 0.05, 0.10)  # the predictor's bytes over the whole FFN's
+POOL = 16  # inputs cycled through, one per call
 
 
 def rank_for(share: float, d: int, d_ff: int) -> int:
@@ -64,14 +66,21 @@ def dejavu_torch(x, a, b, cut, w_gate, w_up, w_down_t, threshold):
     return torch.where(est[:, idx] > cut, x1, 0.0) @ w_down_t[idx]
 
 
-def _contenders(x, a, b, cut, w_gate, w_up, w_down_t, t) -> dict:
-    """The four ways of computing the FFN, as calls without arguments."""
-    pred_args = (x, a, b, cut, w_gate, w_up, w_down_t, t)
+def _contenders(xs, a, b, cut, w_gate, w_up, w_down_t, t) -> dict:
+    """The four ways of computing the FFN, as calls without arguments; each call takes the
+    next input of the pool ``xs`` ``[P, tokens, d]``, so that the rows read change from call to
+    call as in decoding (the same rows every call would stay in the cache)."""
+    state = {"i": 0}
+
+    def nxt() -> torch.Tensor:
+        state["i"] = (state["i"] + 1) % xs.shape[0]
+        return xs[state["i"]]
+
     return {
-        "dense": lambda: gated_ffn_reference(x, w_gate, w_up, w_down_t, t),
-        "exact": lambda: sparse_gated_ffn(x, w_gate, w_up, w_down_t, t),
-        "predicted": lambda: predicted_gated_ffn(*pred_args),
-        "dejavu_torch": lambda: dejavu_torch(*pred_args),
+        "dense": lambda: gated_ffn_reference(nxt(), w_gate, w_up, w_down_t, t),
+        "exact": lambda: sparse_gated_ffn(nxt(), w_gate, w_up, w_down_t, t),
+        "predicted": lambda: predicted_gated_ffn(nxt(), a, b, cut, w_gate, w_up, w_down_t, t),
+        "dejavu_torch": lambda: dejavu_torch(nxt(), a, b, cut, w_gate, w_up, w_down_t, t),
     }
 
 
@@ -102,16 +111,16 @@ def main() -> None:
         w_up = torch.randn(d_ff, d) * d**-0.5
         w_down_t = torch.randn(d_ff, d) * d_ff**-0.5
         for tokens in args.tokens:
-            x = torch.randn(tokens, d)
-            gate = x @ w_gate.T
+            xs = torch.randn(POOL, tokens, d)
+            gate = xs @ w_gate.T
             for share in args.shares:
                 rank = rank_for(share, d, d_ff)
                 a = torch.randn(rank, d) * d**-0.5
                 b = torch.randn(d_ff, rank) * rank**-0.5
-                est = (x @ a.T) @ b.T
+                est = (xs @ a.T) @ b.T
                 for s in args.sparsity:
                     t, cut = max(_quantile(gate, s), 0.0), _quantile(est, s)
-                    fns = _contenders(x, a, b, cut, w_gate, w_up, w_down_t, t)
+                    fns = _contenders(xs, a, b, cut, w_gate, w_up, w_down_t, t)
                     ms = time_interleaved(fns, "cpu", args.repeats)
                     predicted_s = float((est <= cut).float().mean())
                     bound = predicted_bound(predicted_s, rank, d, d_ff)
