@@ -174,9 +174,11 @@ def measure(
         ),
     ] = None,
     seed: Annotated[
-        int,
-        typer.Option(min=0, max=2**32 - 1, help="Seed of the document split (--held-out)."),
-    ] = 0,
+        int | None,
+        typer.Option(
+            min=0, max=2**32 - 1, help="Seed of the document split (--held-out; default 0)."
+        ),
+    ] = None,
 ) -> None:
     """Per-layer sparsity of x1 and perplexity of a model on held-out text.
 
@@ -199,11 +201,17 @@ def measure(
     try:
         if windows < 1 or seq_len < 2:
             raise InputError("--windows must be >= 1 and --seq-len >= 2")
+        split = data is None if held_out is None else held_out
+        if seed is not None and not split:
+            raise InputError(
+                "--seed chooses the held-out split, but this measures the whole text: drop "
+                "--seed, or add --held-out"
+            )
+        seed = 0 if seed is None else seed
         if check_model_path(model).is_dir():
             check_causal_lm(model)  # an encoder is refused before the text is read
         docs = load_documents(data)
         lm, tok = load_model(model, tokenizer=tokenizer)
-        split = data is None if held_out is None else held_out
         text = split_documents(docs, seed=seed).held_out if split else docs
         bos = bos_token_id(tok)
         check_seq_len(lm, seq_len)

@@ -319,3 +319,16 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(folders, tmp_path) -> 
     assert result.exit_code == 2, result.output
     assert f"has {len(WORDS)} tokens but the model's embedding has 32 rows" in result.output
     assert "--tokenizer DIR" in result.output
+
+
+def test_measure_seed_with_the_whole_text_is_refused(folders) -> None:
+    """--seed chooses the held-out split; with --whole (or --data without --held-out) it would
+    be ignored silently, so it is refused before the model is loaded."""
+    tok = ["--tokenizer", str(folders["plain_tok"])]
+    for extra in (["--whole", "--seed", "3"], ["--seed", "3"]):
+        result = _measure(folders["model"], folders["text"], *tok, *extra)
+        assert result.exit_code == 2, result.output
+        assert "drop --seed, or add --held-out" in result.output
+    ok = _measure(folders["model"], folders["text"], *tok, "--held-out", "--seed", "3")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["text"] == "held-out split (seed 3)"
