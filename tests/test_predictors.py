@@ -321,6 +321,9 @@ def test_build_refusals(llama, llama_sites, windows) -> None:
         build_predictors(model, windows.float(), sites, rank=4)
     with pytest.raises(ValueError, match="no FFN sites"):
         build_predictors(model, windows, [], rank=4)
+    for bad_id in (-1, VOCAB):
+        with pytest.raises(ValueError, match=rf"outside \[0, {VOCAB}\)"):
+            build_predictors(model, windows.clone().fill_(bad_id), sites, rank=4)
     expert = [dataclasses.replace(sites[0], expert=0)] + sites[1:]
     with pytest.raises(ValueError, match="mixture-of-experts .* not supported yet"):
         build_predictors(model, windows, expert, rank=4)
@@ -555,3 +558,17 @@ def test_sparsify_with_predictors_refusals_change_nothing(models, windows, gpt2)
     plain = build_predictors(plain_model, windows, plain_sites, rank=4, recall=0.9)
     with pytest.raises(UnsupportedFFNError, match="gated FFNs only"):
         sparsify_ffn_(copy.deepcopy(plain_model), sites=plain_sites, predictors=plain)
+
+
+def test_damaged_gate_and_a_file_as_folder_are_refused_by_name(llama, windows, tmp_path) -> None:
+    w = torch.randn(8, 4)
+    w[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        svd_factors(w, 2)
+    model, sites = llama
+    predictors = build_predictors(model, windows, sites, rank=4, recall=0.9)
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    with pytest.raises(OutputWriteError, match="is a file"):
+        save_predictors(target, predictors, model, sites)
+    assert target.read_text() == "keep me"

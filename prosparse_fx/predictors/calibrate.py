@@ -172,8 +172,8 @@ def build_predictors(
     Raises:
         ValueError: unknown ``kind``; ``recall`` or ``rank`` out of range; no sites, or an
             expert of a mixture-of-experts layer (not supported yet); ``calib_windows`` not a
-            non-empty 2-D integer tensor; a site with no active neuron, or a non-finite
-            estimate, on the calibration windows.
+            non-empty 2-D integer tensor, or with ids outside the vocabulary; a site with no
+            active neuron, or a non-finite estimate, on the calibration windows.
         NotSparseError: a site's activation is SiLU/GELU: relufy_ the model first.
     """
     if kind not in KINDS:
@@ -191,6 +191,12 @@ def build_predictors(
         raise ValueError(
             "calib_windows must be a non-empty [N, T] tensor of token ids, got "
             f"{calib_windows.dtype} of shape {list(calib_windows.shape)}"
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(calib_windows.min()) < 0 or int(calib_windows.max()) >= vocab:
+        raise ValueError(
+            f"calib_windows holds token ids outside [0, {vocab}), the model's vocabulary: "
+            "tokenize the text with the model's own tokenizer"
         )
     gates = [gate_weight(model, s) for s in sites]
     factors = [svd_factors(w, rank) for w, _ in gates]

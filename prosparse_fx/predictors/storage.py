@@ -79,7 +79,8 @@ def save_predictors(
     Raises:
         ValueError: the predictors do not match ``sites`` (number, paths, shapes), or a tensor
             is not floating point or not finite.
-        OutputWriteError: a predictor file exists in ``folder`` and ``overwrite`` is False.
+        OutputWriteError: ``folder`` is a file, or a predictor file exists in it and
+            ``overwrite`` is False.
     """
     if [p.site for p in predictors] != [s.path for s in sites]:
         raise ValueError(
@@ -113,6 +114,11 @@ def save_predictors(
             }
         )
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputWriteError(
+            f"{folder} is a file; the predictors are written into a folder (the model's): give "
+            "a folder"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     if not overwrite:
         for name in (TENSORS_FILE, JSON_FILE):

@@ -44,7 +44,8 @@ def svd_factors(w_gate: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
         ``x @ a.T @ b.T`` approximates ``x @ w_gate.T``.
 
     Raises:
-        ValueError: ``w_gate`` is not a 2-D floating-point tensor, or ``rank`` is out of range.
+        ValueError: ``w_gate`` is not a 2-D floating-point tensor or is not finite, or ``rank``
+            is out of range.
     """
     if w_gate.dim() != 2 or not w_gate.is_floating_point():
         raise ValueError(
@@ -53,6 +54,11 @@ def svd_factors(w_gate: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
         )
     d_ff, d = w_gate.shape
     check_rank(rank, d, d_ff)
+    if not bool(torch.isfinite(w_gate).all()):
+        raise ValueError(
+            "w_gate holds NaN or infinite values, which have no SVD: the model's gate weight "
+            "is damaged; reload or retrain the model"
+        )
     u, s, vh = torch.linalg.svd(w_gate.detach().float(), full_matrices=False)
     root = s[:rank].sqrt()
     a = root[:, None] * vh[:rank]
