@@ -13,6 +13,7 @@ benchmark and anyone re-measuring a run get the same windows.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +87,28 @@ class RunWindows:
         }
 
 
+_MIN_SHARED = 40  # characters: shorter shared strings may be boilerplate, not a document
+
+
+def _sentences(text: str) -> set[str]:
+    """The sentences of ``text`` (split after . ! ?) of at least ``_MIN_SHARED`` characters,
+    whitespace collapsed."""
+    return {s for s in re.split(r"(?<=[.!?])\s+", text) if len(s) >= _MIN_SHARED}
+
+
 def _check_no_leak(name: str, docs: list[str], split: DocumentSplit) -> None:
-    """Refuse a training text whose documents (40 characters or more, whitespace collapsed)
-    occur in the held-out or calibration split, however the data file cut them."""
+    """Refuse a training text whose documents occur in the held-out or calibration split,
+    however the data file cut them: a whole document (40 characters or more, whitespace
+    collapsed) inside the measured text, or a sentence of 40 characters or more shared with it
+    (a document the data file cut in two)."""
     measured = " ".join(" ".join(d.split()) for d in (*split.held_out, *split.calib))
-    leaked = [d for d in docs if len(d) >= 40 and " ".join(d.split()) in measured]
+    shared = _sentences(measured)
+
+    def leaks(doc: str) -> bool:
+        flat = " ".join(doc.split())
+        return (len(flat) >= _MIN_SHARED and flat in measured) or bool(_sentences(flat) & shared)
+
+    leaked = [d for d in docs if leaks(d)]
     if leaked:
         raise InputError(
             f"train_texts {name!r}: {len(leaked)} of its {len(docs)} documents are in the data's "

@@ -360,6 +360,20 @@ def test_a_training_text_that_is_also_the_data_is_refused(tmp_path) -> None:
     split = split_documents(load_documents(same), seed=0)
     with pytest.raises(InputError, match="train_texts 'news'.*held-out or calibration split"):
         RunWindows.make(tok, split, config)
+    # the same text with every document cut in two halves (at a sentence end): no whole
+    # document of 'news' is in the measured split any more, but its sentences are
+    firsts, seconds = [], []
+    for doc in load_text("news"):
+        cut = doc.find(". ", len(doc) // 2)
+        cut = cut if cut > 0 else doc.rfind(". ", 0, len(doc) // 2)
+        cut = cut if cut > 0 else doc.find(" ", len(doc) // 2) - 1
+        firsts.append(doc[: cut + 1])
+        seconds.append(doc[cut + 2 :])
+    cut_file = tmp_path / "news_halves.txt"  # all first halves, then all second halves
+    cut_file.write_text("\n\n".join(firsts + seconds), encoding="utf-8")
+    cut_split = split_documents(load_documents(cut_file), seed=0)
+    with pytest.raises(InputError, match="train_texts 'news'.*held-out or calibration split"):
+        RunWindows.make(tok, cut_split, config)
     other = tmp_path / "other.txt"
     other.write_text(
         "\n\n".join(f"Document {i} is about the number {i} and nothing else." for i in range(40)),
