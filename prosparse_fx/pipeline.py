@@ -516,8 +516,9 @@ def _resume_inputs(
             continue
         shown = was if was is not None else "the model folder's own"
         raise InputError(
-            f"--resume {out}: the {name} differs from the interrupted run's "
-            f"(checkpoint {shown}, now {given}; fingerprints differ)"
+            f"--resume {out}: the {name} differs from the interrupted run's (the run started "
+            f"with {shown}, now {given}; fingerprints differ). Resume with the run's own "
+            f"{name} (or without --{name}), or start a new run"
         )
     check_state(state, stored.schedule(), folder)
     data_file = None if recorded["data"] == DEFAULT_DATA_LABEL else Path(report["data"])
