@@ -13,9 +13,10 @@ cases:
 Left alone, such a layer would keep SiLU while the rest of the model is ReLU: a silently
 different model. So when the backend substitutes activations or inserts taps, it watches the
 model it compiles. :func:`watch_compiled_model` puts a forward pre-hook on each activation module
-that the substitution replaces. The hook does nothing inside a graph being traced, nor in an
-eager call of the model. It raises :class:`EagerFallbackError` when the module runs eagerly
-inside a call of that compiled model.
+that the substitution replaces, and on each module with two or more linear children and no
+activation module (an FFN that calls its activation as a function). The hook does nothing
+inside a graph being traced, nor in an eager call of the model. It raises
+:class:`EagerFallbackError` when the module runs eagerly inside a call of that compiled model.
 
 The compiled model is found on the Python stack: Dynamo's ``compile_wrapper`` frame holds the
 callable being compiled (an ``nn.Module``'s bound ``__call__``, or a function whose closure or
@@ -164,7 +165,7 @@ def watch_compiled_model(activation: str | None, regularize: bool, threshold: An
     for root in roots:
         hub_kernels = _uses_hub_kernels(root)
         for path, module in root.named_modules():
-            if not isinstance(module, types):
+            if not (isinstance(module, types) or _may_call_an_activation(module, types)):
                 continue
             watch = _WATCHED.get(module)
             if watch is None:
@@ -173,6 +174,16 @@ def watch_compiled_model(activation: str | None, regularize: bool, threshold: An
             watch.asked, watch.hub_kernels = asked, hub_kernels
             watch.callbacks.add(callback)
     return True
+
+
+def _may_call_an_activation(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
+    """A module with two or more linear children and no activation module among them: an FFN
+    may call its activation as a function (LFM2's ``w2(F.silu(w1(x)) * w3(x))``), which no
+    module hook sees, so the module itself is watched (an attention block matches too: running
+    it eagerly inside a compiled call is refused along with its layer)."""
+    children = list(module.children())
+    linears = sum(isinstance(c, nn.Linear) for c in children)
+    return linears >= 2 and not any(isinstance(c, types) for c in children)
 
 
 def _uses_hub_kernels(root: nn.Module) -> bool:
@@ -205,9 +216,10 @@ def _refuse_eager_run(module: nn.Module, args: Any) -> None:
                 f"compiled with backend='prosparse' (options {watch.asked}): Dynamo left it out "
                 "of the compiled graphs (a graph break inside an activation-checkpointed layer "
                 "makes Dynamo run the whole layer eagerly; so do the recompile limit and "
-                "torch.compiler.disable), so it would keep its own activation instead and the "
-                "model would silently differ. Run with TORCH_LOGS=graph_breaks to see the "
-                "break. To go on, apply the activation eagerly before compiling "
+                "torch.compiler.disable), so the FFN activations run there would keep the "
+                "model's own and the model would silently differ. Run with "
+                "TORCH_LOGS=graph_breaks to see the break. To go on, apply the activation "
+                "eagerly before compiling "
                 "(prosparse_fx.relufy_(model, ...), exact on every path; with taps, "
                 "ActivationRegularizer(model, schedule) with hook taps), or remove the cause of "
                 "the break." + (_HUB_KERNELS_HINT if watch.hub_kernels else "")

@@ -33,7 +33,7 @@ def test_graph_break_inside_checkpointed_layer_is_refused(ids) -> None:
     _break_in_mlps(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="prosparse", options=OPTS)
-    with pytest.raises(EagerFallbackError, match=r"model\.layers\.0\.mlp\.act_fn .*relufy_"):
+    with pytest.raises(EagerFallbackError, match=r"model\.layers\.0\.\S+ .*relufy_"):
         compiled(input_ids=ids, labels=ids)
 
 
@@ -112,3 +112,28 @@ def test_hub_kernels_under_checkpointing_refused_then_the_way_out_is_exact(ids) 
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
         got = float(compiled(input_ids=ids, labels=ids).loss)
     assert got == pytest.approx(float(ref(input_ids=ids, labels=ids).loss), abs=1e-5)
+
+
+def test_functional_activation_under_checkpointing_is_refused(ids) -> None:
+    """LFM2's FFN calls F.silu (no activation module): the module holding the linears is
+    watched, so its eager run inside a checkpointed layer is refused, not left SiLU."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Lfm2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        block_auto_adjust_ff_dim=False,
+        layer_types=["full_attention", "conv"],
+    )
+    model = Lfm2ForCausalLM(config).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="prosparse", options=OPTS)
+    with pytest.raises(EagerFallbackError, match="ran eagerly inside a call"):
+        compiled(input_ids=ids, labels=ids)
