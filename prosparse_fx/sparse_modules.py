@@ -6,6 +6,7 @@ TurboSparse Sec. 3 for dReLU); with predictors, gated FFNs call ``predicted_gate
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -228,13 +229,48 @@ def _leaf(path: str, base: str) -> str:
     return path[len(base) + 1 :] if path.startswith(base + ".") else path
 
 
+def _check_predictor(p: Any) -> None:
+    """Refuse a malformed predictor before any module is swapped."""
+    a, b = p.a, p.b
+    ok = (
+        a.dim() == 2
+        and b.dim() == 2
+        and a.shape[0] == b.shape[1] == p.rank >= 1
+        and a.is_floating_point()
+        and a.dtype == b.dtype
+        and a.device.type != "meta"
+        and b.device.type != "meta"
+    )
+    if not ok:
+        raise ValueError(
+            f"the predictor of {p.site} is malformed (a {list(a.shape)} {a.dtype}, b "
+            f"{list(b.shape)} {b.dtype}, rank {p.rank}): a must be [rank, d] and b [d_ff, rank], "
+            "floating point of one dtype, with data"
+        )
+    if not math.isfinite(p.cut) or not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError(f"the predictor of {p.site} holds a NaN or infinite cut or factor")
+
+
 def _predictors_by_site(predictors: Any, sites: Sequence[FFNSite]) -> dict[str, Any]:
     """``predictors`` (a sequence of :class:`~prosparse_fx.predictors.Predictor` or a mapping
     from site path to one) keyed by site path, checked against ``sites``."""
+    from .predictors.predictor import Predictor
+
     if predictors is None:
         return {}
-    items = list(predictors.values() if isinstance(predictors, Mapping) else predictors)
+    pairs = list(predictors.items()) if isinstance(predictors, Mapping) else None
+    items = [p for _, p in pairs] if pairs is not None else list(predictors)
+    for p in items:
+        if not isinstance(p, Predictor):
+            raise TypeError(f"predictors must be Predictor records, got {type(p).__name__}")
+    if pairs is not None and any(key != p.site for key, p in pairs):
+        bad = next(key for key, p in pairs if key != p.site)
+        raise ValueError(f"predictors[{bad!r}] is the predictor of {predictors[bad].site!r}")
     by_site = {p.site: p for p in items}
+    if len(by_site) != len(items):
+        raise ValueError("two predictors for one FFN site; give one per site")
+    for p in items:
+        _check_predictor(p)
     known = {s.path: s for s in sites}
     unknown = sorted(set(by_site) - set(known))
     if unknown:

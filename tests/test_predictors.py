@@ -572,3 +572,29 @@ def test_damaged_gate_and_a_file_as_folder_are_refused_by_name(llama, windows, t
     with pytest.raises(OutputWriteError, match="is a file"):
         save_predictors(target, predictors, model, sites)
     assert target.read_text() == "keep me"
+
+
+def test_sparsify_refuses_malformed_predictors_before_changing_anything(models, windows) -> None:
+    import copy
+
+    from prosparse_fx import sparsify_ffn_
+
+    model, sites = models["llama"]
+    predictors = build_predictors(model, windows, sites, rank=4, recall=0.9)
+    p0, p1 = predictors
+    target = copy.deepcopy(model)
+    before = [type(m) for m in target.modules()]
+    bad = [
+        ([p0, p0], ValueError, "two predictors for one FFN site"),
+        ({p1.site: p0}, ValueError, "is the predictor of"),
+        ([dataclasses.replace(p0, cut=math.nan)], ValueError, "NaN or infinite"),
+        ([dataclasses.replace(p0, a=p0.a.clone().fill_(math.nan))], ValueError, "NaN or inf"),
+        ([dataclasses.replace(p0, b=p0.b[:, :3])], ValueError, "malformed"),
+        ([dataclasses.replace(p0, b=p0.b.half())], ValueError, "malformed"),
+        ([p0, dataclasses.replace(p1, a=p1.a.to("meta"))], ValueError, "malformed"),
+        (["model.layers.0.mlp"], TypeError, "Predictor records"),
+    ]
+    for given, error, words in bad:
+        with pytest.raises(error, match=words):
+            sparsify_ffn_(target, sites=sites, predictors=given)
+        assert [type(m) for m in target.modules()] == before

@@ -95,3 +95,21 @@ def test_silu_model_and_a_file_are_refused(folders) -> None:
     weights = folders / "silu" / "model.safetensors"
     as_file = _run(weights, folders / "text.jsonl", "--rank", "4")
     assert as_file.exit_code == 2
+
+
+def test_unwritable_folder_exits_2_before_any_work(folders, tmp_path, monkeypatch) -> None:
+    """A folder the predictors cannot be saved into is refused up front (it failed with a raw
+    PermissionError after building and measuring)."""
+    import os
+
+    real_access = os.access
+    target = folders / "relu"
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda p, mode: (
+            False if str(p) == str(target) and mode == os.W_OK else real_access(p, mode)
+        ),
+    )
+    result = _run(target, folders / "text.jsonl", "--rank", "4", "--overwrite")
+    assert result.exit_code == 2 and "is not writable" in result.output

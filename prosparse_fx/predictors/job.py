@@ -6,6 +6,7 @@ the predictors into the folder (composes :func:`build_predictors`, :func:`sparsi
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,11 @@ def run_predictors_job(
             f"{model_dir} is a file; the predictors are saved into the model's folder: give a "
             "Hugging Face model folder (e.g. a sparsify --out folder)"
         )
+    if not os.access(model_dir, os.W_OK):
+        raise InputError(
+            f"{model_dir} is not writable, and the predictors are saved into it: make it "
+            "writable, or copy the model to a folder you can write"
+        )
     existing = [n for n in (JSON_FILE, TENSORS_FILE) if (model_dir / n).exists()]
     if existing and not overwrite:
         raise InputError(
@@ -93,7 +99,10 @@ def run_predictors_job(
     approximate = copy.deepcopy(lm).eval()
     sparsify_ffn_(approximate, sites=sites, predictors=predictors)
     predicted = perplexity(approximate, held_out)
-    save_predictors(model_dir, predictors, lm, sites, overwrite=overwrite)
+    try:
+        save_predictors(model_dir, predictors, lm, sites, overwrite=overwrite)
+    except OSError as exc:  # OutputWriteError too: disk full, permissions changed meanwhile
+        raise InputError(f"cannot save the predictors into {model_dir}: {exc}") from exc
     return {
         "model": str(model_dir),
         "kind": kind,
