@@ -19,6 +19,7 @@ from prosparse_fx.kernels.reference import gated_ffn_reference, plain_ffn_refere
 from prosparse_fx.predictors import (
     Predictor,
     PredictorFileError,
+    TrainingConfig,
     build_predictors,
     cut_for_recall,
     estimate,
@@ -30,8 +31,11 @@ from prosparse_fx.predictors import (
     predicted_mask,
     predicted_plain_ffn_reference,
     save_predictors,
+    sparsity_at_recall,
     svd_factors,
+    train_factors,
 )
+from prosparse_fx.predictors.predictor import KINDS
 from prosparse_fx.sparse_modules import NotSparseError
 from tests.models import VOCAB, tiny
 
@@ -315,8 +319,8 @@ def test_build_refusals(llama, llama_sites, windows) -> None:
     for rank in (0, 33):
         with pytest.raises(ValueError, match=r"\[1, 32\]"):
             build_predictors(model, windows, sites, rank=rank)
-    with pytest.raises(ValueError, match="kind must be one of svd"):
-        build_predictors(model, windows, sites, kind="trained", rank=4)
+    with pytest.raises(ValueError, match="kind must be one of svd, trained"):
+        build_predictors(model, windows, sites, kind="deja-vu", rank=4)
     with pytest.raises(ValueError, match="token ids"):
         build_predictors(model, windows.float(), sites, rank=4)
     with pytest.raises(ValueError, match="no FFN sites"):
@@ -332,8 +336,117 @@ def test_build_refusals(llama, llama_sites, windows) -> None:
         build_predictors(silu, windows, llama_sites, rank=4)
     dead = tiny("llama")
     dead_sites = relufy_(dead, "fatrelu", 1e6, sites=llama_sites)
-    with pytest.raises(ValueError, match="model.layers.0.mlp: no neuron was active"):
-        build_predictors(dead, windows, dead_sites, rank=4)
+    for kind in KINDS:
+        with pytest.raises(ValueError, match="model.layers.0.mlp: no neuron was active"):
+            build_predictors(dead, windows, dead_sites, kind=kind, rank=4)
+
+
+# --------------------------------------------------------------------------- the trained kind
+
+
+def _planted(n: int, seed: int):
+    """Tokens whose active neurons are set by a planted rank-3 map ``m`` (not the gate): x
+    ``[n, 16]``, active = x @ m.T > 0.5 (``[n, 24]``), and a random 'gate' whose SVD
+    predicts them poorly."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(24, 3, generator=g) @ torch.randn(3, 16, generator=g)
+    gate = torch.randn(24, 16, generator=g)
+    x = torch.randn(n, 16, generator=torch.Generator().manual_seed(seed + 1))
+    return x, x @ m.T > 0.5, m, gate
+
+
+def test_sparsity_at_recall_hand_built() -> None:
+    est = torch.tensor([[3.0, 1.0, -1.0, 0.0], [2.0, -2.0, 0.5, -3.0]])
+    active = torch.tensor([[True, False, False, False], [True, False, True, False]])
+    # recall 1: the cut sits just below 0.5, the lowest active estimate: 4 of 8 above it
+    assert sparsity_at_recall(est, active, 1.0) == 0.5
+    # recall 2/3 keeps the two largest actives (3 and 2): only they are above the cut
+    assert sparsity_at_recall(est, active, 2 / 3) == 0.75
+    assert sparsity_at_recall(est, torch.zeros_like(active), 0.9) == 0.0
+
+
+def test_training_learns_a_planted_mask_the_gate_does_not_predict() -> None:
+    x, active, m, gate = _planted(4000, 0)
+    a, b = svd_factors(gate, 3)
+    config = TrainingConfig(epochs=30, lr=1e-2, batch_tokens=128)
+    ta, tb, tbias = train_factors(x, active, a, b, recall=0.99, config=config)
+    assert tbias is None and ta.shape == a.shape and tb.shape == b.shape
+    xf = torch.randn(2000, 16, generator=torch.Generator().manual_seed(99))
+    af = xf @ m.T > 0.5
+    true_sparsity = 1 - float(af.float().mean())
+    start = sparsity_at_recall(low_rank_estimate(xf, a, b), af, 0.99)
+    trained = sparsity_at_recall(low_rank_estimate(xf, ta, tb), af, 0.99)
+    # the planted map is rank 3: the trained factors nearly recover it on unseen tokens
+    assert start < true_sparsity - 0.25
+    assert trained > true_sparsity - 0.08, (start, trained, true_sparsity)
+
+
+def test_training_keeps_the_start_when_no_epoch_beats_it() -> None:
+    x, active, m, _ = _planted(500, 1)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    a, b = (s[:3, None] * vh[:3]), u[:, :3]  # the planted map itself, up to the 0.5 offset
+    bias = torch.full((24,), -0.5)
+    ta, tb, tbias = train_factors(
+        x, active, a, b, bias, recall=1.0, config=TrainingConfig(epochs=1, lr=0.5)
+    )
+    # the start is perfect on every token (sparsity at recall 1 = true sparsity), and a huge
+    # step only worsens it: the start is returned, untouched
+    assert torch.equal(ta, a) and torch.equal(tb, b) and torch.equal(tbias, bias)
+
+
+def test_training_config_and_train_factors_refusals() -> None:
+    for bad in (
+        {"epochs": 0},
+        {"epochs": 1.5},
+        {"batch_tokens": 0},
+        {"lr": 0.0},
+        {"lr": math.nan},
+        {"pos_weight": -1.0},
+        {"pos_weight": math.inf},
+        {"holdout": 0.0},
+        {"holdout": 1.0},
+    ):
+        with pytest.raises(ValueError, match=f"TrainingConfig.{next(iter(bad))}"):
+            TrainingConfig(**bad)
+    x, active, _, gate = _planted(50, 2)
+    a, b = svd_factors(gate, 3)
+    with pytest.raises(ValueError, match="do not fit together"):
+        train_factors(x[:, :8], active, a, b, recall=0.9)
+    with pytest.raises(ValueError, match="do not fit together"):
+        train_factors(x, active, a, b, torch.zeros(5), recall=0.9)
+    with pytest.raises(ValueError, match="one active"):
+        train_factors(x, torch.zeros_like(active), a, b, recall=0.9)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_build_trained_predictors(family, models) -> None:
+    model, sites = models[family]
+    # 512 tokens: on the 64 of `windows` no epoch beats the start on the held-back tenth
+    windows = torch.randint(0, VOCAB, (32, 16), generator=torch.Generator().manual_seed(3))
+    config = TrainingConfig(epochs=20, lr=1e-2, batch_tokens=16)
+    svd = build_predictors(model, windows, sites, rank=4, recall=0.9)
+    trained = build_predictors(
+        model, windows, sites, kind="trained", rank=4, recall=0.9, training=config
+    )
+    again = build_predictors(
+        model, windows, sites, kind="trained", rank=4, recall=0.9, training=config
+    )
+    changed = 0
+    for p, q, r, s in zip(trained, again, svd, sites):
+        assert p.kind == "trained" and p.rank == 4 and p.site == s.path
+        assert torch.equal(p.a, q.a) and p.cut == q.cut  # seeded
+        assert (p.bias is None) == (family == "llama")
+        changed += not torch.equal(p.a, r.a)
+        # the cut, recall and sparsities are measured as for the SVD kind
+        x, x1, _ = _capture(model, s, windows)
+        active = x1 != 0
+        assert p.cut == cut_for_recall(estimate(p, x).float()[active], 0.9)
+        mask = predicted_mask(p, x)
+        assert p.recall == int((mask & active).sum()) / int(active.sum()) >= 0.9
+        assert p.predicted_sparsity == 1 - int(mask.sum()) / mask.numel()
+        if family == "gpt2":  # the bias is trained too, and is not fc1's bias tensor
+            assert p.bias.data_ptr() != gate_weight(model, s)[1].data_ptr()
+    assert changed >= 1  # training moved the factors of at least one site
 
 
 # --------------------------------------------------------------------------- storage

@@ -2,9 +2,11 @@
 guesses from the FFN input which neurons a token will activate, so that only their gate, up and
 down rows need to be read (Deja Vu, Liu et al. 2023, arXiv 2310.17157; PowerInfer; ProSparse
 Sec. 4 and its appendix on approximate acceleration). The training-free kind is a truncated SVD
-of the gate weight (SVDP, arXiv 2603.14110).
+of the gate weight (SVDP, arXiv 2603.14110); the trained kind is Deja Vu's low-rank classifier
+fitted from it.
 
-* :mod:`.svd`: the factors; :mod:`.predictor`: the :class:`Predictor` record and its mask;
+* :mod:`.svd` and :mod:`.trained`: the factors of each kind;
+* :mod:`.predictor`: the :class:`Predictor` record and its mask;
 * :mod:`.calibrate`: :func:`build_predictors`, the cut set to a target recall on text;
 * :mod:`.storage`: :func:`save_predictors` / :func:`load_predictors`;
 * :mod:`.reference`: dense references of the predicted FFN ops;
@@ -23,10 +25,12 @@ from .predictor import (
 from .reference import predicted_gated_ffn_reference, predicted_plain_ffn_reference
 from .storage import PredictorFileError, load_predictors, save_predictors
 from .svd import svd_factors
+from .trained import TrainingConfig, sparsity_at_recall, train_factors
 
 __all__ = [
     "Predictor",
     "PredictorFileError",
+    "TrainingConfig",
     "build_predictors",
     "cut_for_recall",
     "estimate",
@@ -39,5 +43,7 @@ __all__ = [
     "predicted_mask",
     "predicted_plain_ffn_reference",
     "save_predictors",
+    "sparsity_at_recall",
     "svd_factors",
+    "train_factors",
 ]

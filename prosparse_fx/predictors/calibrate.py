@@ -16,6 +16,7 @@ from ..taps import tap_inputs
 from .gate import gate_weight
 from .predictor import KINDS, Predictor, low_rank_estimate, predicted_active
 from .svd import check_rank, svd_factors
+from .trained import TrainingConfig, train_factors
 
 SAMPLES_PER_LAYER = 1 << 21  # values of the estimate kept per layer for the cut's quantile
 
@@ -133,6 +134,41 @@ def _tapped_forwards(
         model.train(was_training)
 
 
+def _trained(
+    model: nn.Module,
+    windows: torch.Tensor,
+    sites: Sequence[FFNSite],
+    batch_size: int,
+    start: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    recall: float,
+    training: TrainingConfig | None,
+    seed: int,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The trained kind's factors: collect each site's x and active mask, then fit per site."""
+    xs: list[list[torch.Tensor]] = [[] for _ in sites]
+    masks: list[list[torch.Tensor]] = [[] for _ in sites]
+
+    def collect(i: int, x: torch.Tensor, x1: torch.Tensor) -> None:
+        xs[i].append(x.cpu())
+        masks[i].append((x1 != 0).cpu())
+
+    _tapped_forwards(model, windows, sites, batch_size, collect)
+    factors = []
+    for i, (s, (a, b, bias)) in enumerate(zip(sites, start)):
+        x, active = torch.cat(xs[i]), torch.cat(masks[i])
+        xs[i], masks[i] = [], []  # free as we go
+        if not bool(active.any()):
+            raise ValueError(
+                f"{s.path}: no neuron was active on the {len(windows)} calibration windows (x1 "
+                "is all zeros), so there is nothing to train on; use more windows or a lower "
+                "FATReLU threshold"
+            )
+        factors.append(
+            train_factors(x, active, a, b, bias, recall=recall, config=training, seed=seed + i)
+        )
+    return factors
+
+
 @torch.no_grad()
 def build_predictors(
     model: nn.Module,
@@ -144,10 +180,12 @@ def build_predictors(
     recall: float = 0.99,
     batch_size: int = 4,
     seed: int = 0,
+    training: TrainingConfig | None = None,
 ) -> list[Predictor]:
     """One activation predictor per FFN site, its cut calibrated to a target recall.
 
-    Two passes over ``calib_windows`` with taps on each site's FFN input x and x1. The first
+    Two passes over ``calib_windows`` with taps on each site's FFN input x and x1 (three for
+    the trained kind, whose first pass collects x and the active masks to train on). The first
     collects the estimate of every truly active (token, neuron) pair (x1 != 0: the gate is at
     or above the FATReLU threshold, and for dReLU up > 0), at most :data:`SAMPLES_PER_LAYER`
     per layer (a uniform sample drawn with ``seed``), and sets the cut to the quantile that
@@ -159,11 +197,15 @@ def build_predictors(
             training mode.
         calib_windows: ``[N, T]`` int64 token windows (not the evaluation text).
         sites: the FFN sites of ``model``.
-        kind: ``"svd"``: the training-free truncated SVD of the gate weight (SVDP).
+        kind: ``"svd"``: the training-free truncated SVD of the gate weight (SVDP);
+            ``"trained"``: Deja Vu's low-rank classifier trained from the SVD factors on the
+            active masks of ``calib_windows`` (:func:`~prosparse_fx.predictors.train_factors`).
         rank: rank of the estimate, ``1 <= rank <= min(d, d_ff)`` for every site.
         recall: target fraction of the truly active pairs predicted active, in ``(0, 1]``.
         batch_size: windows per forward.
-        seed: seed of the subsample that the cut is taken from.
+        seed: seed of the subsample that the cut is taken from, and of the training.
+        training: how the trained kind is fitted (default :class:`TrainingConfig`); ignored
+            for the SVD kind.
 
     Returns:
         One :class:`Predictor` per site, in the order of ``sites``; its tensors in the dtype and
@@ -199,12 +241,14 @@ def build_predictors(
             "tokenize the text with the model's own tokenizer"
         )
     gates = [gate_weight(model, s) for s in sites]
-    factors = [svd_factors(w, rank) for w, _ in gates]
+    factors = [(*svd_factors(w, rank), bias) for w, bias in gates]
+    if kind == "trained":
+        factors = _trained(model, calib_windows, sites, batch_size, factors, recall, training, seed)
     gen = torch.Generator().manual_seed(seed)
     samples = [_Reservoir(SAMPLES_PER_LAYER, gen) for _ in sites]
 
     def estimate_of(i: int, x: torch.Tensor) -> torch.Tensor:
-        return low_rank_estimate(x, *factors[i], gates[i][1])
+        return low_rank_estimate(x, *factors[i])
 
     def collect(i: int, x: torch.Tensor, x1: torch.Tensor) -> None:
         samples[i].add(estimate_of(i, x).float()[x1 != 0].cpu())
@@ -237,9 +281,7 @@ def build_predictors(
 
     _tapped_forwards(model, calib_windows, sites, batch_size, count)
     predictors = []
-    for s, (a, b), (_, bias), cut, (pairs, active, predicted, both) in zip(
-        sites, factors, gates, cuts, counts
-    ):
+    for s, (a, b, bias), cut, (pairs, active, predicted, both) in zip(sites, factors, cuts, counts):
         predictors.append(
             Predictor(
                 site=s.path,

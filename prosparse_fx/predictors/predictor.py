@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-KINDS = ("svd",)  # "trained" (a learned low-rank MLP, as in Deja Vu) is to come
+KINDS = ("svd", "trained")
 
 
 @dataclass(eq=False)
@@ -26,7 +26,10 @@ class Predictor:
 
     Attributes:
         site: module path of the FFN (:attr:`prosparse_fx.ffn.FFNSite.path`).
-        kind: ``"svd"`` (training-free, :func:`~prosparse_fx.predictors.svd_factors`).
+        kind: ``"svd"`` (training-free, :func:`~prosparse_fx.predictors.svd_factors`; the
+            estimate is in the units of the gate pre-activation) or ``"trained"`` (Deja Vu's
+            classifier, :func:`~prosparse_fx.predictors.train_factors`; the estimate is a
+            logit).
         rank: the rank r of the low-rank estimate.
         a: ``[rank, d]`` floating-point factor applied to the input first.
         b: ``[d_ff, rank]`` floating-point factor.
