@@ -14,6 +14,7 @@ import typer
 
 from .errors import InputError
 from .kernels.cpu import crossover_from_env
+from .predictors.trained import TrainingConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -311,10 +312,19 @@ def predictors(
         Path | None,
         typer.Option(help="Text to calibrate and measure on (default: the Wikipedia sample)."),
     ] = None,
-    kind: Annotated[str, typer.Option(help="Predictor kind: 'svd' (training-free).")] = "svd",
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="Predictor kind: 'svd' (training-free) or 'trained' (Deja Vu's classifier, "
+            "fitted from the SVD on the calibration windows; give it 64+ windows)."
+        ),
+    ] = "svd",
     recall: Annotated[
         float, typer.Option(help="Target recall of the truly active neurons, in (0, 1].")
     ] = 0.99,
+    epochs: Annotated[
+        int, typer.Option(help="Training epochs of the 'trained' kind (>= 1).")
+    ] = TrainingConfig.epochs,
     windows: Annotated[int, typer.Option(help="Windows of each split.")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Document split seed.")] = 0,
@@ -336,6 +346,7 @@ def predictors(
             kind=kind,
             rank=rank,
             recall=recall,
+            epochs=epochs,
             windows=windows,
             seq_len=seq_len,
             seed=seed,

@@ -66,13 +66,33 @@ def test_full_rank_is_exact_then_low_rank_is_measured_and_saved(folders) -> None
     assert [p.cut for p in loaded] == [e["cut"] for e in report["sites"]]
 
 
+def test_trained_kind_is_built_measured_and_saved(folders, tmp_path) -> None:
+    import shutil
+
+    model_dir = tmp_path / "relu"
+    shutil.copytree(folders / "relu", model_dir)
+    for name in ("predictors.json", "predictors.safetensors"):
+        (model_dir / name).unlink(missing_ok=True)
+    args = ("--rank", "4", "--recall", "0.9", "--kind", "trained", "--epochs", "3")
+    result = _run(model_dir, folders / "text.jsonl", *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["kind"] == "trained" and report["epochs"] == 3
+    assert all(e["recall"] >= 0.9 for e in report["sites"])
+    lm, _ = load_model(model_dir)
+    loaded = load_predictors(model_dir, lm, find_ffn_sites(lm))
+    assert [p.kind for p in loaded] == ["trained", "trained"]
+    assert [p.cut for p in loaded] == [e["cut"] for e in report["sites"]]
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
         (["--rank", "4", "--recall", "1.5"], "recall"),
         (["--rank", "4", "--recall", "0"], "recall"),
         (["--rank", "1000"], "rank"),
-        (["--rank", "4", "--kind", "trained"], "kind"),
+        (["--rank", "4", "--kind", "dejavu"], "kind"),
+        (["--rank", "4", "--kind", "trained", "--epochs", "0"], "--epochs"),
         (["--rank", "4", "--windows", "0"], "--windows"),
     ],
 )

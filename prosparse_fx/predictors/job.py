@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import InputError
 from .storage import JSON_FILE, TENSORS_FILE
+from .trained import TrainingConfig
 
 
 def run_predictors_job(
@@ -21,6 +22,7 @@ def run_predictors_job(
     kind: str = "svd",
     rank: int,
     recall: float = 0.99,
+    epochs: int = TrainingConfig.epochs,
     windows: int = 16,
     seq_len: int = 128,
     seed: int = 0,
@@ -38,6 +40,7 @@ def run_predictors_job(
             FFNs; the predictors are written into it.
         data: the text (default: the Wikipedia sample).
         kind, rank, recall: as for :func:`~prosparse_fx.predictors.build_predictors`.
+        epochs: training epochs of the trained kind (:class:`TrainingConfig`).
         windows, seq_len: windows of each split, tokens per window.
         seed: seed of the document split.
         tokenizer: a tokenizer folder when the model folder has none.
@@ -62,6 +65,10 @@ def run_predictors_job(
 
     if windows < 1 or seq_len < 2:
         raise InputError("--windows must be >= 1 and --seq-len >= 2")
+    try:
+        training = TrainingConfig(epochs=epochs)
+    except ValueError as exc:
+        raise InputError(f"--epochs must be an integer >= 1, got {epochs!r}") from exc
     if not check_model_path(model_dir).is_dir():
         raise InputError(
             f"{model_dir} is a file; the predictors are saved into the model's folder: give a "
@@ -92,7 +99,9 @@ def run_predictors_job(
                 "approximate mode is built for gated FFNs only so far; this model has plain "
                 "FFNs (use exact mode: sparsify_ffn_ or the compile backend)"
             )
-        predictors = build_predictors(lm, calib, sites, kind=kind, rank=rank, recall=recall)
+        predictors = build_predictors(
+            lm, calib, sites, kind=kind, rank=rank, recall=recall, training=training
+        )
     except (FFNNotFoundError, NotSparseError, ValueError) as exc:
         raise InputError(str(exc)) from exc
     exact = perplexity(lm, held_out)
@@ -108,6 +117,7 @@ def run_predictors_job(
         "kind": kind,
         "rank": rank,
         "recall_target": recall,
+        **({"epochs": epochs} if kind == "trained" else {}),
         "perplexity_exact": exact,
         "perplexity_predicted": predicted,
         "perplexity_ratio": predicted / exact,
