@@ -180,8 +180,20 @@ def measure(
             min=0, max=2**32 - 1, help="Seed of the document split (--held-out; default 0)."
         ),
     ] = None,
+    predictors: Annotated[
+        bool | None,
+        typer.Option(
+            "--predictors/--no-predictors",
+            help="Also measure approximate mode with the folder's predictors (default: when "
+            "the folder holds predictors.json).",
+        ),
+    ] = None,
 ) -> None:
     """Per-layer sparsity of x1 and perplexity of a model on held-out text.
+
+    When the model folder holds predictors (``prosparse-fx predictors``), approximate mode is
+    measured on the same windows too: per-layer recall, precision and predicted sparsity, and
+    its perplexity against the exact model's.
 
     With ``--held-out`` (the default for the default text) the windows are those of a sparsify
     run with the same ``--seed``, ``--seq-len`` and ``--windows`` (its ``eval_windows``): the
@@ -198,6 +210,9 @@ def measure(
         check_token_ids,
         load_model,
     )
+    from .predictors import PredictorFileError, load_predictors
+    from .predictors.job import approximate_mode_report
+    from .predictors.storage import JSON_FILE
 
     try:
         if windows < 1 or seq_len < 2:
@@ -209,6 +224,12 @@ def measure(
                 "--seed, or add --held-out"
             )
         seed = 0 if seed is None else seed
+        has_predictors = check_model_path(model).is_dir() and (model / JSON_FILE).exists()
+        if predictors and not has_predictors:
+            raise InputError(
+                f"{model} holds no predictors ({JSON_FILE}): build them with `prosparse-fx "
+                "predictors`, or drop --predictors"
+            )
         if check_model_path(model).is_dir():
             check_causal_lm(model)  # an encoder is refused before the text is read
         docs = load_documents(data)
@@ -222,7 +243,25 @@ def measure(
             sites = find_ffn_sites(lm)
         except FFNNotFoundError as exc:
             raise InputError(str(exc)) from exc
+        built = None
+        if has_predictors and predictors is not False:
+            try:
+                built = load_predictors(model, lm, sites)
+            except PredictorFileError as exc:
+                raise InputError(
+                    f"{exc} (pass --no-predictors to measure the exact model only)"
+                ) from None
         ev = evaluate(lm, win, sites=sites)
+        approximate = None
+        if built is not None:
+            try:
+                approximate = approximate_mode_report(
+                    lm, built, win, sites, exact_perplexity=ev.perplexity
+                )
+            except ValueError as exc:
+                raise InputError(
+                    f"{exc} (pass --no-predictors to measure the exact model only)"
+                ) from None
     except InputError as exc:
         _fail(str(exc))
     result = {
@@ -238,6 +277,8 @@ def measure(
         "bos_token_id": bos,
         "activation": sorted({s.activation for s in sites}),
     }
+    if approximate is not None:
+        result["approximate_mode"] = approximate
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -251,6 +292,13 @@ def measure(
         f"{result['text']}, {start}; "
         f"activation {', '.join(result['activation'])})"
     )
+    if approximate is not None:
+        typer.echo("approximate mode (the folder's predictors), on the same windows:")
+        _echo_predictor_table(None, approximate["sites"])
+        typer.echo(
+            f"perplexity {approximate['perplexity_predicted']:.2f} against the exact "
+            f"{approximate['perplexity_exact']:.2f} ({approximate['perplexity_ratio']:.4f}x)"
+        )
 
 
 def _onnx_api():  # noqa: ANN202
@@ -358,17 +406,26 @@ def predictors(
     if json_out:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo(f"{'FFN site':32s} {'recall':>7s} {'precision':>9s} {'pred sp':>8s} {'true sp':>8s}")
-    for e in report["sites"]:
-        typer.echo(
-            f"{e['site']:32s} {e['recall']:7.4f} {e['precision']:9.4f} "
-            f"{e['predicted_sparsity']:8.4f} {e['true_sparsity']:8.4f}"
-        )
+    _echo_predictor_table(report["sites"], report["held_out_sites"])
     typer.echo(
         f"held-out perplexity: exact {report['perplexity_exact']:.3f}, approximate mode "
         f"{report['perplexity_predicted']:.3f} ({report['perplexity_ratio']:.4f}x); "
-        f"recall/precision/sparsity on the calibration windows; predictors saved in {model}"
+        f"cal recall on the {report['calibration_windows']} calibration windows, the rest on "
+        f"the {report['held_out_windows']} held-out windows; predictors saved in {model}"
     )
+
+
+def _echo_predictor_table(calibration: list[dict] | None, held_out: list[dict]) -> None:
+    """Per site: the calibration recall (when given), then recall, precision, predicted and
+    true sparsity on the held-out windows."""
+    head = f"{'FFN site':32s} " + (f"{'cal recall':>10s} " if calibration else "")
+    typer.echo(head + f"{'recall':>7s} {'precision':>9s} {'pred sp':>8s} {'true sp':>8s}")
+    for i, e in enumerate(held_out):
+        cal = f"{calibration[i]['recall']:10.4f} " if calibration else ""
+        typer.echo(
+            f"{e['site']:32s} {cal}{e['recall']:7.4f} {e['precision']:9.4f} "
+            f"{e['predicted_sparsity']:8.4f} {e['true_sparsity']:8.4f}"
+        )
 
 
 @app.command()

@@ -136,14 +136,27 @@ def _check_config_json(config_file: Path) -> None:
         )
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files transformers loads from ``folder``: the shards that
+    ``model.safetensors.index.json`` names, else ``model.safetensors`` (other ``*.safetensors``
+    files, such as saved predictors, are not the model's weights)."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        return [folder / name for name in sorted(set(shards)) if (folder / name).exists()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [f for f in (folder / "model.safetensors",) if f.exists()]
+
+
 def _check_safetensors(folder: Path) -> None:
-    """Check that every ``*.safetensors`` file in ``folder`` is whole: a readable header whose
-    tensors end where the file ends (a truncated copy does not). Reads the headers only.
+    """Check that each weights file of ``folder`` (:func:`_weight_files`) is whole: a readable
+    header whose tensors end where the file ends (a truncated copy does not). Reads the headers
+    only.
 
     Raises:
         InputError: naming the damaged file.
     """
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in _weight_files(folder):
         fix = (
             "it is damaged or truncated (an interrupted copy or download?): copy it again, or "
             "save the model again with save_pretrained"

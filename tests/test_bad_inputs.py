@@ -112,6 +112,26 @@ def test_damaged_model_folder_exits_2_in_measure_and_export(root, tmp_path, dama
         load_causal_lm(folder)
 
 
+def test_a_truncated_shard_is_named_and_other_safetensors_files_are_not_weights(
+    root, tmp_path
+) -> None:
+    """Sharded checkpoints: the shards the index names are checked; a damaged safetensors file
+    that is not a weights file (saved predictors, an adapter) does not block loading."""
+    model = load_causal_lm(root / "llama")
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="20KB")
+    shards = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(shards.values())) > 1
+    (folder / "predictors.safetensors").write_bytes(b"not a safetensors file")
+    loaded = load_causal_lm(folder)
+    for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q), name
+    last = folder / sorted(set(shards.values()))[-1]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(InputError, match=rf"{last}.* truncated"):
+        load_causal_lm(folder)
+
+
 def test_garbage_gguf_exits_2_naming_the_file(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PROSPARSE_FX_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "broken.gguf"

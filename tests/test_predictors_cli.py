@@ -133,3 +133,65 @@ def test_unwritable_folder_exits_2_before_any_work(folders, tmp_path, monkeypatc
     )
     result = _run(target, folders / "text.jsonl", "--rank", "4", "--overwrite")
     assert result.exit_code == 2 and "is not writable" in result.output
+
+
+def _measure(folder, text, *extra):
+    args = ["measure", str(folder), "--data", str(text), "--seq-len", str(SEQ), "--json"]
+    return runner.invoke(app, [*args, *extra])
+
+
+def test_measure_reports_approximate_mode_when_the_folder_holds_predictors(
+    folders, tmp_path
+) -> None:
+    import shutil
+
+    model_dir, text = tmp_path / "relu", folders / "text.jsonl"
+    shutil.copytree(folders / "relu", model_dir)
+    for name in ("predictors.json", "predictors.safetensors"):
+        (model_dir / name).unlink(missing_ok=True)
+    plain = _measure(model_dir, text)
+    assert plain.exit_code == 0, plain.output
+    assert "approximate_mode" not in json.loads(plain.stdout)
+    missing = _measure(model_dir, text, "--predictors")
+    assert missing.exit_code == 2 and "holds no predictors" in missing.output
+
+    # full rank, recall 1: approximate mode is the exact model
+    assert _run(model_dir, text, "--rank", "32", "--recall", "1.0").exit_code == 0
+    full = json.loads(_measure(model_dir, text).stdout)
+    approx = full["approximate_mode"]
+    assert approx["perplexity_exact"] == full["perplexity"]
+    assert approx["perplexity_predicted"] == pytest.approx(full["perplexity"], rel=1e-5)
+    for e in approx["sites"]:  # the cut came from other windows: a near-zero gate may slip
+        assert e["recall"] > 0.999
+        assert e["true_sparsity"] == pytest.approx(full["per_layer_sparsity"][e["site"]])
+
+    # low rank: measured on the same windows as the exact model, on its own x and x1
+    build = _run(model_dir, text, "--rank", "2", "--recall", "0.8", "--overwrite")
+    assert build.exit_code == 0, build.output
+    low = json.loads(_measure(model_dir, text).stdout)["approximate_mode"]
+    lm, _ = load_model(model_dir)
+    sites = find_ffn_sites(lm)
+    loaded = load_predictors(model_dir, lm, sites)
+    from prosparse_fx.data import load_documents, spread, token_windows
+    from prosparse_fx.predictors import measure_predictors
+
+    tok = word_tokenizer(False)
+    win = spread(token_windows(tok, load_documents(text), SEQ), 16)
+    expected = measure_predictors(lm, loaded, win, sites)
+    assert [e["recall"] for e in low["sites"]] == [q.recall for q in expected]
+    assert [e["predicted_sparsity"] for e in low["sites"]] == [
+        q.predicted_sparsity for q in expected
+    ]
+    assert low["perplexity_predicted"] != low["perplexity_exact"]
+    assert "approximate_mode" not in json.loads(_measure(model_dir, text, "--no-predictors").stdout)
+
+    text_out = runner.invoke(
+        app, ["measure", str(model_dir), "--data", str(text), "--seq-len", str(SEQ)]
+    )
+    assert text_out.exit_code == 0 and "approximate mode" in text_out.output
+
+    # a damaged predictors file: exit 2 naming the way out
+    (model_dir / "predictors.safetensors").write_bytes(b"damaged")
+    damaged = _measure(model_dir, text)
+    assert damaged.exit_code == 2 and "--no-predictors" in damaged.output
+    assert _measure(model_dir, text, "--no-predictors").exit_code == 0

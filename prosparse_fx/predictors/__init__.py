@@ -8,6 +8,7 @@ fitted from it.
 * :mod:`.svd` and :mod:`.trained`: the factors of each kind;
 * :mod:`.predictor`: the :class:`Predictor` record and its mask;
 * :mod:`.calibrate`: :func:`build_predictors`, the cut set to a target recall on text;
+* :mod:`.quality`: :func:`measure_predictors`, recall and precision on a text;
 * :mod:`.storage`: :func:`save_predictors` / :func:`load_predictors`;
 * :mod:`.reference`: dense references of the predicted FFN ops;
 * :mod:`.gate`: the gate weight a predictor approximates, and its fingerprint.
@@ -22,6 +23,7 @@ from .predictor import (
     predicted_active,
     predicted_mask,
 )
+from .quality import PredictorQuality, measure_predictors
 from .reference import predicted_gated_ffn_reference, predicted_plain_ffn_reference
 from .storage import PredictorFileError, load_predictors, save_predictors
 from .svd import svd_factors
@@ -30,6 +32,7 @@ from .trained import TrainingConfig, sparsity_at_recall, train_factors
 __all__ = [
     "Predictor",
     "PredictorFileError",
+    "PredictorQuality",
     "TrainingConfig",
     "build_predictors",
     "cut_for_recall",
@@ -38,6 +41,7 @@ __all__ = [
     "gate_weight",
     "load_predictors",
     "low_rank_estimate",
+    "measure_predictors",
     "predicted_active",
     "predicted_gated_ffn_reference",
     "predicted_mask",

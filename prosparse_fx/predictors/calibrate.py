@@ -4,17 +4,18 @@ arXiv 2603.14110; ProSparse Sec. 4 and its appendix on approximate acceleration)
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..ffn import FFNSite
 from ..sparse_modules import check_relu_family
-from ..taps import tap_inputs
 from .gate import gate_weight
-from .predictor import KINDS, Predictor, low_rank_estimate, predicted_active
+from .predictor import KINDS, Predictor, low_rank_estimate
+from .quality import measure_predictors, tapped_ffn_forwards
 from .svd import check_rank, svd_factors
 from .trained import TrainingConfig, train_factors
 
@@ -101,39 +102,6 @@ class _Reservoir:
             self.values = self.values[idx]
 
 
-def _tapped_forwards(
-    model: nn.Module,
-    windows: torch.Tensor,
-    sites: Sequence[FFNSite],
-    batch_size: int,
-    fn: Callable[[int, torch.Tensor, torch.Tensor], None],
-) -> None:
-    """Run ``windows`` through ``model`` and call ``fn(i, x, x1)`` per site and batch, with the
-    FFN input ``x`` (``[tokens, d]``, tapped on the gate/fc1) and ``x1`` (``[tokens, d_ff]``,
-    tapped on down_proj/fc2)."""
-    n = len(sites)
-    paths = [(s.gate or "") if s.kind == "gated" else s.up for s in sites]
-    paths += [s.down for s in sites]
-    pending: dict[int, torch.Tensor] = {}
-
-    def seen(j: int, t: torch.Tensor) -> None:
-        if j < n:
-            pending[j] = t.detach()
-        else:
-            x = pending.pop(j - n)
-            fn(j - n, x.reshape(-1, x.shape[-1]), t.detach().reshape(-1, t.shape[-1]))
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        with tap_inputs(model, paths, seen):
-            for batch in windows.split(batch_size):
-                model(input_ids=batch.to(device))
-    finally:
-        model.train(was_training)
-
-
 def _trained(
     model: nn.Module,
     windows: torch.Tensor,
@@ -152,7 +120,7 @@ def _trained(
         xs[i].append(x.cpu())
         masks[i].append((x1 != 0).cpu())
 
-    _tapped_forwards(model, windows, sites, batch_size, collect)
+    tapped_ffn_forwards(model, windows, sites, batch_size, collect)
     factors = []
     for i, (s, (a, b, bias)) in enumerate(zip(sites, start)):
         x, active = torch.cat(xs[i]), torch.cat(masks[i])
@@ -253,7 +221,7 @@ def build_predictors(
     def collect(i: int, x: torch.Tensor, x1: torch.Tensor) -> None:
         samples[i].add(estimate_of(i, x).float()[x1 != 0].cpu())
 
-    _tapped_forwards(model, calib_windows, sites, batch_size, collect)
+    tapped_ffn_forwards(model, calib_windows, sites, batch_size, collect)
     cuts = []
     for s, sample in zip(sites, samples):
         if sample.values.numel() == 0:
@@ -269,32 +237,26 @@ def build_predictors(
             )
         cuts.append(cut_for_recall(sample.values, recall))
 
-    counts = [[0, 0, 0, 0] for _ in sites]  # pairs, truly active, predicted, both
-
-    def count(i: int, x: torch.Tensor, x1: torch.Tensor) -> None:
-        predicted = predicted_active(estimate_of(i, x), cuts[i])
-        active = x1 != 0
-        counts[i][0] += active.numel()
-        counts[i][1] += int(active.sum())
-        counts[i][2] += int(predicted.sum())
-        counts[i][3] += int((predicted & active).sum())
-
-    _tapped_forwards(model, calib_windows, sites, batch_size, count)
-    predictors = []
-    for s, (a, b, bias), cut, (pairs, active, predicted, both) in zip(sites, factors, cuts, counts):
-        predictors.append(
-            Predictor(
-                site=s.path,
-                kind=kind,
-                rank=rank,
-                a=a,
-                b=b,
-                cut=cut,
-                bias=None if bias is None else bias.clone(),
-                recall=both / max(active, 1),
-                precision=both / max(predicted, 1),
-                predicted_sparsity=1.0 - predicted / pairs,
-                true_sparsity=1.0 - active / pairs,
-            )
+    built = [
+        Predictor(
+            site=s.path,
+            kind=kind,
+            rank=rank,
+            a=a,
+            b=b,
+            cut=cut,
+            bias=None if bias is None else bias.clone(),
         )
-    return predictors
+        for s, (a, b, bias), cut in zip(sites, factors, cuts)
+    ]
+    quality = measure_predictors(model, built, calib_windows, sites, batch_size=batch_size)
+    return [
+        dataclasses.replace(
+            p,
+            recall=q.recall,
+            precision=q.precision,
+            predicted_sparsity=q.predicted_sparsity,
+            true_sparsity=q.true_sparsity,
+        )
+        for p, q in zip(built, quality)
+    ]

@@ -6,13 +6,59 @@ the predictors into the folder (composes :func:`build_predictors`, :func:`sparsi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from ..errors import InputError
+from ..ffn import FFNSite
+from .predictor import Predictor
+from .quality import measure_predictors
 from .storage import JSON_FILE, TENSORS_FILE
 from .trained import TrainingConfig
+
+
+def approximate_mode_report(
+    model: nn.Module,
+    predictors: Sequence[Predictor],
+    windows: torch.Tensor,
+    sites: Sequence[FFNSite],
+    *,
+    exact_perplexity: float | None = None,
+) -> dict[str, Any]:
+    """Approximate mode against the exact model on ``windows`` (held-out text).
+
+    Args:
+        model: the exact model (left unchanged: approximate mode runs on a copy).
+        predictors: one per site of ``sites``, in order.
+        windows: ``[N, T]`` token ids.
+        sites: the FFN sites of ``model``.
+        exact_perplexity: the exact model's perplexity on ``windows`` when already measured.
+
+    Returns:
+        ``perplexity_exact``, ``perplexity_predicted``, their ratio, and per site the recall,
+        precision, predicted and true sparsity of its predictor on ``windows``
+        (:func:`~prosparse_fx.predictors.measure_predictors`, on the exact model's x and x1).
+    """
+    from ..measure import perplexity
+    from ..sparse_modules import sparsify_ffn_
+
+    exact = perplexity(model, windows) if exact_perplexity is None else exact_perplexity
+    approximate = copy.deepcopy(model).eval()
+    sparsify_ffn_(approximate, sites=sites, predictors=predictors)
+    predicted = perplexity(approximate, windows)
+    quality = measure_predictors(model, predictors, windows, sites)
+    return {
+        "perplexity_exact": exact,
+        "perplexity_predicted": predicted,
+        "perplexity_ratio": predicted / exact,
+        "sites": [dataclasses.asdict(q) for q in quality],
+    }
 
 
 def run_predictors_job(
@@ -47,9 +93,9 @@ def run_predictors_job(
         overwrite: replace predictors already in the folder.
 
     Returns:
-        The report: per-site rank, cut, recall, precision, predicted and true sparsity (on the
-        calibration windows), and the held-out perplexity of the exact model and of
-        approximate mode.
+        The report: per site the cut and the recall, precision, predicted and true sparsity on
+        the calibration windows (``sites``) and on the held-out windows (``held_out_sites``),
+        and the held-out perplexity of the exact model and of approximate mode.
 
     Raises:
         InputError: a bad argument, a model that is not a folder, not ReLU-family or has plain
@@ -57,9 +103,8 @@ def run_predictors_job(
     """
     from ..data import load_documents, split_documents, spread, token_windows
     from ..ffn import FFNNotFoundError, find_ffn_sites
-    from ..measure import perplexity
     from ..models import check_causal_lm, check_model_path, check_seq_len, load_model
-    from ..sparse_modules import NotSparseError, sparsify_ffn_
+    from ..sparse_modules import NotSparseError
     from .calibrate import build_predictors
     from .storage import save_predictors
 
@@ -104,10 +149,7 @@ def run_predictors_job(
         )
     except (FFNNotFoundError, NotSparseError, ValueError) as exc:
         raise InputError(str(exc)) from exc
-    exact = perplexity(lm, held_out)
-    approximate = copy.deepcopy(lm).eval()
-    sparsify_ffn_(approximate, sites=sites, predictors=predictors)
-    predicted = perplexity(approximate, held_out)
+    held = approximate_mode_report(lm, predictors, held_out, sites)
     try:
         save_predictors(model_dir, predictors, lm, sites, overwrite=overwrite)
     except OSError as exc:  # OutputWriteError too: disk full, permissions changed meanwhile
@@ -118,9 +160,9 @@ def run_predictors_job(
         "rank": rank,
         "recall_target": recall,
         **({"epochs": epochs} if kind == "trained" else {}),
-        "perplexity_exact": exact,
-        "perplexity_predicted": predicted,
-        "perplexity_ratio": predicted / exact,
+        "perplexity_exact": held["perplexity_exact"],
+        "perplexity_predicted": held["perplexity_predicted"],
+        "perplexity_ratio": held["perplexity_ratio"],
         "calibration_windows": int(calib.shape[0]),
         "held_out_windows": int(held_out.shape[0]),
         "seq_len": seq_len,
@@ -135,7 +177,8 @@ def run_predictors_job(
             }
             for p in predictors
         ],
+        "held_out_sites": held["sites"],
     }
 
 
-__all__ = ["run_predictors_job"]
+__all__ = ["approximate_mode_report", "run_predictors_job"]
