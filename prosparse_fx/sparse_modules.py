@@ -6,7 +6,6 @@ TurboSparse Sec. 3 for dReLU); with predictors, gated FFNs call ``predicted_gate
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -154,7 +153,8 @@ class PredictedGatedFFN(SparseGatedFFN):
 
     Raises:
         UnsupportedFFNError: a linear has a bias.
-        ValueError: the predictor's widths differ from the FFN's, or it has a bias.
+        ValueError: the predictor is malformed or its widths differ from the FFN's
+            (:func:`~prosparse_fx.predictors.check_predictor`), or it has a bias.
     """
 
     def __init__(
@@ -167,14 +167,11 @@ class PredictedGatedFFN(SparseGatedFFN):
         gate_up_split: tuple[int, int] | None = None,
         up_relu: bool = False,
     ) -> None:
+        from .predictors.predictor import check_predictor
+
         super().__init__(gate, up, down, threshold, gate_up_split, up_relu)
         d_ff, d = self.w_gate.shape
-        if (predictor.d, predictor.d_ff) != (d, d_ff):
-            raise ValueError(
-                f"the predictor of {predictor.site} is for d={predictor.d}, d_ff="
-                f"{predictor.d_ff}, but the FFN has d={d}, d_ff={d_ff}: build the predictors "
-                "for this model (prosparse-fx predictors)"
-            )
+        check_predictor(predictor, d, d_ff)
         if predictor.bias is not None:
             raise ValueError(f"the predictor of {predictor.site} has a bias; a gated FFN has none")
         self.register_buffer("a", predictor.a.detach().contiguous())
@@ -229,32 +226,10 @@ def _leaf(path: str, base: str) -> str:
     return path[len(base) + 1 :] if path.startswith(base + ".") else path
 
 
-def _check_predictor(p: Any) -> None:
-    """Refuse a malformed predictor before any module is swapped."""
-    a, b = p.a, p.b
-    ok = (
-        a.dim() == 2
-        and b.dim() == 2
-        and a.shape[0] == b.shape[1] == p.rank >= 1
-        and a.is_floating_point()
-        and a.dtype == b.dtype
-        and a.device.type != "meta"
-        and b.device.type != "meta"
-    )
-    if not ok:
-        raise ValueError(
-            f"the predictor of {p.site} is malformed (a {list(a.shape)} {a.dtype}, b "
-            f"{list(b.shape)} {b.dtype}, rank {p.rank}): a must be [rank, d] and b [d_ff, rank], "
-            "floating point of one dtype, with data"
-        )
-    if not math.isfinite(p.cut) or not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise ValueError(f"the predictor of {p.site} holds a NaN or infinite cut or factor")
-
-
 def _predictors_by_site(predictors: Any, sites: Sequence[FFNSite]) -> dict[str, Any]:
     """``predictors`` (a sequence of :class:`~prosparse_fx.predictors.Predictor` or a mapping
     from site path to one) keyed by site path, checked against ``sites``."""
-    from .predictors.predictor import Predictor
+    from .predictors.predictor import Predictor, check_predictor
 
     if predictors is None:
         return {}
@@ -270,7 +245,7 @@ def _predictors_by_site(predictors: Any, sites: Sequence[FFNSite]) -> dict[str, 
     if len(by_site) != len(items):
         raise ValueError("two predictors for one FFN site; give one per site")
     for p in items:
-        _check_predictor(p)
+        check_predictor(p)
     known = {s.path: s for s in sites}
     unknown = sorted(set(by_site) - set(known))
     if unknown:
@@ -278,6 +253,8 @@ def _predictors_by_site(predictors: Any, sites: Sequence[FFNSite]) -> dict[str, 
             f"predictors for {unknown[:3]}, which are not FFN sites of this model (its sites: "
             f"{list(known)[:3]} ...): build the predictors for this model"
         )
+    for p in items:
+        check_predictor(p, known[p.site].hidden_size, known[p.site].intermediate_size)
     plain = sorted(p for p in by_site if known[p].kind != "gated")
     if plain:
         raise UnsupportedFFNError(

@@ -711,3 +711,25 @@ def test_sparsify_refuses_malformed_predictors_before_changing_anything(models, 
         with pytest.raises(error, match=words):
             sparsify_ffn_(target, sites=sites, predictors=given)
         assert [type(m) for m in target.modules()] == before
+
+
+def test_check_predictor_is_the_one_check_of_every_entry_point() -> None:
+    """check_predictor backs save, load, sparsify_ffn_ and PredictedGatedFFN alike."""
+    from prosparse_fx.predictors import check_predictor
+
+    a, b = torch.randn(3, 8), torch.randn(16, 3)
+    good = Predictor("mlp", "trained", 3, a, b, 0.5, bias=torch.zeros(16))
+    check_predictor(good)
+    check_predictor(good, 8, 16)
+    for bad, words in [
+        (dataclasses.replace(good, bias=torch.zeros(15)), r"bias has shape \[15\], not \[16\]"),
+        (dataclasses.replace(good, bias=torch.zeros(16).double()), "use one dtype"),
+        (dataclasses.replace(good, rank=4), r"a has shape \[3, 8\], not \[4, 8\]"),
+        (dataclasses.replace(good, a=a[None]), "must be 2-D"),
+        (dataclasses.replace(good, cut=math.inf), "NaN or infinite cut"),
+        (dataclasses.replace(good, bias=torch.full((16,), math.nan)), "infinite values in bias"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            check_predictor(bad)
+    with pytest.raises(PredictorFileError, match="is for d=8, d_ff=16, but the FFN has d=8"):
+        check_predictor(good, 8, 32, PredictorFileError)

@@ -18,6 +18,7 @@ from .calibrate import build_predictors, cut_for_recall
 from .gate import gate_fingerprint, gate_weight
 from .predictor import (
     Predictor,
+    check_predictor,
     estimate,
     low_rank_estimate,
     predicted_active,
@@ -35,6 +36,7 @@ __all__ = [
     "PredictorQuality",
     "TrainingConfig",
     "build_predictors",
+    "check_predictor",
     "cut_for_recall",
     "estimate",
     "gate_fingerprint",

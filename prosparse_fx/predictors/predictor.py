@@ -66,6 +66,58 @@ class Predictor:
         return self.b.shape[0]
 
 
+def check_predictor(
+    p: Predictor,
+    d: int | None = None,
+    d_ff: int | None = None,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Refuse a predictor whose tensors or cut cannot be used, for an FFN of widths ``d`` and
+    ``d_ff`` when they are given (else the widths its factors imply).
+
+    Raises:
+        error: (``ValueError`` by default) naming the site and the problem: a tensor that is not
+            floating point, not of the factors' dtype, without data (meta device) or not of the
+            shape that ``rank``, ``d`` and ``d_ff`` give (``a`` ``[rank, d]``, ``b``
+            ``[d_ff, rank]``, ``bias`` ``[d_ff]``); widths other than ``d``/``d_ff``; a NaN or
+            infinite cut or tensor value.
+    """
+    malformed = f"the predictor of {p.site} is malformed:"
+    tensors = {"a": p.a, "b": p.b, "bias": p.bias}
+    for name, t in tensors.items():
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise error(f"{malformed} tensor {name} is {kind}, not floating point")
+        if t.dtype != p.a.dtype:
+            raise error(f"{malformed} tensor {name} is {t.dtype}, a is {p.a.dtype}: use one dtype")
+        if t.device.type == "meta":
+            raise error(f"{malformed} tensor {name} has no data (meta device)")
+    if p.a.dim() != 2 or p.b.dim() != 2:
+        raise error(f"{malformed} a and b must be 2-D, got {list(p.a.shape)}, {list(p.b.shape)}")
+    own_d, own_d_ff = p.a.shape[1], p.b.shape[0]
+    if (d, d_ff) != (None, None) and (own_d, own_d_ff) != (d or own_d, d_ff or own_d_ff):
+        raise error(
+            f"the predictor of {p.site} is for d={own_d}, d_ff={own_d_ff}, but the FFN has "
+            f"d={d or own_d}, d_ff={d_ff or own_d_ff}: build the predictors for this model "
+            "(prosparse-fx predictors)"
+        )
+    expected = {"a": (p.rank, own_d), "b": (own_d_ff, p.rank), "bias": (own_d_ff,)}
+    for name, shape in expected.items():
+        t = tensors[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise error(
+                f"{malformed} tensor {name} has shape {list(t.shape)}, not {list(shape)} "
+                f"(rank {p.rank}, d={own_d}, d_ff={own_d_ff})"
+            )
+    if not math.isfinite(p.cut):
+        raise error(f"the predictor of {p.site} holds a NaN or infinite cut ({p.cut!r})")
+    for name, t in tensors.items():
+        if t is not None and not bool(t.isfinite().all()):
+            raise error(f"the predictor of {p.site} holds NaN or infinite values in {name}")
+
+
 def low_rank_estimate(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

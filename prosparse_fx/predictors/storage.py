@@ -21,7 +21,7 @@ from ..atomic import OutputWriteError, atomic_file
 from ..errors import InputError
 from ..ffn import FFNSite
 from .gate import gate_fingerprint, gate_weight
-from .predictor import KINDS, Predictor
+from .predictor import KINDS, Predictor, check_predictor
 from .svd import check_rank
 
 FORMAT = "prosparse_fx.predictors"
@@ -33,23 +33,6 @@ _METRICS = ("recall", "precision", "predicted_sparsity", "true_sparsity")
 
 class PredictorFileError(InputError):
     """Stored predictors that cannot be used with this model; the message names the problem."""
-
-
-def _check_tensors(p: Predictor, d: int, d_ff: int, error: type[Exception]) -> None:
-    expected = {"a": (p.rank, d), "b": (d_ff, p.rank), "bias": (d_ff,)}
-    for name, shape in expected.items():
-        t = getattr(p, name)
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise error(
-                f"{p.site}: predictor tensor {name} has shape {list(t.shape)}, not "
-                f"{list(shape)} (rank {p.rank}, d={d}, d_ff={d_ff})"
-            )
-        if not t.is_floating_point():
-            raise error(f"{p.site}: predictor tensor {name} is {t.dtype}, not floating point")
-        if not bool(t.isfinite().all()):
-            raise error(f"{p.site}: predictor tensor {name} has NaN or infinite values")
 
 
 def save_predictors(
@@ -93,10 +76,8 @@ def save_predictors(
         weight, bias = gate_weight(model, s)
         if p.kind not in KINDS:
             raise ValueError(f"{p.site}: unknown predictor kind {p.kind!r}")
-        if not math.isfinite(p.cut):
-            raise ValueError(f"{p.site}: the cut {p.cut!r} is not finite")
         check_rank(p.rank, s.hidden_size, s.intermediate_size)
-        _check_tensors(p, s.hidden_size, s.intermediate_size, ValueError)
+        check_predictor(p, s.hidden_size, s.intermediate_size)
         for name in ("a", "b", "bias"):
             if getattr(p, name) is not None:
                 tensors[f"{p.site}.{name}"] = getattr(p, name).detach().cpu().contiguous()
@@ -275,6 +256,6 @@ def load_predictors(
             bias=found.get("bias"),
             **{m: _metric(entry, m, here) for m in _METRICS},
         )
-        _check_tensors(p, d, d_ff, PredictorFileError)
+        check_predictor(p, d, d_ff, PredictorFileError)
         predictors.append(p)
     return predictors
