@@ -1,8 +1,8 @@
 """Eager sparse-FFN rewrite for ``nn.Module`` users: ``sparsify_ffn_`` swaps each
 ReLU/FATReLU/dReLU FFN for a module that calls ``torch.ops.prosparse.sparse_gated_ffn`` /
 ``sparse_plain_ffn``, so ``generate()`` runs on the sparse kernels (ProSparse App. D;
-TurboSparse Sec. 3 for dReLU); with predictors, gated FFNs call ``predicted_gated_ffn``
-(approximate mode)."""
+TurboSparse Sec. 3 for dReLU); with predictors, FFNs call ``predicted_gated_ffn`` /
+``predicted_plain_ffn`` (approximate mode)."""
 
 from __future__ import annotations
 
@@ -167,17 +167,13 @@ class PredictedGatedFFN(SparseGatedFFN):
         gate_up_split: tuple[int, int] | None = None,
         up_relu: bool = False,
     ) -> None:
-        from .predictors.predictor import check_predictor
-
         super().__init__(gate, up, down, threshold, gate_up_split, up_relu)
-        d_ff, d = self.w_gate.shape
-        check_predictor(predictor, d, d_ff)
         if predictor.bias is not None:
-            raise ValueError(f"the predictor of {predictor.site} has a bias; a gated FFN has none")
-        self.register_buffer("a", predictor.a.detach().contiguous())
-        self.register_buffer("b", predictor.b.detach().contiguous())
-        self.cut = float(predictor.cut)
-        self.rank = int(predictor.rank)
+            raise ValueError(
+                f"the predictor of {predictor.site} has a bias, which the gated predicted op "
+                "does not take: build the gated FFN's predictors without one"
+            )
+        _keep_predictor(self, predictor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.prosparse.predicted_gated_ffn(
@@ -215,6 +211,49 @@ class SparsePlainFFN(nn.Module):
         return torch.ops.prosparse.sparse_plain_ffn(
             x, self.w1, self.b1, self.w2_t, self.b2, self.threshold
         )
+
+
+class PredictedPlainFFN(SparsePlainFFN):
+    """A plain FFN in approximate mode, computed by ``prosparse::predicted_plain_ffn``: the
+    twin of :class:`PredictedGatedFFN` for ``fc2(FATReLU_t(fc1(x)))``; replaces fc2, while fc1
+    and the activation become identities.
+
+    Holds the FFN's weights as :class:`SparsePlainFFN` does, and the predictor's factors ``a``
+    ``[rank, d]``, ``b`` ``[d_ff, rank]`` and bias ``pred_bias`` ``[d_ff]`` or ``None``
+    (buffers, in the predictor's dtype) and its ``cut``.
+
+    Raises:
+        ValueError: the predictor is malformed or its widths differ from the FFN's
+            (:func:`~prosparse_fx.predictors.check_predictor`).
+    """
+
+    def __init__(self, fc1: nn.Module, fc2: nn.Module, threshold: float, predictor: Any) -> None:
+        super().__init__(fc1, fc2, threshold)
+        _keep_predictor(self, predictor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.prosparse.predicted_plain_ffn(
+            x, self.a, self.b, self.pred_bias, self.cut,
+            self.w1, self.b1, self.w2_t, self.b2, self.threshold,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"predictor rank={self.rank}, cut={self.cut:g}"
+
+
+def _keep_predictor(module: nn.Module, predictor: Any) -> None:
+    """Check ``predictor`` against the FFN's widths and hold its tensors as buffers of
+    ``module`` (``a``, ``b``, ``pred_bias``), with its ``cut`` and ``rank``."""
+    from .predictors.predictor import check_predictor
+
+    w = module.w_gate if hasattr(module, "w_gate") else module.w1
+    check_predictor(predictor, w.shape[1], w.shape[0])
+    module.register_buffer("a", predictor.a.detach().contiguous())
+    module.register_buffer("b", predictor.b.detach().contiguous())
+    bias = predictor.bias
+    module.register_buffer("pred_bias", None if bias is None else bias.detach().contiguous())
+    module.cut = float(predictor.cut)
+    module.rank = int(predictor.rank)
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -255,12 +294,11 @@ def _predictors_by_site(predictors: Any, sites: Sequence[FFNSite]) -> dict[str, 
         )
     for p in items:
         check_predictor(p, known[p.site].hidden_size, known[p.site].intermediate_size)
-    plain = sorted(p for p in by_site if known[p].kind != "gated")
-    if plain:
-        raise UnsupportedFFNError(
-            f"predictors for plain FFNs ({plain[:3]}): approximate mode is built for gated FFNs "
-            "only so far; rewrite these FFNs without predictors (exact mode)"
-        )
+        if known[p.site].kind == "gated" and p.bias is not None:
+            raise ValueError(
+                f"the predictor of {p.site} has a bias, which the gated predicted op does not "
+                "take: build the gated FFN's predictors without one"
+            )
     return by_site
 
 
@@ -276,7 +314,8 @@ def sparsify_ffn_(
     Gated FFNs: the FFN module (``site.path``, whose children must be exactly gate/up/down and
     the activation) becomes a :class:`SparseGatedFFN`, or with a predictor for it a
     :class:`PredictedGatedFFN` (approximate mode). Plain FFNs: fc2 becomes a
-    :class:`SparsePlainFFN`, fc1 and the activation become ``nn.Identity``. The rewritten model
+    :class:`SparsePlainFFN` (with a predictor a :class:`PredictedPlainFFN`), fc1 and the
+    activation become ``nn.Identity``. The rewritten model
     is for inference (``generate()`` works); save the model before rewriting it.
 
     Args:
@@ -284,7 +323,7 @@ def sparsify_ffn_(
         sites: its FFN sites (found by capture when ``None``).
         example_inputs: inputs for the capture when ``sites`` is ``None``.
         predictors: ``None`` (exact mode), or :class:`~prosparse_fx.predictors.Predictor` s (a
-            sequence, or a mapping from site path) for some or all gated sites, as
+            sequence, or a mapping from site path) for some or all sites, as
             :func:`~prosparse_fx.predictors.build_predictors` or
             :func:`~prosparse_fx.predictors.load_predictors` give them; sites without one stay
             exact.
@@ -328,10 +367,11 @@ def sparsify_ffn_(
             )
             plans.append([(site.path, module)])
         else:
-            module = SparsePlainFFN(
-                resolve_module(model, site.up),
-                resolve_module(model, site.down),
-                site.threshold or 0.0,
+            fc1, fc2 = resolve_module(model, site.up), resolve_module(model, site.down)
+            module = (
+                PredictedPlainFFN(fc1, fc2, site.threshold or 0.0, by_site[site.path])
+                if site.path in by_site
+                else SparsePlainFFN(fc1, fc2, site.threshold or 0.0)
             )
             plans.append(
                 [

@@ -1,6 +1,7 @@
-"""``torch.ops.prosparse.predicted_gated_ffn`` (approximate mode) against its dense reference over
-a dtype/shape table, against the exact FFN where the predictor is exact, and on bad input. Every
-test runs with the C++ helper and with the pure-torch fallback."""
+"""``torch.ops.prosparse.predicted_gated_ffn`` and its plain-FFN twin ``predicted_plain_ffn``
+(approximate mode) against their dense references over a dtype/shape table, against the exact
+FFN where the predictor is exact, and on bad input. Every test runs with the C++ helper and with
+the pure-torch fallback."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ import torch
 
 from prosparse_fx.kernels import (
     gated_ffn_reference,
+    plain_ffn_reference,
     predicted_gated_ffn,
+    predicted_plain_ffn,
     set_cpu_crossover,
 )
-from prosparse_fx.predictors import low_rank_estimate, predicted_gated_ffn_reference
+from prosparse_fx.predictors import (
+    low_rank_estimate,
+    predicted_gated_ffn_reference,
+    predicted_plain_ffn_reference,
+)
 
 pytestmark = pytest.mark.usefixtures("cpu_path")
 
@@ -152,3 +159,92 @@ def test_bad_input_is_refused_by_name(change, error, match) -> None:
     args.update(change)
     with pytest.raises(error, match=match):
         predicted_gated_ffn(**args)
+
+
+# --------------------------------------------------------------------------- the plain twin
+
+
+def _plain(d: int, d_ff: int, dtype: torch.dtype, biases: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(d_ff, d, generator=g) * d**-0.5
+    w2_t = torch.randn(d_ff, d, generator=g) * d_ff**-0.5
+    b1 = torch.randn(d_ff, generator=g) * 0.1 if biases else None
+    b2 = torch.randn(d, generator=g) * 0.1 if biases else None
+    return [None if t is None else t.to(dtype) for t in (w1, b1, w2_t, b2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(1,), (4,), (2, 3), (0,)])
+@pytest.mark.parametrize("threshold", [0.0, 0.2])
+@pytest.mark.parametrize("biases", [False, True])
+@pytest.mark.parametrize("crossover", [0.0, 1.0])
+def test_plain_matches_reference(dtype, lead, threshold, biases, crossover) -> None:
+    d, d_ff = 48, 112
+    w1, b1, w2_t, b2 = _plain(d, d_ff, dtype, biases)
+    a, b = _predictor(w1, 12)
+    pred_bias = None if b1 is None else b1.float()
+    x = torch.randn(*lead, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    est = low_rank_estimate(x, a, b, pred_bias)
+    cut = float(est.float().quantile(0.7)) if est.numel() else 0.0
+    args = (x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold)
+    set_cpu_crossover(crossover)
+    try:
+        got = predicted_plain_ffn(*args)
+    finally:
+        set_cpu_crossover(None)
+    _close(got, predicted_plain_ffn_reference(*args), dtype)
+
+
+@pytest.mark.parametrize("lead", [(1,), (5,)])
+def test_plain_exact_predictor_gives_the_exact_sparse_ffn(lead) -> None:
+    """a = I, b = w1, pred_bias = b1 and cut = t: the predicted set is the active set, and the
+    op is the exact plain FFN (hand-built, independent of the predicted reference)."""
+    d, d_ff, t = 32, 80, 0.1
+    w1, b1, w2_t, b2 = _plain(d, d_ff, torch.float32, True)
+    x = torch.randn(*lead, d)
+    got = predicted_plain_ffn(x, torch.eye(d), w1, b1, t, w1, b1, w2_t, b2, t)
+    _close(got, plain_ffn_reference(x, w1, b1, w2_t, b2, t), torch.float32)
+    none = predicted_plain_ffn(x, torch.eye(d), w1, b1, math.inf, w1, b1, w2_t, b2, t)
+    assert torch.equal(none, b2.expand_as(none))  # nothing predicted: fc2's bias alone
+
+
+def test_plain_nan_input_gives_nan_output_and_export_keeps_one_node() -> None:
+    d, d_ff = 16, 32
+    w1, b1, w2_t, b2 = _plain(d, d_ff, torch.float32, True)
+    a, b = _predictor(w1, 4)
+    x = torch.randn(3, d)
+    x[1, 5] = float("nan")
+    y = predicted_plain_ffn(x, a, b, None, 0.5, w1, b1, w2_t, b2, 0.0)
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+    args = (x[[0, 2]], a, b, b1, 0.1, w1, b1, w2_t, b2, 0.0)
+    torch.library.opcheck(torch.ops.prosparse.predicted_plain_ffn.default, args)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.prosparse.predicted_plain_ffn(x, *args[1:])
+
+    gm = torch.export.export(M(), (args[0],)).module()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.prosparse.predicted_plain_ffn.default) == 1
+    _close(gm(args[0]), predicted_plain_ffn_reference(*args), torch.float32)
+
+
+_BAD_PLAIN = [
+    ({"a": torch.randn(4, 15)}, ValueError, r"a must have shape \[rank, 16\]"),
+    ({"pred_bias": torch.randn(31)}, ValueError, r"pred_bias must have shape \[32\]"),
+    ({"pred_bias": torch.randn(32).double()}, ValueError, "the factors' dtype"),
+    ({"cut": float("nan")}, ValueError, "cut must be a number"),
+    ({"b1": torch.randn(31)}, ValueError, "b1"),
+    ({"w2_t": torch.randn(31, 16)}, ValueError, "w2_t must have shape"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "match"), _BAD_PLAIN)
+def test_plain_bad_input_is_refused_by_name(change, error, match) -> None:
+    w1, b1, w2_t, b2 = _plain(16, 32, torch.float32, True)
+    a, b = _predictor(w1, 4)
+    args = {"x": torch.randn(2, 16), "a": a, "b": b, "pred_bias": None, "cut": 0.0, "w1": w1}
+    args.update({"b1": b1, "w2_t": w2_t, "b2": b2, "threshold": 0.0})
+    args.update(change)
+    with pytest.raises(error, match=match):
+        predicted_plain_ffn(**args)

@@ -609,15 +609,20 @@ def test_a_gated_ffn_with_biases_is_refused() -> None:
 
 def _logits_with_reference_ffns(model, sites, predictors, windows, up_relu: bool):
     """Logits of ``model`` with each FFN's output replaced by the predicted reference."""
-    from prosparse_fx.predictors import predicted_gated_ffn_reference
-
     hooks = []
     for s, p in zip(sites, predictors):
-        gate, up, down = (model.get_submodule(q) for q in (s.gate, s.up, s.down))
+        if s.kind == "gated":
+            gate, up, down = (model.get_submodule(q) for q in (s.gate, s.up, s.down))
 
-        def replace(module, args, out, p=p, gate=gate, up=up, down=down, t=s.threshold):
-            w = (gate.weight, up.weight, down.weight.T)
-            return predicted_gated_ffn_reference(args[0], p.a, p.b, p.cut, *w, t, up_relu)
+            def replace(module, args, out, p=p, gate=gate, up=up, down=down, t=s.threshold):
+                w = (gate.weight, up.weight, down.weight.T)
+                return predicted_gated_ffn_reference(args[0], p.a, p.b, p.cut, *w, t, up_relu)
+        else:  # GPT-2's Conv1D stores [in, out]
+            fc1, fc2 = model.get_submodule(s.up), model.get_submodule(s.down)
+
+            def replace(module, args, out, p=p, fc1=fc1, fc2=fc2, t=s.threshold):
+                w = (fc1.weight.T, fc1.bias, fc2.weight, fc2.bias)
+                return predicted_plain_ffn_reference(args[0], p.a, p.b, p.bias, p.cut, *w, t)
 
         hooks.append(model.get_submodule(s.path).register_forward_hook(replace))
     try:
@@ -628,21 +633,30 @@ def _logits_with_reference_ffns(model, sites, predictors, windows, up_relu: bool
             h.remove()
 
 
-@pytest.mark.parametrize("family", ["llama", "drelu"])
-def test_sparsify_with_predictors_runs_approximate_mode(family, models, windows) -> None:
-    """sparsify_ffn_(predictors=...) swaps in PredictedGatedFFN modules whose model computes the
-    predicted reference FFN by FFN, and differs from the exact model (rank 4 misses some)."""
+@pytest.mark.parametrize(
+    ("family", "kind"), [("llama", "svd"), ("drelu", "svd"), ("gpt2", "svd"), ("gpt2", "trained")]
+)
+def test_sparsify_with_predictors_runs_approximate_mode(family, kind, models, windows) -> None:
+    """sparsify_ffn_(predictors=...) swaps in PredictedGatedFFN / PredictedPlainFFN modules whose
+    model computes the predicted reference FFN by FFN, and differs from the exact model (rank 4
+    misses some)."""
     import copy
 
     from prosparse_fx import sparsify_ffn_
-    from prosparse_fx.sparse_modules import PredictedGatedFFN
+    from prosparse_fx.sparse_modules import PredictedGatedFFN, PredictedPlainFFN
 
     model, sites = models[family]
-    predictors = build_predictors(model, windows, sites, rank=4, recall=0.9)
+    training = TrainingConfig(epochs=2, batch_tokens=16)
+    predictors = build_predictors(
+        model, windows, sites, kind=kind, rank=4, recall=0.9, training=training
+    )
     want = _logits_with_reference_ffns(model, sites, predictors, windows, family == "drelu")
     fast = copy.deepcopy(model).eval()
     sparsify_ffn_(fast, sites=sites, predictors=predictors)
-    assert all(isinstance(fast.get_submodule(s.path), PredictedGatedFFN) for s in sites)
+    for s in sites:
+        path = s.path if s.kind == "gated" else s.down
+        kind_of = PredictedGatedFFN if s.kind == "gated" else PredictedPlainFFN
+        assert isinstance(fast.get_submodule(path), kind_of)
     with torch.no_grad():
         got = fast(input_ids=windows).logits
         exact = model(input_ids=windows).logits
@@ -654,7 +668,6 @@ def test_sparsify_with_predictors_refusals_change_nothing(models, windows, gpt2)
     import copy
 
     from prosparse_fx import sparsify_ffn_
-    from prosparse_fx.sparse_modules import UnsupportedFFNError
 
     model, sites = models["llama"]
     predictors = build_predictors(model, windows, sites, rank=4, recall=0.9)
@@ -669,8 +682,10 @@ def test_sparsify_with_predictors_refusals_change_nothing(models, windows, gpt2)
     assert [type(m) for m in target.modules()] == before
     plain_model, plain_sites = gpt2
     plain = build_predictors(plain_model, windows, plain_sites, rank=4, recall=0.9)
-    with pytest.raises(UnsupportedFFNError, match="gated FFNs only"):
-        sparsify_ffn_(copy.deepcopy(plain_model), sites=plain_sites, predictors=plain)
+    with pytest.raises(ValueError, match="has a bias, which the gated predicted op"):
+        biased = dataclasses.replace(predictors[0], bias=plain[0].bias[:64].clone())
+        sparsify_ffn_(target, sites=sites, predictors=[biased])
+    assert [type(m) for m in target.modules()] == before
 
 
 def test_damaged_gate_and_a_file_as_folder_are_refused_by_name(llama, windows, tmp_path) -> None:

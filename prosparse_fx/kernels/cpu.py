@@ -237,6 +237,24 @@ def plain_ffn(
     return y.reshape(*x.shape[:-1], w2_t.shape[1])
 
 
+def _predicted_rows(
+    x2: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None,
+    cut: float,
+    d_ff: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The predicted mask ``[n, d_ff]`` and the union's indices, or ``None`` for them where the
+    union is above the crossover (compute dense, then mask)."""
+    from ..predictors.predictor import low_rank_estimate, predicted_active
+
+    mask = predicted_active(low_rank_estimate(x2, a, b, bias), cut)
+    idx = mask.any(0).nonzero().squeeze(1)
+    dense = idx.numel() > get_cpu_crossover(x2.shape[0], cpp=False) * d_ff
+    return mask, None if dense else idx
+
+
 def predicted_gated_ffn(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -251,27 +269,64 @@ def predicted_gated_ffn(
     """CPU ``predicted_gated_ffn`` (inputs already checked by the op): the low-rank estimate,
     then gate, up and down over the neurons predicted for some token; a token's x1 is 0 on the
     neurons not predicted for it. Dense (masked) above the crossover."""
-    from ..predictors.predictor import low_rank_estimate, predicted_active
-
     d_ff, d = w_gate.shape
     x2 = x.reshape(-1, d).contiguous()
     n = x2.shape[0]
+    shape = (*x.shape[:-1], w_down_t.shape[1])
     ext = _helper(n, x2, a, b, w_gate, w_up, w_down_t)
     if ext is not None:  # the whole FFN in one C++ call
         crossover = get_cpu_crossover(n, cpp=True)
         y = ext.predicted_gated(
             x2, a, b, cut, w_gate, w_up, w_down_t, threshold, crossover, up_relu
         )
-        return y.reshape(*x.shape[:-1], w_down_t.shape[1])
-    mask = predicted_active(low_rank_estimate(x2, a, b), cut)
-    idx = mask.any(0).nonzero().squeeze(1)
-    if idx.numel() > get_cpu_crossover(n, cpp=False) * d_ff:
+        return y.reshape(shape)
+    mask, idx = _predicted_rows(x2, a, b, None, cut, d_ff)
+    if idx is None:
         gate, up, cols = x2 @ w_gate.T, x2 @ w_up.T, mask
     elif idx.numel() == 0:
-        return x2.new_zeros((*x.shape[:-1], w_down_t.shape[1]))
+        return x2.new_zeros(shape)
     else:
         gate, up, cols = _rows_times(x2, w_gate, idx), _rows_times(x2, w_up, idx), mask[:, idx]
     up = fatrelu_ref(up, 0.0) if up_relu else up
     x1 = torch.where(cols, fatrelu_ref(gate, threshold) * up, 0)
-    y = x1 @ w_down_t if cols is mask else _times_rows(x1, w_down_t, idx)
-    return y.reshape(*x.shape[:-1], w_down_t.shape[1])
+    y = x1 @ w_down_t if idx is None else _times_rows(x1, w_down_t, idx)
+    return y.reshape(shape)
+
+
+def predicted_plain_ffn(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    pred_bias: torch.Tensor | None,
+    cut: float,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2_t: torch.Tensor,
+    b2: torch.Tensor | None,
+    threshold: float,
+) -> torch.Tensor:
+    """CPU ``predicted_plain_ffn`` (inputs already checked by the op): the low-rank estimate,
+    then fc1 and fc2 over the neurons predicted for some token. Dense (masked) above the
+    crossover."""
+    d_ff, d = w1.shape
+    x2 = x.reshape(-1, d).contiguous()
+    n = x2.shape[0]
+    shape = (*x.shape[:-1], w2_t.shape[1])
+    optional = [t for t in (pred_bias, b1, b2) if t is not None]
+    ext = _helper(n, x2, a, b, w1, w2_t, *optional)
+    if ext is not None:  # the whole FFN in one C++ call
+        crossover = get_cpu_crossover(n, cpp=True)
+        y = ext.predicted_plain(x2, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold, crossover)
+        return y.reshape(shape)
+    mask, idx = _predicted_rows(x2, a, b, pred_bias, cut, d_ff)
+    if idx is None:
+        h = torch.addmm(b1, x2, w1.T) if b1 is not None else x2 @ w1.T
+        y = torch.where(mask, fatrelu_ref(h, threshold), 0) @ w2_t
+    elif idx.numel() == 0:
+        y = x2.new_zeros((n, w2_t.shape[1]))
+    else:
+        h = _rows_times(x2, w1, idx)
+        h = h + b1[idx] if b1 is not None else h
+        y = _times_rows(torch.where(mask[:, idx], fatrelu_ref(h, threshold), 0), w2_t, idx)
+    y = y + b2 if b2 is not None else y
+    return y.reshape(shape)

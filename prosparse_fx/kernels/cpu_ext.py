@@ -13,7 +13,7 @@ x1 is nonzero for some token, so down skips those whose up is <= 0), so no Pytho
 its steps: at SmolLM2's widths the steps are a few microseconds each, and Python between them,
 with caches just flushed by the weights, cost more than the arithmetic. ``predicted_gated`` runs
 approximate mode's FFN the same way: the low-rank estimate, the predicted set, then gate, up and
-down over the predicted rows only.
+down over the predicted rows only; ``predicted_plain`` is its plain-FFN twin (fc1, fc2).
 
 float32, contiguous tensors only. If there is no compiler (or ``PROSPARSE_NO_CPP=1``), :func:`get`
 returns ``None`` and the pure-torch path runs instead.
@@ -266,6 +266,38 @@ torch::Tensor predicted_gated(const torch::Tensor& x, const torch::Tensor& pa,
   return gather_axpy(wdt, idx2, x1c);
 }
 
+// The predicted plain FFN the same way: the estimate x @ pa.T @ pb.T (+ pbias), then fc1 and fc2
+// over the predicted rows only; b1 (fc1's, on those rows), b2, pbias may be None.
+torch::Tensor predicted_plain(const torch::Tensor& x, const torch::Tensor& pa,
+                              const torch::Tensor& pb, const c10::optional<torch::Tensor>& pbias,
+                              double cut, const torch::Tensor& w1,
+                              const c10::optional<torch::Tensor>& b1, const torch::Tensor& w2t,
+                              const c10::optional<torch::Tensor>& b2, double t,
+                              double crossover) {
+  auto est = torch::mm(torch::mm(x, pa.t()), pb.t());
+  if (pbias.has_value()) est = est + *pbias;
+  auto [idx, mask] = predicted_set(est.contiguous(), cut);
+  const int64_t F = w1.size(0), K = idx.size(0);
+  auto zeros = torch::zeros({}, x.options());
+  torch::Tensor y;
+  if (K > crossover * F) {
+    auto h = b1.has_value() ? torch::addmm(*b1, x, w1.t()) : torch::mm(x, w1.t());
+    auto full = torch::zeros({x.size(0), F}, torch::kBool);
+    full.index_copy_(1, idx, mask);
+    y = torch::mm(torch::where(full, fatrelu(h, t), zeros), w2t);
+  } else if (K == 0) {
+    y = torch::zeros({x.size(0), w2t.size(1)}, x.options());
+  } else {
+    auto h = gather_gemv(w1, idx, x);
+    if (b1.has_value()) h = h + b1->index_select(0, idx);
+    auto x1 = torch::where(mask, fatrelu(h, t), zeros);
+    auto [idx2, x1c] = nonzero_columns(x1.contiguous(), idx);
+    y = idx2.size(0) == 0 ? torch::zeros({x.size(0), w2t.size(1)}, x.options())
+                          : gather_axpy(w2t, idx2, x1c);
+  }
+  return b2.has_value() ? y + *b2 : y;
+}
+
 // The plain FFN (fc1 + FATReLU + fc2) the same way; b1, b2 may be None.
 torch::Tensor sparse_plain(const torch::Tensor& x, const torch::Tensor& w1,
                            const c10::optional<torch::Tensor>& b1, const torch::Tensor& w2t,
@@ -296,7 +328,7 @@ def get() -> Any | None:
             module = load_inline(
                 name="prosparse_cpu_ffn",
                 cpp_sources=_SOURCE,
-                functions=["sparse_gated", "sparse_plain", "predicted_gated"],
+                functions=["sparse_gated", "sparse_plain", "predicted_gated", "predicted_plain"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,

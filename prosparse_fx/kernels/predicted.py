@@ -1,4 +1,5 @@
-"""The approximate-mode FFN op: ``torch.ops.prosparse.predicted_gated_ffn``.
+"""The approximate-mode FFN ops: ``torch.ops.prosparse.predicted_gated_ffn`` and its plain-FFN
+twin ``predicted_plain_ffn``.
 
 A predictor's low-rank estimate ``x @ a.T @ b.T`` guesses each token's active neurons before
 the gate is computed. Gate, up and down are then read only on the predicted rows (Deja Vu, Liu
@@ -18,9 +19,9 @@ import math
 
 import torch
 
-from ..predictors.reference import predicted_gated_ffn_reference
+from ..predictors.reference import predicted_gated_ffn_reference, predicted_plain_ffn_reference
 from . import cpu
-from .ops import check_gated
+from .ops import check_gated, check_plain
 
 
 def check_predicted_gated(
@@ -37,8 +38,39 @@ def check_predicted_gated(
     """Raise a ValueError/TypeError naming the first argument whose shape, dtype, device or
     value is off (the FFN's as :func:`~prosparse_fx.kernels.check_gated`)."""
     check_gated(x, w_gate, w_up, w_down_t, threshold, up_relu)
-    d_ff, d = w_gate.shape
-    for name, t in (("a", a), ("b", b)):
+    _check_predictor_inputs(x, a, b, None, cut, *w_gate.shape)
+
+
+def check_predicted_plain(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    pred_bias: torch.Tensor | None,
+    cut: float,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2_t: torch.Tensor,
+    b2: torch.Tensor | None,
+    threshold: float,
+) -> None:
+    """Raise a ValueError/TypeError naming the first argument whose shape, dtype, device or
+    value is off (the FFN's as :func:`~prosparse_fx.kernels.check_plain`)."""
+    check_plain(x, w1, b1, w2_t, b2, threshold)
+    _check_predictor_inputs(x, a, b, pred_bias, cut, *w1.shape)
+
+
+def _check_predictor_inputs(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    pred_bias: torch.Tensor | None,
+    cut: float,
+    d_ff: int,
+    d: int,
+) -> None:
+    """The predictor's arguments of the predicted ops, for an FFN of widths d, d_ff."""
+    named = {"a": a, "b": b} if pred_bias is None else {"a": a, "b": b, "pred_bias": pred_bias}
+    for name, t in named.items():
         if not t.dtype.is_floating_point:
             raise TypeError(f"predictor factor {name} has dtype {t.dtype}; it must be floating")
         if t.device != x.device:
@@ -51,6 +83,11 @@ def check_predicted_gated(
         )
     if a.dtype != b.dtype:
         raise TypeError(f"predictor factors a ({a.dtype}) and b ({b.dtype}) differ in dtype")
+    if pred_bias is not None and (tuple(pred_bias.shape) != (d_ff,) or pred_bias.dtype != a.dtype):
+        raise ValueError(
+            f"pred_bias must have shape [{d_ff}] and the factors' dtype {a.dtype}, got "
+            f"{list(pred_bias.shape)} {pred_bias.dtype}"
+        )
     if isinstance(cut, bool) or not isinstance(cut, (int, float)) or math.isnan(cut):
         raise ValueError(f"cut must be a number (the estimate's threshold), got {cut!r}")
 
@@ -109,4 +146,62 @@ def _cpu(x, a, b, cut, w_gate, w_up, w_down_t, threshold, up_relu=False):  # noq
     return cpu.predicted_gated_ffn(x, a, b, cut, w_gate, w_up, w_down_t, threshold, up_relu)
 
 
-__all__ = ["check_predicted_gated", "predicted_gated_ffn"]
+@torch.library.custom_op("prosparse::predicted_plain_ffn", mutates_args=())
+def predicted_plain_ffn(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    pred_bias: torch.Tensor | None,
+    cut: float,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2_t: torch.Tensor,
+    b2: torch.Tensor | None,
+    threshold: float,
+) -> torch.Tensor:
+    """Plain FFN on the neurons a low-rank predictor guesses active (approximate mode), the twin
+    of :func:`predicted_gated_ffn` for ``fc2(FATReLU_t(fc1(x)))`` (GPT-2, OPT, Falcon).
+
+    Computes ``(FATReLU_t(x @ w1.T + b1) * m) @ w2_t + b2`` with
+    ``m = x @ a.T @ b.T + pred_bias > cut`` (in the factors' dtype, compared in float32; a
+    non-finite estimate counts as predicted).
+
+    Args:
+        x: ``[..., d]`` float32, float16 or bfloat16.
+        a: ``[rank, d]``; b: ``[d_ff, rank]``; pred_bias: ``[d_ff]`` or ``None`` (the
+            predictor's bias, in the factors' dtype).
+        cut: a neuron is predicted active where its estimate is above ``cut``.
+        w1: ``[d_ff, d]``; b1: ``[d_ff]`` or ``None``; w2_t: ``[d_ff, d_out]``; b2: ``[d_out]``
+            or ``None``; same dtype and device as ``x``.
+        threshold: FATReLU t >= 0 (0 is ReLU).
+
+    Returns:
+        ``[..., d_out]``, dtype of ``x``.
+
+    Raises:
+        ValueError: a shape, device or value mismatch (naming the argument), ``d == 0``,
+            ``threshold < 0`` or a NaN ``cut``.
+        TypeError: a dtype mismatch, or a dtype that is not floating point.
+    """
+    check_predicted_plain(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold)
+    return predicted_plain_ffn_reference(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold)
+
+
+@predicted_plain_ffn.register_fake
+def _fake_plain(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold):  # noqa: ANN001, ANN202
+    check_predicted_plain(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold)
+    return x.new_empty((*x.shape[:-1], w2_t.shape[1]))
+
+
+@predicted_plain_ffn.register_kernel("cpu")
+def _cpu_plain(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold):  # noqa: ANN001, ANN202
+    check_predicted_plain(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold)
+    return cpu.predicted_plain_ffn(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold)
+
+
+__all__ = [
+    "check_predicted_gated",
+    "check_predicted_plain",
+    "predicted_gated_ffn",
+    "predicted_plain_ffn",
+]

@@ -82,8 +82,8 @@ def run_predictors_job(
     ``prosparse-fx sparsify`` makes it).
 
     Args:
-        model_dir: a Hugging Face model folder of a ReLU/FATReLU/dReLU causal LM with gated
-            FFNs; the predictors are written into it.
+        model_dir: a Hugging Face model folder of a ReLU/FATReLU/dReLU causal LM; the
+            predictors are written into it.
         data: the text (default: the Wikipedia sample).
         kind, rank, recall: as for :func:`~prosparse_fx.predictors.build_predictors`.
         epochs: training epochs of the trained kind (:class:`TrainingConfig`).
@@ -98,8 +98,8 @@ def run_predictors_job(
         and the held-out perplexity of the exact model and of approximate mode.
 
     Raises:
-        InputError: a bad argument, a model that is not a folder, not ReLU-family or has plain
-            FFNs, or predictors already in the folder without ``overwrite``.
+        InputError: a bad argument, a model that is not a folder or not ReLU-family, or
+            predictors already in the folder without ``overwrite``.
     """
     from ..data import load_documents, split_documents, spread, token_windows
     from ..ffn import FFNNotFoundError, find_ffn_sites
@@ -139,11 +139,6 @@ def run_predictors_job(
     held_out = spread(token_windows(tok, split.held_out, seq_len), windows)
     try:
         sites = find_ffn_sites(lm)
-        if any(s.kind != "gated" for s in sites):
-            raise InputError(
-                "approximate mode is built for gated FFNs only so far; this model has plain "
-                "FFNs (use exact mode: sparsify_ffn_ or the compile backend)"
-            )
         predictors = build_predictors(
             lm, calib, sites, kind=kind, rank=rank, recall=recall, training=training
         )
