@@ -62,6 +62,8 @@ _VALID: dict[str, str] = {
     "sparse_ffn": "'auto' (in inference, when every site is ReLU/FATReLU), True or False",
     "compiler": "'inductor' or 'eager' (run the rewritten FX graph as is, for debugging)",
     "freeze": "True or False: with the sparse-FFN rewrite, Inductor freezes the weights",
+    "predictors": "None, or the model's Predictor records (a list, or a mapping from site "
+    "path; prosparse_fx.predictors.load_predictors gives them): approximate mode, inference only",
 }
 
 
@@ -87,6 +89,12 @@ class BackendOptions:
             ``freezing`` (default ``True``): weights become constants, so each row-major
             transposed down_proj weight the sparse op reads is made once, not per call. Like
             any frozen compile, it does not see later in-place changes to the weights.
+        predictors: ``None`` (default), or :class:`~prosparse_fx.predictors.Predictor` s keyed
+            by the model's site paths (approximate mode, Deja Vu; ProSparse Sec. 4): each
+            FFN site with one becomes ``predicted_gated_ffn`` / ``predicted_plain_ffn``.
+            Inference only (under ``torch.no_grad()``), and the model itself must be compiled
+            (the paths are the model's); a graph that Dynamo reuses for another module's
+            weights is refused when called.
     """
 
     activation: str | None = None
@@ -95,6 +103,7 @@ class BackendOptions:
     sparse_ffn: bool | str = "auto"
     compiler: str = "inductor"
     freeze: bool = True
+    predictors: Any = None
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
@@ -138,6 +147,19 @@ class BackendOptions:
             raise bad("compiler", self.compiler)
         if not isinstance(self.freeze, bool):
             raise bad("freeze", self.freeze)
+        if self.predictors is not None:
+            from .sparse_modules import predictors_for_sites
+
+            try:
+                predictors_for_sites(self.predictors, [], partial=True)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"prosparse backend option 'predictors': {exc}") from exc
+            if self.sparse_ffn is False or self.regularize:
+                raise ValueError(
+                    "prosparse backend option 'predictors' runs approximate mode through the "
+                    "sparse-FFN rewrite, for inference: it cannot go with sparse_ffn=False or "
+                    "regularize=True; drop one or the other"
+                )
 
 
 def _valid_text() -> str:
@@ -232,6 +254,7 @@ def prosparse_backend(
         sinks = _sinks(gm, example_inputs, sites)
         InsertActivationTapsPass(norm=sinks[0][0].norm, zeros=True)(gm)
     inference = not torch.is_grad_enabled()
+    predicted = _predictors_here(opts, per_graph[0], inference, all_sites)
     rewritten = False
     if opts.sparse_ffn is True:
         check_sparse_rewritable(all_sites)
@@ -241,17 +264,119 @@ def prosparse_backend(
                 "torch.no_grad() / torch.inference_mode() for inference, or use "
                 "sparse_ffn='auto' (dense FFNs while training)"
             )
-    if opts.sparse_ffn is True or (
-        opts.sparse_ffn == "auto" and inference and not opts.regularize and _rewritable(all_sites)
+    guard = _PredictorGuard.plan(gm, example_inputs, per_graph[0], predicted)
+    if (
+        predicted
+        or opts.sparse_ffn is True
+        or (
+            opts.sparse_ffn == "auto"
+            and inference
+            and not opts.regularize
+            and _rewritable(all_sites)
+        )
     ):
         # frozen: the row-major transposed down weights are constants, folded once by Inductor
-        for g in graphs:
-            SparseFFNRewritePass(materialize_transposes=opts.freeze)(g)
+        for k, g in enumerate(graphs):
+            here = predicted if k == 0 else None
+            SparseFFNRewritePass(materialize_transposes=opts.freeze, predictors=here)(g)
         rewritten = True
     compiled = _compile(gm, example_inputs, opts, mode, freeze=rewritten and opts.freeze)
+    if guard:
+        return _PredictorGuard(compiled, guard)
     if sinks is None:
         return compiled
     return _TapDelivery(compiled, gm.meta[TAPS_META_KEY]["n_outputs"], sinks)
+
+
+def _predictors_here(
+    opts: BackendOptions, sites: Sequence[FFNSite], inference: bool, all_sites: Sequence[FFNSite]
+) -> dict[str, Any]:
+    """The ``predictors`` option's predictors for this graph's top-level sites, by path.
+
+    Raises:
+        ValueError: not in inference; no site of the graph has a predictor (the compiled module
+            is not the model the predictors are keyed by); a predictor that does not fit its
+            site (widths, a bias on a gated site).
+        NotSparseError / UnsupportedFFNError: a site the sparse ops cannot compute.
+    """
+    if opts.predictors is None:
+        return {}
+    from .sparse_modules import predictors_for_sites
+
+    if not inference:
+        raise ValueError(
+            "options predictors=...: approximate mode is for inference (the predicted ops have "
+            "no backward); compile and call the model under torch.no_grad() or "
+            "torch.inference_mode()"
+        )
+    check_sparse_rewritable(all_sites)
+    found = predictors_for_sites(opts.predictors, sites, partial=True)
+    if not found:
+        keyed = [p.site for p in predictors_for_sites(opts.predictors, [], partial=True).values()]
+        raise ValueError(
+            f"options predictors=...: no FFN site of this graph ({[s.path for s in sites][:3]}"
+            f" ...) has a predictor (they are for {keyed[:3]} ...). Compile the model the "
+            "predictors were built for itself, torch.compile(model, ...), so that the site "
+            "paths are the model's; or run approximate mode eagerly (sparsify_ffn_(model, "
+            "predictors=...))"
+        )
+    rest = [s.path for s in all_sites if s.path not in found]
+    if rest:
+        log.warning(
+            "prosparse backend: %d FFN site(s) without a predictor stay exact: %s",
+            len(rest),
+            ", ".join(rest[:3]) + (" ..." if len(rest) > 3 else ""),
+        )
+    return found
+
+
+class _PredictorGuard:
+    """Calls the compiled graph after checking that the gate weights of its predicted sites are
+    the ones the predictors were bound to at compile time.
+
+    Dynamo may reuse a graph for another instance of a module class, passing that instance's
+    weights as graph inputs; the predictors baked into the graph would then be another layer's,
+    which must not run silently."""
+
+    def __init__(self, compiled: Callable[..., Any], checks: list[tuple[int, int, str]]) -> None:
+        self.compiled = compiled
+        self.checks = checks
+        self._boxed_call = getattr(compiled, "_boxed_call", False)
+
+    @staticmethod
+    def plan(
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        sites: Sequence[FFNSite],
+        predicted: Mapping[str, Any],
+    ) -> list[tuple[int, int, str]]:
+        """(graph input position, data pointer, site path) of each predicted site's gate weight
+        that arrives as a graph input (a weight the graph holds cannot change)."""
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        checks = []
+        for site in sites:
+            if site.path not in predicted:
+                continue
+            gate = site.nodes.gate if site.kind == "gated" else site.nodes.up
+            weight = linear_operands(gate)[1]
+            if weight.op == "placeholder":
+                position = placeholders.index(weight)
+                checks.append((position, example_inputs[position].data_ptr(), site.path))
+        return checks
+
+    def __call__(self, *args: Any) -> Any:
+        boxed = len(args) == 1 and isinstance(args[0], list)  # one list of all the inputs
+        given = args[0] if boxed else args
+        for position, pointer, path in self.checks:
+            if given[position].data_ptr() != pointer:
+                raise RuntimeError(
+                    f"prosparse backend, options predictors=...: this compiled graph holds the "
+                    f"predictor of {path}, but is now called with another module's weights "
+                    "(Dynamo reuses one graph for modules of one class). Compile the whole "
+                    "model once (torch.compile(model, ...)), or run approximate mode eagerly "
+                    "(sparsify_ffn_(model, predictors=...))"
+                )
+        return self.compiled(*args)
 
 
 def _rewritable(sites: Sequence[FFNSite]) -> bool:

@@ -265,9 +265,25 @@ def _leaf(path: str, base: str) -> str:
     return path[len(base) + 1 :] if path.startswith(base + ".") else path
 
 
-def _predictors_by_site(predictors: Any, sites: Sequence[FFNSite]) -> dict[str, Any]:
+def predictors_for_sites(
+    predictors: Any, sites: Sequence[FFNSite], *, partial: bool = False
+) -> dict[str, Any]:
     """``predictors`` (a sequence of :class:`~prosparse_fx.predictors.Predictor` or a mapping
-    from site path to one) keyed by site path, checked against ``sites``."""
+    from site path to one) keyed by site path, each checked against its site.
+
+    Args:
+        predictors: the predictors, or ``None`` (none).
+        sites: the FFN sites they are for.
+        partial: return only those of ``sites`` (a graph holds some of the model's sites)
+            instead of refusing predictors for other paths.
+
+    Raises:
+        TypeError: an item is not a ``Predictor``.
+        ValueError: a mapping key that is not its predictor's site, two predictors for one
+            site, a malformed predictor or one of other widths
+            (:func:`~prosparse_fx.predictors.check_predictor`), a gated site's predictor with a
+            bias, or (unless ``partial``) a predictor for a path that is not a site.
+    """
     from .predictors.predictor import Predictor, check_predictor
 
     if predictors is None:
@@ -287,19 +303,20 @@ def _predictors_by_site(predictors: Any, sites: Sequence[FFNSite]) -> dict[str, 
         check_predictor(p)
     known = {s.path: s for s in sites}
     unknown = sorted(set(by_site) - set(known))
-    if unknown:
+    if unknown and not partial:
         raise ValueError(
             f"predictors for {unknown[:3]}, which are not FFN sites of this model (its sites: "
             f"{list(known)[:3]} ...): build the predictors for this model"
         )
-    for p in items:
+    found = {path: p for path, p in by_site.items() if path in known}
+    for p in found.values():
         check_predictor(p, known[p.site].hidden_size, known[p.site].intermediate_size)
         if known[p.site].kind == "gated" and p.bias is not None:
             raise ValueError(
                 f"the predictor of {p.site} has a bias, which the gated predicted op does not "
                 "take: build the gated FFN's predictors without one"
             )
-    return by_site
+    return found
 
 
 def sparsify_ffn_(
@@ -342,7 +359,7 @@ def sparsify_ffn_(
     check_no_peers(model, "the sparse-FFN rewrite replaces the modules they hook")
     sites = list(sites) if sites is not None else find_ffn_sites(model, example_inputs)
     check_sparse_rewritable(sites)
-    by_site = _predictors_by_site(predictors, sites)
+    by_site = predictors_for_sites(predictors, sites)
     plans = []
     for site in sites:
         if site.activation_module is None:

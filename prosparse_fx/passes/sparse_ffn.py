@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -68,6 +71,35 @@ def _weight_rows(
         setattr(gm, f"_prosparse_{name}", nn.Parameter(part, requires_grad=False))
         return graph.get_attr(f"_prosparse_{name}")
     return graph.call_function(narrow_target(dialect_of(gm)), (weight, 0, start, rows))
+
+
+def _predictor_nodes(
+    gm: fx.GraphModule, graph: fx.Graph, predictor: Any, i: int, site: FFNSite
+) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """``get_attr`` nodes of a predictor's ``a``, ``b`` and bias (``None`` without one), held by
+    ``gm`` on the device of the site's down weight."""
+    weight = linear_operands(site.nodes.down)[1]
+    if weight.op == "get_attr":
+        owner, attr = _attr_owner(gm, str(weight.target))
+        device = getattr(owner, attr).device
+    else:
+        value = weight.meta.get("val", weight.meta.get("example_value"))
+        device = value.device if isinstance(value, torch.Tensor) else None
+    nodes = []
+    for name in ("a", "b", "bias"):
+        t = getattr(predictor, name)
+        if t is None:
+            nodes.append(None)
+            continue
+        attr = f"_prosparse_pred_{name}_{i}"
+        setattr(gm, attr, nn.Parameter(t.detach().to(device).contiguous(), requires_grad=False))
+        sources = getattr(gm, "_param_name_to_source", None)
+        if sources is not None:  # a Dynamo graph: AOTAutograd wants a source for each parameter
+            from torch._dynamo.source import ConstantSource
+
+            sources[attr] = ConstantSource(f"prosparse_predictor_{name}_{i}")
+        nodes.append(graph.get_attr(attr))
+    return nodes[0], nodes[1], nodes[2]
 
 
 def _op_input(x: fx.Node, out: fx.Node, site: FFNSite) -> fx.Node:
@@ -144,15 +176,23 @@ class SparseFFNRewritePass(PassBase):
 
     A fused gate_up linear (:attr:`FFNSite.gate_up_split`) gives the op its two row blocks.
 
+    With ``predictors`` (site path -> :class:`~prosparse_fx.predictors.Predictor`), a site that
+    has one becomes ``predicted_gated_ffn`` / ``predicted_plain_ffn`` instead (approximate mode),
+    its factors held by the graph module as parameters ``_prosparse_pred_{a,b,bias}_{i}`` (without
+    gradient), on the device of the site's weights.
+
     Raises (when called):
         NotSparseError: a site's activation is SiLU/GELU: relufy and train first.
         UnsupportedFFNError: a gated site with biases (see
             :func:`prosparse_fx.sparse_modules.sparse_rewrite_refusal`); nothing is changed.
     """
 
-    def __init__(self, materialize_transposes: bool = False) -> None:
+    def __init__(
+        self, materialize_transposes: bool = False, predictors: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.materialize_transposes = materialize_transposes
+        self.predictors = dict(predictors or {})
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         sites = find_sites_in_graph(graph_module)
@@ -168,7 +208,10 @@ class SparseFFNRewritePass(PassBase):
         old_nodes: list[fx.Node] = []
         for i, site in enumerate(sites):
             old_nodes += _site_nodes(site)
-            replaced += self._rewrite(graph_module, graph, site, i, self.materialize_transposes)
+            predictor = self.predictors.get(site.path)
+            replaced += self._rewrite(
+                graph_module, graph, site, i, self.materialize_transposes, predictor
+            )
         if not sites:
             return PassResult(graph_module, False)
         # erase only the FFN nodes left without users: a graph-wide dead-code pass would also
@@ -185,7 +228,12 @@ class SparseFFNRewritePass(PassBase):
 
     @staticmethod
     def _rewrite(
-        gm: fx.GraphModule, graph: fx.Graph, site: FFNSite, i: int, materialize: bool
+        gm: fx.GraphModule,
+        graph: fx.Graph,
+        site: FFNSite,
+        i: int,
+        materialize: bool,
+        predictor: Any = None,
     ) -> list[str]:
         nodes = site.nodes
         assert nodes is not None
@@ -216,16 +264,29 @@ class SparseFFNRewritePass(PassBase):
                     w_gate, _ = _transposed_weight(gm, graph, w_gate, False, f"w_gate_{i}")
                 if up_t and site.gate_up_split is None:
                     w_up, _ = _transposed_weight(gm, graph, w_up, False, f"w_up_{i}")
-                args = (_op_input(x, out, site), w_gate, w_up, w_down_t, t)
-                if site.up_relu:
-                    args += (True,)
-                new = graph.call_function(torch.ops.prosparse.sparse_gated_ffn.default, args)
+                x = _op_input(x, out, site)
+                if predictor is None:
+                    args = (x, w_gate, w_up, w_down_t, t) + ((True,) if site.up_relu else ())
+                    new = graph.call_function(torch.ops.prosparse.sparse_gated_ffn.default, args)
+                else:
+                    a, b, _ = _predictor_nodes(gm, graph, predictor, i, site)
+                    args = (x, a, b, float(predictor.cut), w_gate, w_up, w_down_t, t)
+                    args += (True,) if site.up_relu else ()
+                    op = torch.ops.prosparse.predicted_gated_ffn.default
+                    new = graph.call_function(op, args)
             else:
                 x, w1, b1, fc1_t = linear_operands(nodes.up)
                 if fc1_t:
                     w1, _ = _transposed_weight(gm, graph, w1, False, f"w1_{i}")
-                args = (_op_input(x, out, site), w1, b1, w_down_t, b_down, t)
-                new = graph.call_function(torch.ops.prosparse.sparse_plain_ffn.default, args)
+                x = _op_input(x, out, site)
+                if predictor is None:
+                    args = (x, w1, b1, w_down_t, b_down, t)
+                    new = graph.call_function(torch.ops.prosparse.sparse_plain_ffn.default, args)
+                else:
+                    a, b, bias = _predictor_nodes(gm, graph, predictor, i, site)
+                    args = (x, a, b, bias, float(predictor.cut), w1, b1, w_down_t, b_down, t)
+                    op = torch.ops.prosparse.predicted_plain_ffn.default
+                    new = graph.call_function(op, args)
         new.meta.update({k: v for k, v in out.meta.items() if k in ("val", "nn_module_stack")})
         out.replace_all_uses_with(new)
         return replaced
