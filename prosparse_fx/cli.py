@@ -325,11 +325,21 @@ def export(
         typer.Option(help="Active fraction at or below which an FFN runs sparsely."),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    predictors: Annotated[
+        bool,
+        typer.Option(
+            "--predictors",
+            help="Export approximate mode with the folder's predictors (prosparse-fx "
+            "predictors): gate, up and down read only on the predicted rows.",
+        ),
+    ] = False,
 ) -> None:
     """Export a relufied model to ONNX (standard operators, sparse FFNs, KV cache)."""
     onnx_api = _onnx_api()
-    from .ffn import FFNNotFoundError
+    from .ffn import FFNNotFoundError, find_ffn_sites
     from .models import check_model_path, load_causal_lm
+    from .predictors import load_predictors
+    from .predictors.storage import JSON_FILE
     from .sparse_modules import NotSparseError
 
     try:
@@ -337,7 +347,13 @@ def export(
         if crossover is not None and not 0.0 <= crossover <= 1.0:
             raise InputError(f"--crossover must be an active fraction in [0, 1], got {crossover}")
         source = check_model_path(model)
+        if predictors and not (source.is_dir() and (source / JSON_FILE).exists()):
+            raise InputError(
+                f"{model} holds no predictors ({JSON_FILE}): build them with `prosparse-fx "
+                "predictors`, or drop --predictors"
+            )
         lm = load_causal_lm(source)  # no tokenizer needed: export works on token ids
+        built = load_predictors(source, lm, find_ffn_sites(lm)) if predictors else None
         path = onnx_api.export_onnx(
             lm,
             target,
@@ -346,6 +362,7 @@ def export(
             crossover=onnx_api.DEFAULT_CROSSOVER if crossover is None else crossover,
             overwrite=overwrite,
             metadata={"source": str(source.resolve()), "architecture": type(lm).__name__},
+            predictors=built,
         )
     except (InputError, NotSparseError, FFNNotFoundError, onnx_api.ONNXExportError) as exc:
         _fail(str(exc))

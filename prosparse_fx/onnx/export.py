@@ -9,6 +9,7 @@ ops through :mod:`.translation` into standard ONNX operators (ProSparse App. D).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -39,7 +40,7 @@ from ..ffn import FFNNotFoundError, find_sites_in_graph
 from ..moe import find_expert_sites
 from ..passes import SparseFFNRewritePass
 from ..peers import check_no_peers
-from ..sparse_modules import NotSparseError
+from ..sparse_modules import NotSparseError, predictors_for_sites
 from .cached_decoder import CachedDecoder, check_full_attention, dynamic_shapes, example_inputs
 from .translation import DEFAULT_CROSSOVER, OPSET, translation_table
 
@@ -198,6 +199,7 @@ def export_onnx(
     external_data: bool | None = None,
     overwrite: bool = False,
     metadata: dict[str, str] | None = None,
+    predictors: Any = None,
 ) -> Path:
     """Export a relufied Hugging Face model to ONNX with its FFNs computed sparsely.
 
@@ -226,14 +228,20 @@ def export_onnx(
             of weights; a protobuf cannot exceed 2 GiB).
         overwrite: replace an existing file.
         metadata: extra ``metadata_props`` to store (strings).
+        predictors: ``None`` (exact mode), or :class:`~prosparse_fx.predictors.Predictor` s for
+            some or all FFN sites (a list, or a mapping from site path, as
+            :func:`~prosparse_fx.predictors.load_predictors` gives them): those FFNs export in
+            approximate mode (Deja Vu; ProSparse Sec. 4): the rank-r estimate, the predicted set,
+            then gate, up and down over the predicted rows only, in the same standard operators
+            and with the same crossover.
 
     Returns:
         The resolved output path. It appears only when complete: the model is saved into a
         temporary folder beside it and renamed into place (weights file first).
 
     Raises:
-        InputError: a bad output path (checked before the export starts) or option, or a model
-            without the config the chosen export needs.
+        InputError: a bad output path (checked before the export starts) or option, a model
+            without the config the chosen export needs, or predictors with ``sparse=False``.
         NotSparseError: ``sparse`` and an FFN's activation is SiLU/GELU (relufy and train
             first, or export with ``sparse=False``).
         PeerHooksError: ``sparse`` and the model carries training-free peer hooks
@@ -253,6 +261,11 @@ def export_onnx(
         raise InputError("export_onnx takes a float32 model; load it with dtype=torch.float32")
     if any(p.is_meta for p in params):
         raise InputError("the model has weights on the meta device; load real weights first")
+    if predictors is not None and not sparse:
+        raise InputError(
+            "predictors run approximate mode through the sparse export; drop sparse=False "
+            "(--dense), or the predictors"
+        )
     if sparse:
         check_no_peers(
             model,
@@ -287,8 +300,16 @@ def export_onnx(
                 f"no FFN site found in {type(model).__name__}; "
                 "export it with sparse=False (--dense)"
             )
+        # the export wraps a Hugging Face model (its sites are paths under "model.")
+        prefix = "model." if example_inputs is None else ""
+        model_sites = [dataclasses.replace(s, path=s.path.removeprefix(prefix)) for s in sites]
         try:
-            SparseFFNRewritePass()(gm)
+            found = predictors_for_sites(predictors, model_sites)
+        except (TypeError, ValueError) as exc:
+            raise InputError(str(exc)) from exc
+        predicted = {prefix + path: p for path, p in found.items()}
+        try:
+            SparseFFNRewritePass(predictors=predicted)(gm)
         except NotSparseError as exc:
             raise NotSparseError(f"{exc} Or export it dense: sparse=False (--dense).") from exc
     try:
@@ -314,6 +335,7 @@ def export_onnx(
         "crossover": repr(crossover),
         "ffn_sites": str(len(sites)),
         "thresholds": ",".join(f"{s.threshold or 0.0:g}" for s in sites),
+        "predicted_sites": str(len(predicted) if sparse else 0),
     }
     if example_inputs is None:
         from ..models import model_positions

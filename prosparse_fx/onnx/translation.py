@@ -109,6 +109,73 @@ def _plain_branches(h: T, idx: INT64, sparse: BOOL, w2_t: T, b2: T) -> T:
     return y
 
 
+# Approximate mode (Deja Vu; ProSparse Sec. 4): the predicted set is computed once, outside
+# (:func:`_predicted_set`); the gate is read only on the predicted rows in the sparse branch, and
+# FATReLU_t still applies there (t arrives as a scalar tensor of x's dtype).
+
+
+@onnxscript.script(default_opset=op)
+def _predicted_gated_branches(
+    x2: T, predicted: BOOL, idx: INT64, sparse: BOOL, w_gate: T, w_up: T, w_down_t: T, t: T,
+    relu_up: BOOL,
+) -> T:  # fmt: skip
+    zero = op.CastLike(op.Constant(value_float=0.0), x2)
+    if sparse:
+        g = op.Gemm(x2, op.Gather(w_gate, idx, axis=0), transB=1)
+        u = op.Gemm(x2, op.Gather(w_up, idx, axis=0), transB=1)
+        u = op.Where(op.And(relu_up, op.Less(u, zero)), zero, u)
+        x1 = op.Mul(op.Where(op.Less(g, t), zero, g), u)
+        x1 = op.Where(op.Gather(predicted, idx, axis=1), x1, zero)
+        y = op.MatMul(x1, op.Gather(w_down_t, idx, axis=0))
+    else:
+        g = op.Gemm(x2, w_gate, transB=1)
+        u = op.Gemm(x2, w_up, transB=1)
+        u = op.Where(op.And(relu_up, op.Less(u, zero)), zero, u)
+        x1 = op.Where(predicted, op.Mul(op.Where(op.Less(g, t), zero, g), u), zero)
+        y = op.MatMul(x1, w_down_t)
+    return y
+
+
+@onnxscript.script(default_opset=op)
+def _predicted_plain_branches(
+    x2: T, predicted: BOOL, idx: INT64, sparse: BOOL, w1: T, b1: T, w2_t: T, b2: T, t: T
+) -> T:
+    zero = op.CastLike(op.Constant(value_float=0.0), x2)
+    if sparse:
+        h = op.Gemm(x2, op.Gather(w1, idx, axis=0), op.Gather(b1, idx, axis=0), transB=1)
+        x1 = op.Where(op.Gather(predicted, idx, axis=1), op.Where(op.Less(h, t), zero, h), zero)
+        y = op.Add(op.MatMul(x1, op.Gather(w2_t, idx, axis=0)), b2)
+    else:
+        h = op.Gemm(x2, w1, b1, transB=1)
+        x1 = op.Where(predicted, op.Where(op.Less(h, t), zero, h), zero)
+        y = op.Add(op.MatMul(x1, w2_t), b2)
+    return y
+
+
+def _predicted_set(
+    x2: Any, a: Any, b: Any, bias: Any | None, cut: float, crossover: float
+) -> tuple[Any, Any, Any]:
+    """The predicted mask ``[n, d_ff]`` (the estimate ``x2 @ a.T @ b.T (+ bias)`` above ``cut``
+    in float32, or not finite, as :func:`prosparse_fx.predictors.predicted_active`), the
+    indices ``[k]`` of the neurons predicted for some token, and whether their fraction is at
+    most ``crossover`` (take the sparse branch)."""
+    est = op.Gemm(op.Gemm(op.CastLike(x2, a), a, transB=1), b, transB=1)
+    if bias is not None:
+        est = op.Add(est, bias)
+    est = op.Cast(est, to=TensorProto.FLOAT)
+    finite = op.Not(op.Or(op.IsNaN(est), op.IsInf(est)))
+    predicted = op.Not(op.And(op.LessOrEqual(est, op.Constant(value_float=cut)), finite))
+    # per neuron, 1 if some token predicts it (-inf for no token: then nothing is predicted)
+    some = op.ReduceMax(
+        op.Cast(predicted, to=TensorProto.FLOAT), op.Constant(value_ints=[0]), keepdims=0
+    )
+    any_token = op.Greater(some, op.Constant(value_float=0.5))
+    fraction = op.ReduceMean(op.Cast(any_token, to=TensorProto.FLOAT), keepdims=0)
+    sparse = op.LessOrEqual(fraction, op.Constant(value_float=crossover))
+    idx = op.Squeeze(op.NonZero(any_token), op.Constant(value_ints=[0]))
+    return predicted, idx, sparse
+
+
 def _fatrelu(x: Any, threshold: float) -> tuple[Any, Any]:
     """FATReLU_t (ProSparse Eq. 3) as "zero where x < t", so NaN propagates; returns the
     result and the mask ``x < t``."""
@@ -202,8 +269,42 @@ def translation_table(crossover: float = DEFAULT_CROSSOVER) -> dict[Any, Callabl
     def fatrelu(x: T, threshold: float) -> T:
         return _fatrelu(x, threshold)[0]
 
+    def predicted_gated(
+        x: T, a: T, b: T, cut: float, w_gate: T, w_up: T, w_down_t: T, threshold: float,
+        up_relu: bool = False,
+    ) -> T:  # fmt: skip
+        x2 = _rows(x)
+        predicted, idx, sparse = _predicted_set(x2, a, b, None, cut, crossover)
+        t = op.CastLike(op.Constant(value_float=threshold), x2)
+        relu_up = op.Constant(value=onnx_bool(up_relu))
+        y = _predicted_gated_branches(
+            x2, predicted, idx, sparse, w_gate, w_up, w_down_t, t, relu_up
+        )
+        return _unrows(y, x, w_down_t)
+
+    def predicted_plain(
+        x: T, a: T, b: T, pred_bias: T | None, cut: float, w1: T, b1: T | None, w2_t: T,
+        b2: T | None, threshold: float,
+    ) -> T:  # fmt: skip
+        x2 = _rows(x)
+        predicted, idx, sparse = _predicted_set(x2, a, b, pred_bias, cut, crossover)
+        t = op.CastLike(op.Constant(value_float=threshold), x2)
+        b1 = _zeros_like_rows(w1, x, 0) if b1 is None else b1
+        b2 = _zeros_like_rows(w2_t, x, 1) if b2 is None else b2
+        y = _predicted_plain_branches(x2, predicted, idx, sparse, w1, b1, w2_t, b2, t)
+        return _unrows(y, x, w2_t)
+
     return {
         torch.ops.prosparse.fatrelu.default: fatrelu,  # in dense exports
         torch.ops.prosparse.sparse_gated_ffn.default: gated,
         torch.ops.prosparse.sparse_plain_ffn.default: plain,
+        torch.ops.prosparse.predicted_gated_ffn.default: predicted_gated,
+        torch.ops.prosparse.predicted_plain_ffn.default: predicted_plain,
     }
+
+
+def onnx_bool(value: bool) -> Any:
+    """A scalar BOOL tensor proto."""
+    from onnx import helper
+
+    return helper.make_tensor("value", TensorProto.BOOL, [], [bool(value)])
