@@ -89,6 +89,8 @@ def main() -> None:
     n = args.new_tokens
     same = int((out["dense"] == out["predicted"]).all(0).int().cumprod(0).sum()) - ids.shape[1]
     exact_ppl = perplexity(exact, held)
+    n_ms = ", ".join(f"{k} {n / (v / 1e3):.2f}" for k, v in ms.items())
+    print(f"decoding tokens/s: {n_ms}", flush=True)  # before the (long) sweep
 
     sweep = []
     for rank in args.sweep:
