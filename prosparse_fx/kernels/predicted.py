@@ -160,7 +160,7 @@ def predicted_plain_ffn(
     threshold: float,
 ) -> torch.Tensor:
     """Plain FFN on the neurons a low-rank predictor guesses active (approximate mode), the twin
-    of :func:`predicted_gated_ffn` for ``fc2(FATReLU_t(fc1(x)))`` (GPT-2, OPT, Falcon).
+    of :func:`predicted_gated_ffn` for ``fc2(FATReLU_t(fc1(x)))`` (GPT-2, OPT, GPT-NeoX).
 
     Computes ``(FATReLU_t(x @ w1.T + b1) * m) @ w2_t + b2`` with
     ``m = x @ a.T @ b.T + pred_bias > cut`` (in the factors' dtype, compared in float32; a
