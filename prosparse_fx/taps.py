@@ -171,6 +171,27 @@ def tap_inputs(
             h.remove()
 
 
+def run_tapped(
+    model: nn.Module,
+    windows: torch.Tensor,
+    paths: Sequence[str | FFNSite],
+    fn: Callable[[int, torch.Tensor], None],
+    batch_size: int,
+) -> None:
+    """Run ``windows`` (``[N, T]`` token ids) through ``model`` in eval mode, ``batch_size``
+    windows at a time on the model's device, with :func:`tap_inputs` calling ``fn``; the
+    model's training mode is restored afterwards. Gradient mode is the caller's."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with tap_inputs(model, paths, fn):
+            for batch in windows.split(batch_size):
+                model(input_ids=batch.to(device))
+    finally:
+        model.train(was_training)
+
+
 def down_paths(sites: Sequence[FFNSite]) -> list[str | FFNSite]:
     """Where each site's x1 is tapped for :func:`tap_inputs`: the module path of its down_proj
     (fc2), where x1 enters; an expert site itself (its down_proj is a slice of a 3-D

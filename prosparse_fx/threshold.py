@@ -13,7 +13,7 @@ from .activations import check_threshold
 from .ffn import FFNSite
 from .measure import Evaluation, evaluate
 from .relufy import relufy_
-from .taps import tap_inputs
+from .taps import run_tapped
 
 _SAMPLES_PER_LAYER = 1 << 21
 
@@ -100,15 +100,7 @@ def calibrate_thresholds(
             flat = flat[idx]
         samples[i].append(flat)
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        with tap_inputs(model, paths, record):
-            for batch in windows.split(batch_size):
-                model(input_ids=batch.to(device))
-    finally:
-        model.train(was_training)
+    run_tapped(model, windows, paths, record, batch_size)
 
     def quantile(v: torch.Tensor) -> float:
         k = min(max(int(round(target_sparsity * v.numel())), 1), v.numel())

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..ffn import FFNSite
-from ..taps import tap_inputs
+from ..taps import run_tapped
 from .predictor import Predictor, predicted_mask
 
 
@@ -59,15 +59,7 @@ def tapped_ffn_forwards(
             x = pending.pop(j - n)
             fn(j - n, x.reshape(-1, x.shape[-1]), t.detach().reshape(-1, t.shape[-1]))
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        with tap_inputs(model, paths, seen):
-            for batch in windows.split(batch_size):
-                model(input_ids=batch.to(device))
-    finally:
-        model.train(was_training)
+    run_tapped(model, windows, paths, seen, batch_size)
 
 
 @torch.no_grad()
