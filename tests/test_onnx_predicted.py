@@ -9,21 +9,20 @@ import copy
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
 from prosparse_fx import relufy_, sparsify_ffn_
 from prosparse_fx.errors import InputError
-from prosparse_fx.onnx import DEFAULT_CROSSOVER, OnnxCausalLM, export_onnx, translation_table
+from prosparse_fx.onnx import DEFAULT_CROSSOVER, OnnxCausalLM, export_onnx
 from prosparse_fx.predictors import (
     build_predictors,
     predicted_gated_ffn_reference,
     predicted_plain_ffn_reference,
 )
 from tests.models import VOCAB, tiny
-from tests.test_onnx import INPUTS, _op_types
+from tests.test_onnx import INPUTS, _export_ffn
 
 
 class _Predicted(nn.Module):
@@ -62,20 +61,6 @@ class _Predicted(nn.Module):
         return predicted_plain_ffn_reference(*self._args(x))
 
 
-def _export(module: nn.Module, path, crossover: float) -> ort.InferenceSession:
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
-    program = torch.onnx.export(
-        module, (torch.randn(2, 3, 8),), dynamo=True, dynamic_shapes=(dims,),
-        custom_translation_table=translation_table(crossover), verbose=False,
-    )  # fmt: skip
-    program.save(path)
-    proto = onnx.load(path)
-    onnx.checker.check_model(proto, full_check=True)
-    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"} and not proto.functions
-    assert {"If", "NonZero", "Gather"} <= _op_types(proto.graph)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.parametrize("crossover", [0.0, DEFAULT_CROSSOVER, 1.0])
 @pytest.mark.parametrize(
     ("kind", "threshold", "bias", "up_relu"),
@@ -86,7 +71,7 @@ def test_predicted_translation_matches_reference(
     tmp_path, kind, threshold, bias, up_relu, crossover
 ) -> None:
     module = _Predicted(kind, threshold, bias, up_relu)
-    session = _export(module, tmp_path / "ffn.onnx", crossover)
+    session = _export_ffn(module, tmp_path / "ffn.onnx", crossover)
     name = session.get_inputs()[0].name
     for label, make in INPUTS.items():
         x = make()
@@ -104,7 +89,7 @@ def test_predicted_translation_propagates_nan(tmp_path, kind) -> None:
     as in the dense model, even where the cut would predict nothing."""
     module = _Predicted(kind, 0.0, kind == "plain")
     module.cut = 1e9  # nothing predicted for a finite input
-    session = _export(module, tmp_path / "ffn.onnx", 1.0)
+    session = _export_ffn(module, tmp_path / "ffn.onnx", 1.0)
     x = torch.randn(1, 3, 8)
     x[0, 1, 2] = float("nan")
     (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
