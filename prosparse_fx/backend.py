@@ -312,7 +312,8 @@ def _predictors_here(
     check_sparse_rewritable(all_sites)
     found = predictors_for_sites(opts.predictors, sites, partial=True)
     if not found:
-        keyed = [p.site for p in predictors_for_sites(opts.predictors, [], partial=True).values()]
+        given = opts.predictors
+        keyed = [p.site for p in (given.values() if isinstance(given, Mapping) else given)]
         raise ValueError(
             f"options predictors=...: no FFN site of this graph ({[s.path for s in sites][:3]}"
             f" ...) has a predictor (they are for {keyed[:3]} ...). Compile the model the "
