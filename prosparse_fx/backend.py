@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -254,7 +255,7 @@ def prosparse_backend(
         sinks = _sinks(gm, example_inputs, sites)
         InsertActivationTapsPass(norm=sinks[0][0].norm, zeros=True)(gm)
     inference = not torch.is_grad_enabled()
-    predicted = _predictors_here(opts, per_graph[0], inference, all_sites)
+    predicted = _predictors_here(opts, gm, example_inputs, sites, inference, all_sites)
     rewritten = False
     if opts.sparse_ffn is True:
         check_sparse_rewritable(all_sites)
@@ -289,14 +290,21 @@ def prosparse_backend(
 
 
 def _predictors_here(
-    opts: BackendOptions, sites: Sequence[FFNSite], inference: bool, all_sites: Sequence[FFNSite]
+    opts: BackendOptions,
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    sites: Sequence[FFNSite],
+    inference: bool,
+    all_sites: Sequence[FFNSite],
 ) -> dict[str, Any]:
-    """The ``predictors`` option's predictors for this graph's top-level sites, by path.
+    """The ``predictors`` option's predictors for ``sites``, the top-level sites of ``gm``,
+    by path.
 
     Raises:
         ValueError: not in inference; no site of the graph has a predictor (the compiled module
             is not the model the predictors are keyed by); a predictor that does not fit its
-            site (widths, a bias on a gated site).
+            site (widths, a bias on a gated site) or was built for another gate weight (the
+            graph's weights are fingerprinted, :func:`~prosparse_fx.predictors.check_gate`).
         NotSparseError / UnsupportedFFNError: a site the sparse ops cannot compute.
     """
     if opts.predictors is None:
@@ -310,7 +318,9 @@ def _predictors_here(
             "torch.inference_mode()"
         )
     check_sparse_rewritable(all_sites)
-    found = predictors_for_sites(opts.predictors, sites, partial=True)
+    found = predictors_for_sites(
+        opts.predictors, sites, partial=True, gates=lambda s: _graph_gate(gm, example_inputs, s)
+    )
     if not found:
         given = opts.predictors
         keyed = [p.site for p in (given.values() if isinstance(given, Mapping) else given)]
@@ -329,6 +339,39 @@ def _predictors_here(
             ", ".join(rest[:3]) + (" ..." if len(rest) > 3 else ""),
         )
     return found
+
+
+def _graph_gate(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], site: FFNSite
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gate of ``site`` in ``gm`` as :func:`~prosparse_fx.predictors.gate_weight` reads it
+    from a model: ``(weight [d_ff, d], bias [d_ff] or None)``, from the graph's inputs or
+    attributes."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+
+    def value(node: Any) -> torch.Tensor | None:
+        if node is None:
+            return None
+        if node.op == "placeholder":
+            return example_inputs[placeholders.index(node)]
+        if node.op == "get_attr":
+            return operator.attrgetter(node.target)(gm)
+        raise ValueError(
+            f"options predictors=...: cannot read the gate weight of {site.path} from the graph "
+            f"(it is computed by {node.op} {node.target}), so the predictor cannot be checked "
+            "against it; run approximate mode eagerly (sparsify_ffn_(model, predictors=...))"
+        )
+
+    _, w, b, transposed = linear_operands(
+        site.nodes.gate if site.kind == "gated" else site.nodes.up
+    )
+    weight, bias = value(w), value(b)
+    if transposed:
+        weight = weight.T
+    if site.gate_up_split is not None:
+        rows = slice(site.gate_up_split[0], site.gate_up_split[0] + site.intermediate_size)
+        weight, bias = weight[rows], None if bias is None else bias[rows]
+    return weight.detach(), None if bias is None else bias.detach()
 
 
 class _PredictorGuard:

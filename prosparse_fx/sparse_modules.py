@@ -6,7 +6,7 @@ TurboSparse Sec. 3 for dReLU); with predictors, FFNs call ``predicted_gated_ffn`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -266,7 +266,11 @@ def _leaf(path: str, base: str) -> str:
 
 
 def predictors_for_sites(
-    predictors: Any, sites: Sequence[FFNSite], *, partial: bool = False
+    predictors: Any,
+    sites: Sequence[FFNSite],
+    *,
+    partial: bool = False,
+    gates: Callable[[FFNSite], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> dict[str, Any]:
     """``predictors`` (a sequence of :class:`~prosparse_fx.predictors.Predictor` or a mapping
     from site path to one) keyed by site path, each checked against its site.
@@ -276,14 +280,19 @@ def predictors_for_sites(
         sites: the FFN sites they are for.
         partial: return only those of ``sites`` (a graph holds some of the model's sites)
             instead of refusing predictors for other paths.
+        gates: ``site -> (weight [d_ff, d], bias or None)``, the gate each returned predictor
+            must have been built for (:func:`~prosparse_fx.predictors.check_gate`); ``None``
+            checks widths only.
 
     Raises:
         TypeError: an item is not a ``Predictor``.
         ValueError: a mapping key that is not its predictor's site, two predictors for one
             site, a malformed predictor or one of other widths
             (:func:`~prosparse_fx.predictors.check_predictor`), a gated site's predictor with a
-            bias, or (unless ``partial``) a predictor for a path that is not a site.
+            bias, one built for another gate weight (another model of the same widths), or
+            (unless ``partial``) a predictor for a path that is not a site.
     """
+    from .predictors.gate import check_gate
     from .predictors.predictor import Predictor, check_predictor
 
     if predictors is None:
@@ -316,6 +325,8 @@ def predictors_for_sites(
                 f"the predictor of {p.site} has a bias, which the gated predicted op does not "
                 "take: build the gated FFN's predictors without one"
             )
+        if gates is not None:
+            check_gate(p, *gates(known[p.site]))
     return found
 
 
@@ -354,12 +365,15 @@ def sparsify_ffn_(
         PeerHooksError: the model carries training-free peer hooks (:mod:`prosparse_fx.peers`),
             which the rewritten modules would drop.
         ValueError: a site whose module layout cannot be swapped, a predictor for a path that
-            is not a site, or of other widths (nothing is changed).
+            is not a site, of other widths or built for another gate weight (nothing is
+            changed).
     """
     check_no_peers(model, "the sparse-FFN rewrite replaces the modules they hook")
     sites = list(sites) if sites is not None else find_ffn_sites(model, example_inputs)
     check_sparse_rewritable(sites)
-    by_site = predictors_for_sites(predictors, sites)
+    from .predictors.gate import gate_weight
+
+    by_site = predictors_for_sites(predictors, sites, gates=lambda s: gate_weight(model, s))
     plans = []
     for site in sites:
         if site.activation_module is None:

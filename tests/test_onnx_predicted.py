@@ -147,6 +147,13 @@ def test_export_refuses_predictors_that_do_not_fit(tmp_path) -> None:
     narrow = [dataclasses.replace(predictors[0], a=predictors[0].a[:, :8])]
     with pytest.raises(InputError, match="is for d=8"):
         export_onnx(model, tmp_path / "c.onnx", predictors=narrow)
+    other = tiny("llama", seed=1)
+    theirs = build_predictors(other, windows, relufy_(other, "fatrelu", 0.05), rank=4)
+    with pytest.raises(InputError, match=r"layers\.0\.mlp was built for another gate weight"):
+        export_onnx(model, tmp_path / "d.onnx", predictors=theirs)
+    half = [dataclasses.replace(p, a=p.a.bfloat16(), b=p.b.bfloat16()) for p in predictors]
+    with pytest.raises(InputError, match="is torch.bfloat16; export_onnx takes float32"):
+        export_onnx(model, tmp_path / "e.onnx", predictors=half)
     assert not list(tmp_path.iterdir())
 
 

@@ -23,6 +23,7 @@ from prosparse_fx.predictors import (
     build_predictors,
     cut_for_recall,
     estimate,
+    gate_fingerprint,
     gate_weight,
     load_predictors,
     low_rank_estimate,
@@ -36,7 +37,7 @@ from prosparse_fx.predictors import (
     train_factors,
 )
 from prosparse_fx.predictors.predictor import KINDS
-from prosparse_fx.sparse_modules import NotSparseError
+from prosparse_fx.sparse_modules import NotSparseError, PredictedGatedFFN
 from tests.models import VOCAB, tiny
 
 T = 0.05  # FATReLU threshold of the test models
@@ -686,6 +687,43 @@ def test_sparsify_with_predictors_refusals_change_nothing(models, windows, gpt2)
         biased = dataclasses.replace(predictors[0], bias=plain[0].bias[:64].clone())
         sparsify_ffn_(target, sites=sites, predictors=[biased])
     assert [type(m) for m in target.modules()] == before
+
+
+def test_predictors_of_another_model_of_the_same_widths_are_refused(
+    models, windows, llama_sites, tmp_path
+) -> None:
+    """Built and loaded predictors carry their gate's fingerprint, and sparsify_ffn_ and
+    save_predictors check it: another model of the same widths and site paths (another seed) is
+    refused by name before anything changes; a predictor made by hand (no fingerprint) is used
+    unchecked, as documented; a bfloat16 model's predictors fit its float32 upcast."""
+    import copy
+
+    from prosparse_fx import sparsify_ffn_
+
+    model, sites = models["llama"]
+    other, other_sites = _relufied("llama", "fatrelu", llama_sites, seed=1)
+    theirs = build_predictors(other, windows, other_sites, rank=4, recall=0.9)
+    for p, s in zip(theirs, other_sites):
+        assert p.gate_sha256 == gate_fingerprint(*gate_weight(other, s))
+        assert p.gate_sha256 != gate_fingerprint(*gate_weight(model, s))
+    target = copy.deepcopy(model)
+    before = [type(m) for m in target.modules()]
+    named = r"predictor of model\.layers\.0\.mlp was built for another gate weight"
+    with pytest.raises(ValueError, match=named):
+        sparsify_ffn_(target, sites=sites, predictors=theirs)
+    with pytest.raises(ValueError, match=named):
+        sparsify_ffn_(target, sites=sites, predictors={p.site: p for p in theirs[:1]})
+    assert [type(m) for m in target.modules()] == before
+    with pytest.raises(ValueError, match=named):
+        save_predictors(tmp_path / "p", theirs, model, sites)
+    assert not (tmp_path / "p").exists()
+    sparsify_ffn_(other, sites=other_sites, predictors=theirs)  # their own model takes them
+    by_hand = [dataclasses.replace(p, gate_sha256=None) for p in theirs]
+    sparsify_ffn_(target, sites=sites, predictors=by_hand)
+    assert isinstance(target.get_submodule(sites[0].path), PredictedGatedFFN)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    built_half = build_predictors(half, windows, sites, rank=4, recall=0.9)
+    sparsify_ffn_(half.float(), sites=sites, predictors=built_half)
 
 
 def test_damaged_gate_and_a_file_as_folder_are_refused_by_name(llama, windows, tmp_path) -> None:

@@ -141,6 +141,12 @@ def test_refusals(built, windows) -> None:
             )
         else:
             torch.compile(first, backend="prosparse", options={"predictors": predictors})(h)
+    torch._dynamo.reset()
+    other = tiny("llama" if hasattr(model, "model") else "gpt2", seed=1)
+    other_sites = relufy_(other, "fatrelu", T)
+    theirs = build_predictors(other.eval(), windows, other_sites, rank=4, recall=0.9)
+    with torch.no_grad(), pytest.raises(Exception, match="built for another gate weight"):
+        torch.compile(model, backend="prosparse", options={"predictors": theirs})(input_ids=windows)
     narrow = dataclasses.replace(predictors[0], a=predictors[0].a[:, :8])
     torch._dynamo.reset()
     with torch.no_grad(), pytest.raises(Exception, match="is for d=8"):

@@ -40,6 +40,7 @@ from ..ffn import FFNNotFoundError, find_sites_in_graph
 from ..moe import find_expert_sites
 from ..passes import SparseFFNRewritePass
 from ..peers import check_no_peers
+from ..predictors.gate import gate_weight
 from ..sparse_modules import NotSparseError, predictors_for_sites
 from .cached_decoder import CachedDecoder, check_full_attention, dynamic_shapes, example_inputs
 from .translation import DEFAULT_CROSSOVER, OPSET, translation_table
@@ -241,7 +242,9 @@ def export_onnx(
 
     Raises:
         InputError: a bad output path (checked before the export starts) or option, a model
-            without the config the chosen export needs, or predictors with ``sparse=False``.
+            without the config the chosen export needs, predictors with ``sparse=False``, or
+            predictors that are not float32, do not fit a site or were built for another gate
+            weight (another model of the same widths).
         NotSparseError: ``sparse`` and an FFN's activation is SiLU/GELU (relufy and train
             first, or export with ``sparse=False``).
         PeerHooksError: ``sparse`` and the model carries training-free peer hooks
@@ -304,9 +307,20 @@ def export_onnx(
         prefix = "model." if example_inputs is None else ""
         model_sites = [dataclasses.replace(s, path=s.path.removeprefix(prefix)) for s in sites]
         try:
-            found = predictors_for_sites(predictors, model_sites)
+            # the sites' gate/up paths are the wrapper's (only .path lost the prefix)
+            found = predictors_for_sites(
+                predictors, model_sites, gates=lambda s: gate_weight(wrapper, s)
+            )
         except (TypeError, ValueError) as exc:
             raise InputError(str(exc)) from exc
+        for p in found.values():
+            if p.a.dtype != torch.float32:
+                raise InputError(
+                    f"the predictor of {p.site} is {p.a.dtype}; export_onnx takes float32 "
+                    "predictors, as it takes a float32 model (ONNX Runtime has no "
+                    f"{p.a.dtype} matrix product on the CPU): build them from the float32 "
+                    "model (build_predictors, prosparse-fx predictors)"
+                )
         predicted = {prefix + path: p for path, p in found.items()}
         try:
             SparseFFNRewritePass(predictors=predicted)(gm)

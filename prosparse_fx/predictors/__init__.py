@@ -15,7 +15,7 @@ fitted from it.
 """
 
 from .calibrate import build_predictors, cut_for_recall
-from .gate import gate_fingerprint, gate_weight
+from .gate import check_gate, gate_fingerprint, gate_weight
 from .predictor import (
     Predictor,
     check_predictor,
@@ -36,6 +36,7 @@ __all__ = [
     "PredictorQuality",
     "TrainingConfig",
     "build_predictors",
+    "check_gate",
     "check_predictor",
     "cut_for_recall",
     "estimate",

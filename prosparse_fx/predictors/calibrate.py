@@ -13,7 +13,7 @@ from torch import nn
 
 from ..ffn import FFNSite
 from ..sparse_modules import check_relu_family
-from .gate import gate_weight
+from .gate import gate_fingerprint, gate_weight
 from .predictor import KINDS, Predictor, low_rank_estimate
 from .quality import measure_predictors, tapped_ffn_forwards
 from .svd import check_rank, svd_factors
@@ -246,8 +246,9 @@ def build_predictors(
             b=b,
             cut=cut,
             bias=None if bias is None else bias.clone(),
+            gate_sha256=gate_fingerprint(*gate),
         )
-        for s, (a, b, bias), cut in zip(sites, factors, cuts)
+        for s, (a, b, bias), cut, gate in zip(sites, factors, cuts, gates)
     ]
     quality = measure_predictors(model, built, calib_windows, sites, batch_size=batch_size)
     return [

@@ -4,6 +4,7 @@ read from the model, and their fingerprint (which model a stored predictor was b
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,3 +43,31 @@ def gate_fingerprint(weight: torch.Tensor, bias: torch.Tensor | None) -> str:
         if t is not None:
             digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_gate(
+    predictor: Any,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Refuse ``predictor`` (a :class:`~prosparse_fx.predictors.Predictor`) if it was built for
+    another gate than ``weight`` ``[d_ff, d]`` and ``bias`` ``[d_ff]`` or ``None`` (as
+    :func:`gate_weight` reads them): its ``gate_sha256`` differs from their fingerprint. A
+    predictor without a fingerprint (made by hand) passes unchecked.
+
+    The fingerprint hashes float32 values, so a bfloat16 model upcast to float32 keeps its
+    predictors (the gate holds the same numbers); a float32 model cast to bfloat16 does not.
+
+    Raises:
+        error: (``ValueError`` by default) naming the site and the way out.
+    """
+    if predictor.gate_sha256 is None:
+        return
+    if gate_fingerprint(weight, bias) != predictor.gate_sha256:
+        raise error(
+            f"the predictor of {predictor.site} was built for another gate weight than this "
+            "model's (another model of the same widths, or these weights changed since): "
+            "build the predictors for this model (prosparse-fx predictors, or "
+            "build_predictors)"
+        )

@@ -41,6 +41,13 @@ class Predictor:
         precision: fraction of the predicted (token, neuron) pairs that are truly active.
         predicted_sparsity: fraction of (token, neuron) pairs predicted inactive.
         true_sparsity: fraction of (token, neuron) pairs with x1 == 0.
+        gate_sha256: the fingerprint (:func:`~prosparse_fx.predictors.gate_fingerprint`) of
+            the gate weight it was built for. :func:`~prosparse_fx.predictors.build_predictors`
+            and :func:`~prosparse_fx.predictors.load_predictors` set it, and every use
+            (``sparsify_ffn_``, the compile backend's ``predictors`` option, ``export_onnx``,
+            ``save_predictors``) refuses a predictor whose fingerprint is not the model's gate
+            (another model of the same widths). ``None`` for a predictor made by hand, which is
+            then used unchecked.
     """
 
     site: str
@@ -54,6 +61,7 @@ class Predictor:
     precision: float = math.nan
     predicted_sparsity: float = math.nan
     true_sparsity: float = math.nan
+    gate_sha256: str | None = None
 
     @property
     def d(self) -> int:

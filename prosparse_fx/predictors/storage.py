@@ -20,7 +20,7 @@ from torch import nn
 from ..atomic import OutputWriteError, atomic_file
 from ..errors import InputError
 from ..ffn import FFNSite
-from .gate import gate_fingerprint, gate_weight
+from .gate import check_gate, gate_fingerprint, gate_weight
 from .predictor import KINDS, Predictor, check_predictor
 from .svd import check_rank
 
@@ -60,8 +60,9 @@ def save_predictors(
         The folder.
 
     Raises:
-        ValueError: the predictors do not match ``sites`` (number, paths, shapes), or a tensor
-            is not floating point or not finite.
+        ValueError: the predictors do not match ``sites`` (number, paths, shapes), a tensor
+            is not floating point or not finite, or a predictor was built for another gate
+            weight (:func:`~prosparse_fx.predictors.check_gate`).
         OutputWriteError: ``folder`` is a file, or a predictor file exists in it and
             ``overwrite`` is False.
     """
@@ -78,6 +79,7 @@ def save_predictors(
             raise ValueError(f"{p.site}: unknown predictor kind {p.kind!r}")
         check_rank(p.rank, s.hidden_size, s.intermediate_size)
         check_predictor(p, s.hidden_size, s.intermediate_size)
+        check_gate(p, weight, bias)
         for name in ("a", "b", "bias"):
             if getattr(p, name) is not None:
                 tensors[f"{p.site}.{name}"] = getattr(p, name).detach().cpu().contiguous()
@@ -255,6 +257,7 @@ def load_predictors(
             cut=cut,
             bias=found.get("bias"),
             **{m: _metric(entry, m, here) for m in _METRICS},
+            gate_sha256=entry["gate_sha256"],
         )
         check_predictor(p, d, d_ff, PredictorFileError)
         predictors.append(p)
