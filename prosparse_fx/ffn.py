@@ -617,9 +617,30 @@ def find_ffn_sites(
         raise FFNNotFoundError(
             f"no FFN found in {type(model).__name__}: the graph has {describe_graph(gm)}. "
             "An FFN is two linears on the same input, an activation, a multiply and a third "
-            "linear (gated), or a linear, an activation and a linear (plain)."
+            "linear (gated), or a linear, an activation and a linear (plain)." + _own_linears(model)
         )
     return sites
+
+
+def _own_linears(model: nn.Module) -> str:
+    """A sentence naming the ``nn.Linear`` subclasses of ``model`` with a forward of their own
+    (Falcon's ``FalconLinear`` computes ``x @ weight.T``), which the analysis does not read as
+    linear layers; empty when there are none."""
+    own = {
+        path: type(m).__name__
+        for path, m in model.named_modules()
+        if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward
+    }
+    if not own:
+        return ""
+    paths = list(own)
+    kinds = sorted(set(own.values()))
+    return (
+        f" Its {len(paths)} {'/'.join(kinds)} module(s) ({', '.join(paths[:2])}"
+        f"{' ...' if len(paths) > 2 else ''}) subclass nn.Linear with a forward of their own, "
+        "which the FFN analysis does not read as linear layers: this architecture is not "
+        "supported (the README's support table lists the families that are)."
+    )
 
 
 def _in_module_order(model: nn.Module, sites: list[FFNSite]) -> list[FFNSite]:

@@ -69,6 +69,22 @@ def test_no_ffn_error_lists_what_was_found() -> None:
     assert "2 linear layer(s)" in msg and "q" in msg and "k" in msg
 
 
+def test_no_ffn_error_names_linear_subclasses_with_their_own_forward() -> None:
+    """Falcon's FalconLinear computes x @ weight.T in its own forward, which the analysis does
+    not read as a linear: the error names the class and its modules (a tiny Falcon)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+    with pytest.raises(FFNNotFoundError) as err:
+        find_ffn_sites(FalconForCausalLM(config).eval())
+    msg = str(err.value)
+    assert "FalconLinear module(s) (transformer.h.0.self_attention.query_key_value" in msg
+    assert "forward of their own" in msg and "not supported" in msg
+    with pytest.raises(FFNNotFoundError) as plain:
+        find_ffn_sites(NoFFN(), (torch.randn(2, 8),))
+    assert "forward of their own" not in str(plain.value)  # nn.Linear itself is read
+
+
 class QuickGELUMLP(nn.Module):
     """x * sigmoid(1.702 x): an activation we do not know how to replace."""
 
