@@ -132,6 +132,23 @@ def test_a_truncated_shard_is_named_and_other_safetensors_files_are_not_weights(
         load_causal_lm(folder)
 
 
+def test_saved_model_files_are_readable_as_the_umask_allows(root, tmp_path) -> None:
+    """transformers writes model.safetensors owner-only (0600); save_model gives every file of
+    the folder the mode the umask gives new files (0644 under umask 022), weights included."""
+    import os
+
+    from prosparse_fx.models import save_model
+
+    model = load_causal_lm(root / "llama")
+    old = os.umask(0o022)
+    try:
+        save_model(model, None, tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "m").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
 def test_garbage_gguf_exits_2_naming_the_file(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PROSPARSE_FX_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "broken.gguf"
