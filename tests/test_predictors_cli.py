@@ -90,14 +90,25 @@ def test_trained_kind_is_built_measured_and_saved(folders, tmp_path) -> None:
     [
         (["--rank", "4", "--recall", "1.5"], "recall"),
         (["--rank", "4", "--recall", "0"], "recall"),
-        (["--rank", "1000"], "rank"),
+        (["--rank", "1000"], "--rank 1000 is above min(d, d_ff) = 32"),
+        (["--rank", "0"], "--rank must be an integer >= 1"),
         (["--rank", "4", "--kind", "dejavu"], "kind"),
         (["--rank", "4", "--kind", "trained", "--epochs", "0"], "--epochs"),
         (["--rank", "4", "--windows", "0"], "--windows"),
     ],
 )
-def test_bad_arguments_exit_2_and_write_nothing(folders, tmp_path, extra, words) -> None:
+def test_bad_arguments_exit_2_and_write_nothing(
+    folders, tmp_path, monkeypatch, extra, words
+) -> None:
+    """Refused before the model is loaded (the widths from its config.json)."""
     import shutil
+
+    import prosparse_fx.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(prosparse_fx.models, "load_model", no_load)
 
     model_dir = tmp_path / "relu"
     shutil.copytree(folders / "relu", model_dir)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..ffn import FFNSite
-from .predictor import Predictor
+from .predictor import KINDS, Predictor
 from .quality import measure_predictors
 from .storage import JSON_FILE, TENSORS_FILE
 from .trained import TrainingConfig
@@ -105,11 +105,19 @@ def run_predictors_job(
     from ..ffn import FFNNotFoundError, find_ffn_sites
     from ..models import check_causal_lm, check_model_path, check_seq_len, load_model
     from ..sparse_modules import NotSparseError
-    from .calibrate import build_predictors
+    from .calibrate import build_predictors, check_recall
     from .storage import save_predictors
 
     if windows < 1 or seq_len < 2:
         raise InputError("--windows must be >= 1 and --seq-len >= 2")
+    if kind not in KINDS:
+        raise InputError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    try:
+        check_recall(recall)
+    except ValueError as exc:
+        raise InputError(f"--recall: {exc}") from exc
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InputError(f"--rank must be an integer >= 1, got {rank!r}")
     try:
         training = TrainingConfig(epochs=epochs)
     except ValueError as exc:
@@ -130,7 +138,13 @@ def run_predictors_job(
             f"{model_dir} already holds predictors ({', '.join(existing)}); pass --overwrite to "
             "replace them"
         )
-    check_causal_lm(model_dir)
+    config = check_causal_lm(model_dir).get_text_config()
+    d, d_ff = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
+    if isinstance(d, int) and isinstance(d_ff, int) and rank > min(d, d_ff):
+        raise InputError(  # the model's FFNs are checked again once it is loaded
+            f"--rank {rank} is above min(d, d_ff) = {min(d, d_ff)} of this model (hidden_size "
+            f"{d}, intermediate_size {d_ff}): give a rank in [1, {min(d, d_ff)}]"
+        )
     docs = load_documents(data)
     lm, tok = load_model(model_dir, tokenizer=tokenizer)
     check_seq_len(lm, seq_len)
