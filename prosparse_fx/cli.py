@@ -293,7 +293,10 @@ def measure(
         f"activation {', '.join(result['activation'])})"
     )
     if approximate is not None:
-        typer.echo("approximate mode (the folder's predictors), on the same windows:")
+        typer.echo(
+            f"approximate mode (the folder's predictors: kind {'/'.join(approximate['kinds'])}, "
+            f"rank {'/'.join(map(str, approximate['ranks']))}), on the same windows:"
+        )
         _echo_predictor_table(None, approximate["sites"])
         typer.echo(
             f"perplexity {approximate['perplexity_predicted']:.2f} against the exact "

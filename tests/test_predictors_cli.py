@@ -199,7 +199,9 @@ def test_measure_reports_approximate_mode_when_the_folder_holds_predictors(
     text_out = runner.invoke(
         app, ["measure", str(model_dir), "--data", str(text), "--seq-len", str(SEQ)]
     )
-    assert text_out.exit_code == 0 and "approximate mode" in text_out.output
+    assert text_out.exit_code == 0
+    assert "approximate mode (the folder's predictors: kind svd, rank 2)" in text_out.output
+    assert low["kinds"] == ["svd"] and low["ranks"] == [2]
 
     # a damaged predictors file: exit 2 naming the way out
     (model_dir / "predictors.safetensors").write_bytes(b"damaged")

@@ -41,7 +41,8 @@ def approximate_mode_report(
         exact_perplexity: the exact model's perplexity on ``windows`` when already measured.
 
     Returns:
-        ``perplexity_exact``, ``perplexity_predicted``, their ratio, and per site the recall,
+        ``perplexity_exact``, ``perplexity_predicted``, their ratio, the predictors' ``kinds``
+        and ``ranks`` (sorted, distinct), and per site the recall,
         precision, predicted and true sparsity of its predictor on ``windows``
         (:func:`~prosparse_fx.predictors.measure_predictors`, on the exact model's x and x1).
     """
@@ -57,6 +58,8 @@ def approximate_mode_report(
         "perplexity_exact": exact,
         "perplexity_predicted": predicted,
         "perplexity_ratio": predicted / exact,
+        "kinds": sorted({p.kind for p in predictors}),
+        "ranks": sorted({p.rank for p in predictors}),
         "sites": [dataclasses.asdict(q) for q in quality],
     }
 
