@@ -1,4 +1,5 @@
-"""Approximate mode vs exact mode vs dense: one gated FFN at LLaMA-2-7B widths, CPU, fp32.
+"""Approximate mode vs exact mode vs dense: one gated FFN at LLaMA-2-7B widths (CPU fp32 by
+default; ``--device cuda --dtype bfloat16`` on a GPU, where the ops run the Triton kernels).
 
 For each sparsity s (80/90/95%) and predictor rank r (about 2, 5 and 10% of the FFN's bytes) it
 times, interleaved in one run (median of ``--repeats`` after warm-up):
@@ -86,7 +87,7 @@ def _contenders(xs, a, b, cut, w_gate, w_up, w_down_t, t) -> dict:
 
 def _quantile(v: torch.Tensor, q: float) -> float:
     k = min(max(int(q * v.numel()), 1), v.numel())
-    return float(v.flatten().kthvalue(k).values)
+    return float(v.flatten().float().kthvalue(k).values)
 
 
 def main() -> None:
@@ -97,8 +98,12 @@ def main() -> None:
     p.add_argument("--shares", nargs="+", type=float, default=list(BYTE_SHARES))
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    p.add_argument("--tag", default="predicted_cpu")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--tag", default=None, help="output name (default: predicted_DEVICE)")
     args = p.parse_args()
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    tag = args.tag or f"predicted_{dev}"
     torch.manual_seed(0)
     rows = []
     print(
@@ -107,21 +112,21 @@ def main() -> None:
     )
     for width in args.widths:
         d, d_ff = WIDTHS[width]
-        w_gate = torch.randn(d_ff, d) * d**-0.5
-        w_up = torch.randn(d_ff, d) * d**-0.5
-        w_down_t = torch.randn(d_ff, d) * d_ff**-0.5
+        w_gate = (torch.randn(d_ff, d) * d**-0.5).to(dev, dtype)
+        w_up = (torch.randn(d_ff, d) * d**-0.5).to(dev, dtype)
+        w_down_t = (torch.randn(d_ff, d) * d_ff**-0.5).to(dev, dtype)
         for tokens in args.tokens:
-            xs = torch.randn(POOL, tokens, d)
+            xs = torch.randn(POOL, tokens, d).to(dev, dtype)
             gate = xs @ w_gate.T
             for share in args.shares:
                 rank = rank_for(share, d, d_ff)
-                a = torch.randn(rank, d) * d**-0.5
-                b = torch.randn(d_ff, rank) * rank**-0.5
+                a = (torch.randn(rank, d) * d**-0.5).to(dev, dtype)
+                b = (torch.randn(d_ff, rank) * rank**-0.5).to(dev, dtype)
                 est = (xs @ a.T) @ b.T
                 for s in args.sparsity:
                     t, cut = max(_quantile(gate, s), 0.0), _quantile(est, s)
                     fns = _contenders(xs, a, b, cut, w_gate, w_up, w_down_t, t)
-                    ms = time_interleaved(fns, "cpu", args.repeats)
+                    ms = time_interleaved(fns, dev, args.repeats)
                     predicted_s = float((est <= cut).float().mean())
                     bound = predicted_bound(predicted_s, rank, d, d_ff)
                     row = {
@@ -150,10 +155,16 @@ def main() -> None:
                         f"{bound:6.2f} {row['predicted_over_bound']:6.2f}",
                         flush=True,
                     )
-    result = {"machine": machine(), "dtype": "float32", "repeats": args.repeats, "rows": rows}
-    write_json(args.out / f"{args.tag}.json", result)
-    plot(rows, args.out / f"{args.tag}.png")
-    print(f"wrote {args.out / (args.tag + '.json')}")
+    result = {
+        "machine": machine(),
+        "device": dev,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    write_json(args.out / f"{tag}.json", result)
+    plot(rows, args.out / f"{tag}.png")
+    print(f"wrote {args.out / (tag + '.json')}")
 
 
 def plot(rows, path: Path) -> None:

@@ -9,8 +9,9 @@ exactly 0. A truly active neuron the predictor misses is the only approximation.
 reference is :func:`prosparse_fx.predictors.predicted_gated_ffn_reference`.
 
 Implementations: CPU (:func:`prosparse_fx.kernels.cpu.predicted_gated_ffn`, one C++ call for
-up to ``CPP_MAX_TOKENS`` float32 tokens), the reference elsewhere (no Triton kernel yet), and a
-fake one for torch.export and torch.compile.
+up to ``CPP_MAX_TOKENS`` float32 tokens), CUDA through Triton (:mod:`.triton_predicted`: gate,
+up and down read only on the predicted rows, for up to 16 tokens in fp32/fp16/bf16), the
+reference elsewhere, and a fake one for torch.export and torch.compile.
 """
 
 from __future__ import annotations
@@ -146,6 +147,20 @@ def _cpu(x, a, b, cut, w_gate, w_up, w_down_t, threshold, up_relu=False):  # noq
     return cpu.predicted_gated_ffn(x, a, b, cut, w_gate, w_up, w_down_t, threshold, up_relu)
 
 
+@predicted_gated_ffn.register_kernel("cuda")
+def _cuda(x, a, b, cut, w_gate, w_up, w_down_t, threshold, up_relu=False):  # noqa: ANN001, ANN202
+    check_predicted_gated(x, a, b, cut, w_gate, w_up, w_down_t, threshold, up_relu)
+    from . import triton_ffn, triton_predicted
+
+    if not triton_ffn.available() or x.dtype not in triton_ffn.DTYPES:
+        return predicted_gated_ffn_reference(
+            x, a, b, cut, w_gate, w_up, w_down_t, threshold, up_relu
+        )
+    return triton_predicted.predicted_gated_ffn(
+        x, a, b, cut, w_gate, w_up, w_down_t, threshold, up_relu
+    )
+
+
 @torch.library.custom_op("prosparse::predicted_plain_ffn", mutates_args=())
 def predicted_plain_ffn(
     x: torch.Tensor,
@@ -197,6 +212,18 @@ def _fake_plain(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold):  # noqa: 
 def _cpu_plain(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold):  # noqa: ANN001, ANN202
     check_predicted_plain(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold)
     return cpu.predicted_plain_ffn(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold)
+
+
+@predicted_plain_ffn.register_kernel("cuda")
+def _cuda_plain(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold):  # noqa: ANN001, ANN202
+    check_predicted_plain(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold)
+    from . import triton_ffn, triton_predicted
+
+    if not triton_ffn.available() or x.dtype not in triton_ffn.DTYPES:
+        return predicted_plain_ffn_reference(x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold)
+    return triton_predicted.predicted_plain_ffn(
+        x, a, b, pred_bias, cut, w1, b1, w2_t, b2, threshold
+    )
 
 
 __all__ = [
