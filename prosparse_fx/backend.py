@@ -95,7 +95,8 @@ class BackendOptions:
             FFN site with one becomes ``predicted_gated_ffn`` / ``predicted_plain_ffn``.
             Inference only (under ``torch.no_grad()``), and the model itself must be compiled
             (the paths are the model's); a graph that Dynamo reuses for another module's
-            weights is refused when called.
+            weights is refused when called. A site whose predictor measured slower than the
+            exact op (``speedup`` below 1) stays exact, as in ``sparsify_ffn_``.
     """
 
     activation: str | None = None
@@ -309,6 +310,7 @@ def _predictors_here(
     """
     if opts.predictors is None:
         return {}
+    from .predictors.speed import predictors_that_pay
     from .sparse_modules import predictors_for_sites
 
     if not inference:
@@ -321,6 +323,7 @@ def _predictors_here(
     found = predictors_for_sites(
         opts.predictors, sites, partial=True, gates=lambda s: _graph_gate(gm, example_inputs, s)
     )
+    kept = {p.site for p in predictors_that_pay(list(found.values()))}
     if not found:
         given = opts.predictors
         keyed = [p.site for p in (given.values() if isinstance(given, Mapping) else given)]
@@ -331,10 +334,12 @@ def _predictors_here(
             "paths are the model's; or run approximate mode eagerly (sparsify_ffn_(model, "
             "predictors=...))"
         )
+    found = {path: p for path, p in found.items() if path in kept}
     rest = [s.path for s in all_sites if s.path not in found]
     if rest:
         log.warning(
-            "prosparse backend: %d FFN site(s) without a predictor stay exact: %s",
+            "prosparse backend: %d FFN site(s) without a predictor, or whose predictor measured "
+            "slower than exact mode, stay exact: %s",
             len(rest),
             ", ".join(rest[:3]) + (" ..." if len(rest) > 3 else ""),
         )

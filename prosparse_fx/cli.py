@@ -298,6 +298,7 @@ def measure(
             f"rank {'/'.join(map(str, approximate['ranks']))}), on the same windows:"
         )
         _echo_predictor_table(None, approximate["sites"])
+        _echo_exact_sites(approximate["exact_sites"])
         typer.echo(
             f"perplexity {approximate['perplexity_predicted']:.2f} against the exact "
             f"{approximate['perplexity_exact']:.2f} ({approximate['perplexity_ratio']:.4f}x)"
@@ -427,6 +428,7 @@ def predictors(
         typer.echo(json.dumps(report, indent=2))
         return
     _echo_predictor_table(report["sites"], report["held_out_sites"])
+    _echo_exact_sites(report["exact_sites"])
     typer.echo(
         f"held-out perplexity: exact {report['perplexity_exact']:.3f}, approximate mode "
         f"{report['perplexity_predicted']:.3f} ({report['perplexity_ratio']:.4f}x); "
@@ -435,13 +437,25 @@ def predictors(
     )
 
 
+def _echo_exact_sites(paths: list[str]) -> None:
+    if paths:
+        typer.echo(
+            f"{len(paths)} site(s) stay exact, where the predictor measured slower than exact "
+            f"mode: {', '.join(paths[:4])}{' ...' if len(paths) > 4 else ''}"
+        )
+
+
 def _echo_predictor_table(calibration: list[dict] | None, held_out: list[dict]) -> None:
-    """Per site: the calibration recall (when given), then recall, precision, predicted and
-    true sparsity on the held-out windows."""
-    head = f"{'FFN site':32s} " + (f"{'cal recall':>10s} " if calibration else "")
+    """Per site: the calibration recall and measured speedup over exact mode (when given),
+    then recall, precision, predicted and true sparsity on the held-out windows."""
+    head = f"{'FFN site':32s} " + (f"{'cal recall':>10s} {'vs exact':>8s} " if calibration else "")
     typer.echo(head + f"{'recall':>7s} {'precision':>9s} {'pred sp':>8s} {'true sp':>8s}")
     for i, e in enumerate(held_out):
-        cal = f"{calibration[i]['recall']:10.4f} " if calibration else ""
+        cal = (
+            f"{calibration[i]['recall']:10.4f} {calibration[i]['speedup']:7.2f}x "
+            if calibration
+            else ""
+        )
         typer.echo(
             f"{e['site']:32s} {cal}{e['recall']:7.4f} {e['precision']:9.4f} "
             f"{e['predicted_sparsity']:8.4f} {e['true_sparsity']:8.4f}"

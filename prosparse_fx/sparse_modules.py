@@ -336,6 +336,7 @@ def sparsify_ffn_(
     sites: Sequence[FFNSite] | None = None,
     example_inputs: Any = None,
     predictors: Any = None,
+    only_faster: bool = True,
 ) -> list[FFNSite]:
     """Rewrite every ReLU/FATReLU/dReLU FFN of ``model`` to the sparse-FFN ops, in place.
 
@@ -355,6 +356,10 @@ def sparsify_ffn_(
             :func:`~prosparse_fx.predictors.build_predictors` or
             :func:`~prosparse_fx.predictors.load_predictors` give them; sites without one stay
             exact.
+        only_faster: keep a site exact where its predictor measured slower than the exact
+            op (:attr:`~prosparse_fx.predictors.Predictor.speedup` below 1, set by
+            :func:`~prosparse_fx.predictors.time_predictors` and ``prosparse-fx predictors``;
+            logged); ``False`` uses every predictor given.
 
     Returns:
         The sites that were rewritten.
@@ -372,46 +377,62 @@ def sparsify_ffn_(
     sites = list(sites) if sites is not None else find_ffn_sites(model, example_inputs)
     check_sparse_rewritable(sites)
     from .predictors.gate import gate_weight
+    from .predictors.speed import predictors_that_pay
 
     by_site = predictors_for_sites(predictors, sites, gates=lambda s: gate_weight(model, s))
-    plans = []
-    for site in sites:
-        if site.activation_module is None:
-            raise ValueError(f"{site.path}: the activation is a function call; cannot rewrite")
-        if site.kind == "gated":
-            ffn = resolve_module(model, site.path)
-            expected = {
-                _leaf(p, site.path) for p in (site.gate, site.up, site.down, site.activation_module)
-            }
-            children = {name for name, _ in ffn.named_children()}
-            if children != expected:
-                raise ValueError(
-                    f"{site.path} has children {sorted(children)}, expected exactly "
-                    f"{sorted(expected)}; its forward may do more than the FFN"
-                )
-            linears = [resolve_module(model, p) for p in (site.gate or "", site.up, site.down)]
-            t = site.threshold or 0.0
-            module: nn.Module = (
-                PredictedGatedFFN(*linears, t, by_site[site.path], site.gate_up_split, site.up_relu)
-                if site.path in by_site
-                else SparseGatedFFN(*linears, t, site.gate_up_split, site.up_relu)
-            )
-            plans.append([(site.path, module)])
-        else:
-            fc1, fc2 = resolve_module(model, site.up), resolve_module(model, site.down)
-            module = (
-                PredictedPlainFFN(fc1, fc2, site.threshold or 0.0, by_site[site.path])
-                if site.path in by_site
-                else SparsePlainFFN(fc1, fc2, site.threshold or 0.0)
-            )
-            plans.append(
-                [
-                    (site.down, module),
-                    (site.up, nn.Identity()),
-                    (site.activation_module, nn.Identity()),
-                ]
-            )
+    if only_faster:
+        by_site = {p.site: p for p in predictors_that_pay(list(by_site.values()))}
+    plans = [site_modules(model, site, by_site.get(site.path)) for site in sites]
     for plan in plans:
         for path, module in plan:
             _set(model, path, module.to(next(model.parameters()).device))
     return sites
+
+
+def site_modules(
+    model: nn.Module, site: FFNSite, predictor: Any = None
+) -> list[tuple[str, nn.Module]]:
+    """The modules that compute ``site`` of ``model`` on the sparse-FFN ops, as ``(path,
+    module)`` to set in ``model``; the first computes the FFN. Gated: the FFN module's
+    replacement (a :class:`SparseGatedFFN`, or with ``predictor`` a
+    :class:`PredictedGatedFFN`). Plain: fc2's (:class:`SparsePlainFFN` /
+    :class:`PredictedPlainFFN`, taking fc1's input), then ``nn.Identity`` for fc1 and the
+    activation. ``model`` is not changed.
+
+    Raises:
+        ValueError: the activation is a function call, or a gated FFN module has other
+            children than its linears and activation (its forward may do more than the FFN).
+        UnsupportedFFNError: a gated FFN with biases.
+    """
+    if site.activation_module is None:
+        raise ValueError(f"{site.path}: the activation is a function call; cannot rewrite")
+    t = site.threshold or 0.0
+    if site.kind == "gated":
+        ffn = resolve_module(model, site.path)
+        expected = {
+            _leaf(p, site.path) for p in (site.gate, site.up, site.down, site.activation_module)
+        }
+        children = {name for name, _ in ffn.named_children()}
+        if children != expected:
+            raise ValueError(
+                f"{site.path} has children {sorted(children)}, expected exactly "
+                f"{sorted(expected)}; its forward may do more than the FFN"
+            )
+        linears = [resolve_module(model, p) for p in (site.gate or "", site.up, site.down)]
+        module: nn.Module = (
+            PredictedGatedFFN(*linears, t, predictor, site.gate_up_split, site.up_relu)
+            if predictor is not None
+            else SparseGatedFFN(*linears, t, site.gate_up_split, site.up_relu)
+        )
+        return [(site.path, module)]
+    fc1, fc2 = resolve_module(model, site.up), resolve_module(model, site.down)
+    module = (
+        PredictedPlainFFN(fc1, fc2, t, predictor)
+        if predictor is not None
+        else SparsePlainFFN(fc1, fc2, t)
+    )
+    return [
+        (site.down, module),
+        (site.up, nn.Identity()),
+        (site.activation_module, nn.Identity()),
+    ]

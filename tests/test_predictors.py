@@ -464,7 +464,7 @@ def built(models, windows) -> dict:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_save_load_round_trip(family, models, built, tmp_path) -> None:
     model, sites = models[family]
-    saved = built[family]
+    saved = [dataclasses.replace(p, speedup=1.5 + i) for i, p in enumerate(built[family])]
     assert save_predictors(tmp_path, saved, model, sites) == tmp_path
     record = json.loads((tmp_path / "predictors.json").read_text())
     assert record["version"] == 1 and len(record["sites"]) == len(sites)
@@ -563,6 +563,8 @@ def test_load_refusals(models, built, llama_sites, tmp_path) -> None:
         ("bigrank", lambda r: r["sites"][0].update(rank=40), r"\[1, 32\]"),
         ("kind", lambda r: r["sites"][0].update(kind="magic"), "unknown predictor kind"),
         ("recall", lambda r: r["sites"][0].update(recall=2.0), "not a fraction"),
+        ("speedup", lambda r: r["sites"][0].update(speedup=-1.0), "not a positive number"),
+        ("speedup0", lambda r: r["sites"][0].update(speedup="fast"), "field 'speedup'"),
         ("format", lambda r: r.update(format="other"), "not a predictors file"),
         ("newer", lambda r: r.update(version=2), "format version 2, newer"),
         ("bias", lambda r: r["sites"][0].update(bias=True), "no tensor model.layers.0.mlp.bias"),
@@ -570,6 +572,9 @@ def test_load_refusals(models, built, llama_sites, tmp_path) -> None:
         folder = saved(name)
         _edit_json(folder, edit)
         refused(folder, match)
+    folder = saved("untimed")  # a file without speedups (written before they were measured)
+    _edit_json(folder, lambda r: [e.pop("speedup") for e in r["sites"]])
+    assert all(math.isnan(p.speedup) for p in load_predictors(folder, model, sites))
     # tensors changed behind the JSON's back (or a torn save)
     folder = saved("torn")
     (folder / "predictors.safetensors").write_bytes(b"x" + b"\0" * 16)
@@ -724,6 +729,40 @@ def test_predictors_of_another_model_of_the_same_widths_are_refused(
     half = copy.deepcopy(model).to(torch.bfloat16)
     built_half = build_predictors(half, windows, sites, rank=4, recall=0.9)
     sparsify_ffn_(half.float(), sites=sites, predictors=built_half)
+
+
+def test_time_predictors_and_sites_measured_slower_stay_exact(models, windows) -> None:
+    """time_predictors measures every site; predictors_that_pay keeps the ones not slower (and
+    untimed ones); sparsify_ffn_ keeps a slower site exact unless only_faster=False, and that
+    site then computes the exact FFN."""
+    import copy
+
+    from prosparse_fx import sparsify_ffn_
+    from prosparse_fx.predictors import predictors_that_pay, time_predictors
+    from prosparse_fx.sparse_modules import SparseGatedFFN
+
+    model, sites = models["llama"]
+    predictors = build_predictors(model, windows, sites, rank=4, recall=0.9)
+    assert all(math.isnan(p.speedup) for p in predictors)  # build does not time
+    timed = time_predictors(model, predictors, windows, sites, tokens=4, repeats=2)
+    assert all(0 < p.speedup < math.inf for p in timed)
+    assert [p.cut for p in timed] == [p.cut for p in predictors]
+    with pytest.raises(ValueError, match="must be >= 1"):
+        time_predictors(model, predictors, windows, sites, tokens=0)
+    slow, fast = (dataclasses.replace(p, speedup=v) for p, v in zip(predictors, (0.5, 1.2)))
+    untimed = dataclasses.replace(predictors[0], site="x")
+    assert predictors_that_pay([slow, fast, untimed]) == [fast, untimed]
+    mixed = copy.deepcopy(model)
+    sparsify_ffn_(mixed, sites=sites, predictors=[slow, fast])
+    first, second = (mixed.get_submodule(s.path) for s in sites)
+    assert type(first) is SparseGatedFFN and isinstance(second, PredictedGatedFFN)
+    forced = copy.deepcopy(model)
+    sparsify_ffn_(forced, sites=sites, predictors=[slow, fast], only_faster=False)
+    assert isinstance(forced.get_submodule(sites[0].path), PredictedGatedFFN)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = model.get_submodule(sites[0].path)(x)
+        torch.testing.assert_close(first(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_damaged_gate_and_a_file_as_folder_are_refused_by_name(llama, windows, tmp_path) -> None:

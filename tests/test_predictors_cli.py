@@ -38,6 +38,56 @@ def folders(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def _every_predictor_pays(request, monkeypatch):
+    """The job times each predicted op against the exact one, and on these tiny FFNs either
+    may win: the tests below fix the measured speedup at 2 (approximate mode everywhere), except
+    the one that checks the timing itself."""
+    if "real_timing" in request.keywords:
+        return
+    import dataclasses
+
+    import prosparse_fx.predictors.speed as speed
+
+    monkeypatch.setattr(
+        speed,
+        "time_predictors",
+        lambda model, predictors, *a, **k: [
+            dataclasses.replace(p, speedup=2.0) for p in predictors
+        ],
+    )
+
+
+@pytest.mark.real_timing
+def test_sites_where_the_predictor_measured_slower_stay_exact(folders, tmp_path) -> None:
+    """The job times each site; the report's perplexity is approximate mode as deployed: the
+    sites measured slower than exact stay exact (their list is reported), and a folder whose
+    predictors all measured slower measures as the exact model."""
+    import shutil
+
+    model_dir, text = tmp_path / "relu", folders / "text.jsonl"
+    shutil.copytree(folders / "relu", model_dir)
+    for name in ("predictors.json", "predictors.safetensors"):
+        (model_dir / name).unlink(missing_ok=True)
+    done = _run(model_dir, text, "--rank", "2", "--recall", "0.8")
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    speedups = [e["speedup"] for e in report["sites"]]
+    assert all(v > 0 for v in speedups)
+    assert report["exact_sites"] == [e["site"] for e in report["sites"] if e["speedup"] < 1]
+    lm, _ = load_model(model_dir)
+    loaded = load_predictors(model_dir, lm, find_ffn_sites(lm))
+    assert [p.speedup for p in loaded] == speedups
+    # every predictor slower: approximate mode is the exact model
+    record = json.loads((model_dir / "predictors.json").read_text())
+    for e in record["sites"]:
+        e["speedup"] = 0.5
+    (model_dir / "predictors.json").write_text(json.dumps(record))
+    slow = json.loads(_measure(model_dir, text).stdout)["approximate_mode"]
+    assert slow["exact_sites"] == [e["site"] for e in record["sites"]]
+    assert slow["perplexity_predicted"] == pytest.approx(slow["perplexity_exact"], rel=1e-5)
+
+
 def _run(folder, text, *extra):
     args = ["predictors", str(folder), "--data", str(text), "--seq-len", str(SEQ), "--json"]
     return runner.invoke(app, [*args, *extra])

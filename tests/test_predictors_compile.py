@@ -63,6 +63,19 @@ def test_compiled_model_computes_eager_approximate_mode(built, windows) -> None:
         torch.testing.assert_close(got.logits, want, atol=1e-6, rtol=1e-6)
 
 
+def test_sites_whose_predictor_measured_slower_stay_exact(built, windows) -> None:
+    """As sparsify_ffn_: a predictor whose measured speedup is below 1 is not used, so with all
+    of them slower the compiled model computes the exact model."""
+    model, predictors, want = built
+    slower = [dataclasses.replace(p, speedup=0.5) for p in predictors]
+    options = {"predictors": slower, "compiler": "eager"}
+    with torch.no_grad():
+        got = torch.compile(model, backend="prosparse", options=options)(input_ids=windows)
+        exact = model(input_ids=windows).logits
+    torch.testing.assert_close(got.logits, exact, atol=1e-5, rtol=1e-5)
+    assert (got.logits - want).abs().max() > 1e-4
+
+
 def test_inductor_runs_the_predicted_ops_and_keeps_the_loss(built, windows, monkeypatch) -> None:
     """Under Inductor every site runs its predicted op (each call checked against the op's
     reference on the same inputs). Inductor fuses the layer norms, so an FFN input differs from

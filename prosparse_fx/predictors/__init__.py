@@ -9,6 +9,7 @@ fitted from it.
 * :mod:`.predictor`: the :class:`Predictor` record and its mask;
 * :mod:`.calibrate`: :func:`build_predictors`, the cut set to a target recall on text;
 * :mod:`.quality`: :func:`measure_predictors`, recall and precision on a text;
+* :mod:`.speed`: :func:`time_predictors`, where approximate mode is faster than exact mode;
 * :mod:`.storage`: :func:`save_predictors` / :func:`load_predictors`;
 * :mod:`.reference`: dense references of the predicted FFN ops;
 * :mod:`.gate`: the gate weight a predictor approximates, and its fingerprint.
@@ -26,6 +27,7 @@ from .predictor import (
 )
 from .quality import PredictorQuality, measure_predictors
 from .reference import predicted_gated_ffn_reference, predicted_plain_ffn_reference
+from .speed import predictors_that_pay, time_predictors
 from .storage import PredictorFileError, load_predictors, save_predictors
 from .svd import svd_factors
 from .trained import TrainingConfig, sparsity_at_recall, train_factors
@@ -49,8 +51,10 @@ __all__ = [
     "predicted_gated_ffn_reference",
     "predicted_mask",
     "predicted_plain_ffn_reference",
+    "predictors_that_pay",
     "save_predictors",
     "sparsity_at_recall",
     "svd_factors",
+    "time_predictors",
     "train_factors",
 ]

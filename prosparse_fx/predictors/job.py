@@ -41,15 +41,18 @@ def approximate_mode_report(
         exact_perplexity: the exact model's perplexity on ``windows`` when already measured.
 
     Returns:
-        ``perplexity_exact``, ``perplexity_predicted``, their ratio, the predictors' ``kinds``
+        ``perplexity_exact``, ``perplexity_predicted``, their ratio, the sites that stay exact
+        because their predictor measured slower (``exact_sites``), the predictors' ``kinds``
         and ``ranks`` (sorted, distinct), and per site the recall,
         precision, predicted and true sparsity of its predictor on ``windows``
         (:func:`~prosparse_fx.predictors.measure_predictors`, on the exact model's x and x1).
     """
     from ..measure import perplexity
     from ..sparse_modules import sparsify_ffn_
+    from .speed import predictors_that_pay
 
     exact = perplexity(model, windows) if exact_perplexity is None else exact_perplexity
+    paying = predictors_that_pay(predictors)
     approximate = copy.deepcopy(model).eval()
     sparsify_ffn_(approximate, sites=sites, predictors=predictors)
     predicted = perplexity(approximate, windows)
@@ -58,6 +61,7 @@ def approximate_mode_report(
         "perplexity_exact": exact,
         "perplexity_predicted": predicted,
         "perplexity_ratio": predicted / exact,
+        "exact_sites": [p.site for p in predictors if p not in paying],
         "kinds": sorted({p.kind for p in predictors}),
         "ranks": sorted({p.rank for p in predictors}),
         "sites": [dataclasses.asdict(q) for q in quality],
@@ -97,8 +101,10 @@ def run_predictors_job(
 
     Returns:
         The report: per site the cut and the recall, precision, predicted and true sparsity on
-        the calibration windows (``sites``) and on the held-out windows (``held_out_sites``),
-        and the held-out perplexity of the exact model and of approximate mode.
+        the calibration windows (``sites``, with the measured ``speedup`` over exact mode) and
+        on the held-out windows (``held_out_sites``), the sites that stay exact where their
+        predictor measured slower (``exact_sites``), and the held-out perplexity of the exact
+        model and of approximate mode.
 
     Raises:
         InputError: a bad argument, a model that is not a folder or not ReLU-family, or
@@ -109,6 +115,7 @@ def run_predictors_job(
     from ..models import check_causal_lm, check_model_path, check_seq_len, load_model
     from ..sparse_modules import NotSparseError
     from .calibrate import build_predictors, check_recall
+    from .speed import time_predictors
     from .storage import save_predictors
 
     if windows < 1 or seq_len < 2:
@@ -159,6 +166,7 @@ def run_predictors_job(
         predictors = build_predictors(
             lm, calib, sites, kind=kind, rank=rank, recall=recall, training=training
         )
+        predictors = time_predictors(lm, predictors, calib, sites)
     except (FFNNotFoundError, NotSparseError, ValueError) as exc:
         raise InputError(str(exc)) from exc
     held = approximate_mode_report(lm, predictors, held_out, sites)
@@ -186,9 +194,11 @@ def run_predictors_job(
                 "precision": p.precision,
                 "predicted_sparsity": p.predicted_sparsity,
                 "true_sparsity": p.true_sparsity,
+                "speedup": p.speedup,
             }
             for p in predictors
         ],
+        "exact_sites": held["exact_sites"],
         "held_out_sites": held["sites"],
     }
 

@@ -41,6 +41,11 @@ class Predictor:
         precision: fraction of the predicted (token, neuron) pairs that are truly active.
         predicted_sparsity: fraction of (token, neuron) pairs predicted inactive.
         true_sparsity: fraction of (token, neuron) pairs with x1 == 0.
+        speedup: the exact sparse op's time over the predicted op's for one token on the
+            calibration text, on the machine that measured it
+            (:func:`~prosparse_fx.predictors.time_predictors`); NaN when not measured. Below 1,
+            ``sparsify_ffn_`` and the compile backend keep the site exact (approximate mode
+            does not pay there).
         gate_sha256: the fingerprint (:func:`~prosparse_fx.predictors.gate_fingerprint`) of
             the gate weight it was built for. :func:`~prosparse_fx.predictors.build_predictors`
             and :func:`~prosparse_fx.predictors.load_predictors` set it, and every use
@@ -61,6 +66,7 @@ class Predictor:
     precision: float = math.nan
     predicted_sparsity: float = math.nan
     true_sparsity: float = math.nan
+    speedup: float = math.nan
     gate_sha256: str | None = None
 
     @property

@@ -94,6 +94,7 @@ def save_predictors(
                 "d_ff": s.intermediate_size,
                 "bias": p.bias is not None,
                 "gate_sha256": gate_fingerprint(weight, bias),
+                "speedup": None if math.isnan(p.speedup) else float(p.speedup),
             }
         )
     folder = Path(folder)
@@ -138,6 +139,17 @@ def _metric(entry: dict[str, Any], key: str, where: str) -> float:
     value = float(_field(entry, key, (int, float), where))
     if not 0.0 <= value <= 1.0:
         raise PredictorFileError(f"{where}: {key} {value!r} is not a fraction in [0, 1]")
+    return value
+
+
+def _speedup(entry: dict[str, Any], where: str) -> float:
+    """The measured speedup over exact mode, a positive finite number, or NaN where it was not
+    measured (``null`` or absent)."""
+    if entry.get("speedup") is None:
+        return math.nan
+    value = float(_field(entry, "speedup", (int, float), where))
+    if not 0.0 < value < math.inf:
+        raise PredictorFileError(f"{where}: speedup {value!r} is not a positive number")
     return value
 
 
@@ -257,6 +269,7 @@ def load_predictors(
             cut=cut,
             bias=found.get("bias"),
             **{m: _metric(entry, m, here) for m in _METRICS},
+            speedup=_speedup(entry, here),
             gate_sha256=entry["gate_sha256"],
         )
         check_predictor(p, d, d_ff, PredictorFileError)
