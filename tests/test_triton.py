@@ -2,6 +2,7 @@
 with tiles small enough to exercise every code path on small shapes) against the dense
 reference; under TRITON_INTERPRET=1 when no GPU is present."""
 
+import contextlib
 import os
 
 import pytest
@@ -45,16 +46,26 @@ TRITON_CONFIGS = {
 }
 
 
-@pytest.fixture(params=list(TRITON_CONFIGS))
-def triton_config(request):
-    """Each Triton design in turn (the module's table is restored afterwards)."""
+@contextlib.contextmanager
+def tuning(name: str):
+    """The Triton table ``TRITON_CONFIGS[name]`` applied while the block runs (the module's
+    table is restored afterwards); skips the test where Triton is not installed."""
     if not triton_ffn.available():
         pytest.skip("Triton is not installed")
     saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in triton_ffn.TUNING.items()}
-    triton_ffn.apply_tuning(TRITON_CONFIGS[request.param])
-    yield request.param
-    triton_ffn.TUNING.clear()
-    triton_ffn.TUNING.update(saved)
+    triton_ffn.apply_tuning(TRITON_CONFIGS[name])
+    try:
+        yield name
+    finally:
+        triton_ffn.TUNING.clear()
+        triton_ffn.TUNING.update(saved)
+
+
+@pytest.fixture(params=list(TRITON_CONFIGS))
+def triton_config(request):
+    """Each Triton design in turn."""
+    with tuning(request.param) as name:
+        yield name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

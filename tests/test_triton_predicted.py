@@ -11,7 +11,7 @@ import torch
 # conftest.py sets TRITON_INTERPRET=1 before triton is imported when there is no GPU
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
-from prosparse_fx.kernels import gated_ffn_reference, triton_ffn  # noqa: E402
+from prosparse_fx.kernels import gated_ffn_reference  # noqa: E402
 from prosparse_fx.kernels import triton_predicted as tp  # noqa: E402
 from prosparse_fx.predictors import (  # noqa: E402
     low_rank_estimate,
@@ -20,7 +20,7 @@ from prosparse_fx.predictors import (  # noqa: E402
     predicted_plain_ffn_reference,
 )
 from tests.test_kernels import DEVICE, _close, _weights  # noqa: E402
-from tests.test_triton import TRITON_CONFIGS  # noqa: E402
+from tests.test_triton import tuning  # noqa: E402
 
 TILES = ["compact", "compact-gemv-tiles", "compact-small-tiles"]
 
@@ -28,13 +28,8 @@ TILES = ["compact", "compact-gemv-tiles", "compact-small-tiles"]
 @pytest.fixture(params=TILES)
 def tiles(request):
     """The compact design's tiles in turn (the predicted kernels use them in either design)."""
-    if not triton_ffn.available():
-        pytest.skip("Triton is not installed")
-    saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in triton_ffn.TUNING.items()}
-    triton_ffn.apply_tuning(TRITON_CONFIGS[request.param])
-    yield request.param
-    triton_ffn.TUNING.clear()
-    triton_ffn.TUNING.update(saved)
+    with tuning(request.param) as name:
+        yield name
 
 
 def _predictor(d: int, d_ff: int, x: torch.Tensor, rank: int = 4, bias: bool = False):

@@ -41,6 +41,7 @@ from ..moe import find_expert_sites
 from ..passes import SparseFFNRewritePass
 from ..peers import check_no_peers
 from ..predictors.gate import gate_weight
+from ..predictors.speed import predictors_that_pay
 from ..sparse_modules import NotSparseError, predictors_for_sites
 from .cached_decoder import CachedDecoder, check_full_attention, dynamic_shapes, example_inputs
 from .translation import DEFAULT_CROSSOVER, OPSET, translation_table
@@ -234,7 +235,9 @@ def export_onnx(
             :func:`~prosparse_fx.predictors.load_predictors` gives them): those FFNs export in
             approximate mode (Deja Vu; ProSparse Sec. 4): the rank-r estimate, the predicted set,
             then gate, up and down over the predicted rows only, in the same standard operators
-            and with the same crossover.
+            and with the same crossover. As in ``sparsify_ffn_``, a site whose predictor
+            measured slower than exact mode (``speedup`` below 1, timed on the torch ops) stays
+            exact, so the file computes what eager approximate mode computes.
 
     Returns:
         The resolved output path. It appears only when complete: the model is saved into a
@@ -313,6 +316,7 @@ def export_onnx(
             )
         except (TypeError, ValueError) as exc:
             raise InputError(str(exc)) from exc
+        found = {p.site: p for p in predictors_that_pay(list(found.values()))}
         for p in found.values():
             if p.a.dtype != torch.float32:
                 raise InputError(
