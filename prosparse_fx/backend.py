@@ -420,10 +420,11 @@ class _PredictorGuard:
             if given[position].data_ptr() != pointer:
                 raise RuntimeError(
                     f"prosparse backend, options predictors=...: this compiled graph holds the "
-                    f"predictor of {path}, but is now called with another module's weights "
-                    "(Dynamo reuses one graph for modules of one class). Compile the whole "
-                    "model once (torch.compile(model, ...)), or run approximate mode eagerly "
-                    "(sparsify_ffn_(model, predictors=...))"
+                    f"predictor of {path}, but is now called with other gate weights than it "
+                    "was compiled with: another module's (Dynamo reuses one graph for modules "
+                    "of one class) or replaced parameters. Compile the whole model once "
+                    "(torch.compile(model, ...)) after its weights are final, or run "
+                    "approximate mode eagerly (sparsify_ffn_(model, predictors=...))"
                 )
         return self.compiled(*args)
 

@@ -519,13 +519,14 @@ def save_model(
     model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, torch.Tensor] | None = None
 ) -> None:
     """``save_pretrained`` the model (``state_dict``: a sharded model's gathered weights) and
-    the tokenizer (when not ``None``) into ``folder``, every file readable as the process's
-    umask allows (transformers writes the weights' files owner-only, 0600, unlike the rest)."""
+    the tokenizer (when not ``None``) into ``folder``. transformers writes the weights' files
+    owner-only (0600) and the rest as the umask gives new files; the weights get the mode of
+    the ``config.json`` written beside them."""
+    folder = Path(folder)
     model.save_pretrained(folder, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in Path(folder).iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~mask)
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for path in folder.glob("model*.safetensors*"):
+        if path.is_file() and path.stat().st_mode & 0o777 == 0o600:
+            path.chmod(mode)

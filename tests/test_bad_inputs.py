@@ -140,12 +140,18 @@ def test_saved_model_files_are_readable_as_the_umask_allows(root, tmp_path) -> N
     from prosparse_fx.models import save_model
 
     model = load_causal_lm(root / "llama")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    script = folder / "run.sh"  # not the model's: left as it is
+    script.write_text("echo hi\n")
+    script.chmod(0o700)
     old = os.umask(0o022)
     try:
-        save_model(model, None, tmp_path / "m")
+        save_model(model, None, folder)
     finally:
         os.umask(old)
-    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "m").iterdir()}
+    modes = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()}
+    assert modes.pop("run.sh") == 0o700
     assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 

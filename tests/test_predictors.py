@@ -27,6 +27,7 @@ from prosparse_fx.predictors import (
     gate_weight,
     load_predictors,
     low_rank_estimate,
+    measure_predictors,
     predicted_active,
     predicted_gated_ffn_reference,
     predicted_mask,
@@ -722,6 +723,12 @@ def test_predictors_of_another_model_of_the_same_widths_are_refused(
     with pytest.raises(ValueError, match=named):
         save_predictors(tmp_path / "p", theirs, model, sites)
     assert not (tmp_path / "p").exists()
+    with pytest.raises(ValueError, match=named):  # measuring or timing them would mislead too
+        measure_predictors(model, theirs, windows, sites)
+    from prosparse_fx.predictors import time_predictors
+
+    with pytest.raises(ValueError, match=named):
+        time_predictors(model, theirs, windows, sites)
     sparsify_ffn_(other, sites=other_sites, predictors=theirs)  # their own model takes them
     by_hand = [dataclasses.replace(p, gate_sha256=None) for p in theirs]
     sparsify_ffn_(target, sites=sites, predictors=by_hand)
@@ -747,8 +754,19 @@ def test_time_predictors_and_sites_measured_slower_stay_exact(models, windows) -
     timed = time_predictors(model, predictors, windows, sites, tokens=4, repeats=2)
     assert all(0 < p.speedup < math.inf for p in timed)
     assert [p.cut for p in timed] == [p.cut for p in predictors]
-    with pytest.raises(ValueError, match="must be >= 1"):
-        time_predictors(model, predictors, windows, sites, tokens=0)
+    for bad, words in [
+        ({"tokens": 0}, "tokens must be an integer >= 1"),
+        ({"tokens": 2.5}, "tokens must be an integer >= 1"),
+        ({"repeats": True}, "repeats must be an integer >= 1"),
+        ({"windows": windows[:0]}, "windows must be a non-empty"),
+        ({"windows": windows.float()}, "windows must be a non-empty"),
+        ({"windows": windows[0]}, "windows must be a non-empty"),
+        ({"windows": windows + 10_000}, "outside"),
+        ({"predictors": {p.site: p for p in predictors}}, "in a list in the order"),
+    ]:
+        args = {"predictors": predictors, "windows": windows, **bad}
+        with pytest.raises(ValueError, match=words):
+            time_predictors(model, args.pop("predictors"), args.pop("windows"), sites, **args)
     slow, fast = (dataclasses.replace(p, speedup=v) for p, v in zip(predictors, (0.5, 1.2)))
     untimed = dataclasses.replace(predictors[0], site="x")
     assert predictors_that_pay([slow, fast, untimed]) == [fast, untimed]
@@ -803,6 +821,25 @@ def test_sparsify_refuses_malformed_predictors_before_changing_anything(models, 
         with pytest.raises(error, match=words):
             sparsify_ffn_(target, sites=sites, predictors=given)
         assert [type(m) for m in target.modules()] == before
+
+
+def test_bad_speedups_and_fingerprints_are_refused_before_anything_is_written(
+    llama, built, tmp_path
+) -> None:
+    model, sites = llama
+    for field, value, words in [
+        ("speedup", math.inf, "speedup inf is not a positive finite number"),
+        ("speedup", 0.0, "speedup 0.0 is not"),
+        ("speedup", -1.0, "speedup -1.0 is not"),
+        ("speedup", None, "speedup None is not"),
+        ("speedup", "fast", "speedup 'fast' is not"),
+        ("gate_sha256", 123, "gate_sha256 123 is not a sha256 hex digest"),
+        ("gate_sha256", "abc", "gate_sha256 'abc' is not"),
+    ]:
+        bad = [dataclasses.replace(built["llama"][0], **{field: value}), *built["llama"][1:]]
+        with pytest.raises(ValueError, match=words):
+            save_predictors(tmp_path / "p", bad, model, sites)
+        assert not (tmp_path / "p").exists()
 
 
 def test_check_predictor_is_the_one_check_of_every_entry_point() -> None:

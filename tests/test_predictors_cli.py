@@ -258,3 +258,22 @@ def test_measure_reports_approximate_mode_when_the_folder_holds_predictors(
     damaged = _measure(model_dir, text)
     assert damaged.exit_code == 2 and "--no-predictors" in damaged.output
     assert _measure(model_dir, text, "--no-predictors").exit_code == 0
+
+
+def test_rank_above_the_widths_of_a_gpt2_config_is_refused_before_loading(
+    tmp_path, monkeypatch
+) -> None:
+    """GPT-2's config names d_ff n_inner (None: 4 d); OPT's ffn_dim."""
+    import prosparse_fx.models
+    from tests.models import tiny
+
+    model = tiny("gpt2")
+    relufy_(model, "fatrelu", 0.05)
+    model.save_pretrained(tmp_path / "g")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(prosparse_fx.models, "load_model", no_load)
+    result = runner.invoke(app, ["predictors", str(tmp_path / "g"), "--rank", "1000"])
+    assert result.exit_code == 2 and "--rank 1000 is above min(d, d_ff) = 32" in result.output

@@ -44,6 +44,36 @@ def cut_for_recall(values: torch.Tensor, recall: float) -> float:
     return float(torch.nextafter(lowest_kept, torch.tensor(-math.inf)))
 
 
+def check_token_windows(model: nn.Module, windows: torch.Tensor, name: str) -> None:
+    """Refuse ``windows`` unless it is a non-empty ``[N, T]`` integer tensor of ids in the
+    vocabulary of ``model``.
+
+    Raises:
+        ValueError: naming ``name`` and the problem (dims, emptiness, dtype, an id outside
+            ``[0, vocab)``).
+    """
+    if (
+        not isinstance(windows, torch.Tensor)
+        or windows.dim() != 2
+        or windows.numel() == 0
+        or windows.is_floating_point()
+        or windows.is_complex()
+        or windows.dtype == torch.bool
+    ):
+        shown = (
+            f"{windows.dtype} of shape {list(windows.shape)}"
+            if isinstance(windows, torch.Tensor)
+            else type(windows).__name__
+        )
+        raise ValueError(f"{name} must be a non-empty [N, T] tensor of token ids, got {shown}")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(windows.min()) < 0 or int(windows.max()) >= vocab:
+        raise ValueError(
+            f"{name} holds token ids outside [0, {vocab}), the model's vocabulary: "
+            "tokenize the text with the model's own tokenizer"
+        )
+
+
 def check_recall(recall: float) -> float:
     """Validate a target recall; return it as a float.
 
@@ -192,22 +222,7 @@ def build_predictors(
     check_predictable(sites)
     for s in sites:
         check_rank(rank, s.hidden_size, s.intermediate_size)
-    if (
-        calib_windows.dim() != 2
-        or calib_windows.numel() == 0
-        or calib_windows.is_floating_point()
-        or calib_windows.is_complex()
-    ):
-        raise ValueError(
-            "calib_windows must be a non-empty [N, T] tensor of token ids, got "
-            f"{calib_windows.dtype} of shape {list(calib_windows.shape)}"
-        )
-    vocab = model.get_input_embeddings().num_embeddings
-    if int(calib_windows.min()) < 0 or int(calib_windows.max()) >= vocab:
-        raise ValueError(
-            f"calib_windows holds token ids outside [0, {vocab}), the model's vocabulary: "
-            "tokenize the text with the model's own tokenizer"
-        )
+    check_token_windows(model, calib_windows, "calib_windows")
     gates = [gate_weight(model, s) for s in sites]
     factors = [(*svd_factors(w, rank), bias) for w, bias in gates]
     if kind == "trained":

@@ -67,7 +67,8 @@ def check_gate(
     if gate_fingerprint(weight, bias) != predictor.gate_sha256:
         raise error(
             f"the predictor of {predictor.site} was built for another gate weight than this "
-            "model's (another model of the same widths, or these weights changed since): "
+            "model's (another model of the same widths, or these weights changed since, "
+            "e.g. cast to a lower precision): "
             "build the predictors for this model (prosparse-fx predictors, or "
             "build_predictors)"
         )

@@ -149,7 +149,11 @@ def run_predictors_job(
             "replace them"
         )
     config = check_causal_lm(model_dir).get_text_config()
-    d, d_ff = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
+    d = getattr(config, "hidden_size", None)
+    d_ff = next(  # LLaMA-style, OPT, GPT-2 (n_inner; None means 4 d)
+        (v for k in ("intermediate_size", "ffn_dim", "n_inner") if (v := getattr(config, k, None))),
+        4 * d if isinstance(d, int) and getattr(config, "model_type", "") == "gpt2" else None,
+    )
     if isinstance(d, int) and isinstance(d_ff, int) and rank > min(d, d_ff):
         raise InputError(  # the model's FFNs are checked again once it is loaded
             f"--rank {rank} is above min(d, d_ff) = {min(d, d_ff)} of this model (hidden_size "

@@ -94,7 +94,8 @@ def check_predictor(
             floating point, not of the factors' dtype, without data (meta device) or not of the
             shape that ``rank``, ``d`` and ``d_ff`` give (``a`` ``[rank, d]``, ``b``
             ``[d_ff, rank]``, ``bias`` ``[d_ff]``); widths other than ``d``/``d_ff``; a NaN or
-            infinite cut or tensor value.
+            infinite cut or tensor value; a ``speedup`` that is neither NaN nor a positive
+            finite number; a ``gate_sha256`` that is neither None nor a sha256 hex digest.
     """
     malformed = f"the predictor of {p.site} is malformed:"
     tensors = {"a": p.a, "b": p.b, "bias": p.bias}
@@ -127,6 +128,24 @@ def check_predictor(
             )
     if not math.isfinite(p.cut):
         raise error(f"the predictor of {p.site} holds a NaN or infinite cut ({p.cut!r})")
+    speedup = p.speedup
+    if (
+        isinstance(speedup, bool)
+        or not isinstance(speedup, (int, float))
+        or not (math.isnan(speedup) or 0.0 < speedup < math.inf)
+    ):
+        raise error(
+            f"{malformed} speedup {speedup!r} is not a positive finite number or NaN (not "
+            "measured; time_predictors measures it)"
+        )
+    sha = p.gate_sha256
+    if sha is not None and not (
+        isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+    ):
+        raise error(
+            f"{malformed} gate_sha256 {sha!r} is not a sha256 hex digest (or None for a "
+            "predictor made by hand)"
+        )
     for name, t in tensors.items():
         if t is not None and not bool(t.isfinite().all()):
             raise error(f"the predictor of {p.site} holds NaN or infinite values in {name}")

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ffn import FFNSite
 from ..taps import run_tapped
+from .gate import check_gate, gate_weight
 from .predictor import Predictor, predicted_mask
 
 
@@ -89,13 +90,16 @@ def measure_predictors(
         nothing to count).
 
     Raises:
-        ValueError: the predictors are not one per site, in order.
+        ValueError: the predictors are not one per site, in order, or one was built for
+            another gate weight (:func:`~prosparse_fx.predictors.check_gate`).
     """
     if [p.site for p in predictors] != [s.path for s in sites]:
         raise ValueError(
             f"the predictors are for sites {[p.site for p in predictors][:3]} ..., not "
             f"{[s.path for s in sites][:3]} ...: give one per site, in order"
         )
+    for p, s in zip(predictors, sites):
+        check_gate(p, *gate_weight(model, s))
     counts = [[0, 0, 0, 0] for _ in sites]  # pairs, truly active, predicted, both
 
     def count(i: int, x: torch.Tensor, x1: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -55,16 +55,26 @@ def time_predictors(
         Copies of ``predictors`` with ``speedup`` set (> 1: approximate mode was faster).
 
     Raises:
-        ValueError: the predictors are not one per site in order, ``tokens`` or ``repeats``
-            below 1, or a predictor that does not fit its site.
+        ValueError: the predictors are not a list of one per site in order; ``tokens`` or
+            ``repeats`` not an integer >= 1; bad ``windows`` (not a non-empty ``[N, T]``
+            integer tensor of ids in the vocabulary); a predictor that does not fit its site or
+            was built for another gate weight.
     """
     from ..sparse_modules import predictors_for_sites, site_modules
+    from .calibrate import check_token_windows
+    from .gate import gate_weight
 
-    if [p.site for p in predictors] != [s.path for s in sites]:
-        raise ValueError("give one predictor per site, in the order of the sites")
-    if tokens < 1 or repeats < 1:
-        raise ValueError(f"tokens and repeats must be >= 1, got {tokens} and {repeats}")
-    predictors_for_sites(predictors, sites)  # widths, dtype, finite values
+    if isinstance(predictors, Mapping) or [getattr(p, "site", None) for p in predictors] != [
+        s.path for s in sites
+    ]:
+        raise ValueError("give one predictor per site, in a list in the order of the sites")
+    for name, value in (("tokens", tokens), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    # widths, dtype, finite values, and built for this model's gates
+    predictors_for_sites(predictors, sites, gates=lambda s: gate_weight(model, s))
+    check_token_windows(model, windows, "windows")
+    device = next(model.parameters()).device
     inputs: list[torch.Tensor | None] = [None] * len(sites)
 
     def keep(i: int, x: torch.Tensor, x1: torch.Tensor) -> None:
@@ -83,6 +93,8 @@ def time_predictors(
                 start = time.perf_counter()
                 for x in xs:
                     module(x[None])
+                if device.type == "cuda":  # time the kernels, not their launches
+                    torch.cuda.synchronize(device)
                 if r:  # the first round warms up
                     ms[name].append(time.perf_counter() - start)
         speedup = statistics.median(ms["exact"]) / max(statistics.median(ms["predicted"]), 1e-12)
@@ -92,7 +104,14 @@ def time_predictors(
 
 def predictors_that_pay(predictors: Sequence[Predictor]) -> list[Predictor]:
     """The predictors whose measured :attr:`~Predictor.speedup` is at least 1, or that were
-    not timed (NaN: used as given); logs the sites that stay exact."""
+    not timed (NaN: used as given), in their order; logs (INFO) the sites that stay exact.
+
+    Args:
+        predictors: checked :class:`Predictor` records (``speedup`` a float).
+
+    Returns:
+        The subsequence of ``predictors`` that approximate mode uses.
+    """
     slower = [p for p in predictors if not math.isnan(p.speedup) and p.speedup < 1.0]
     if slower:
         log.info(
