@@ -169,7 +169,20 @@ def predicted_gated_ffn(
     threshold: float,
     up_relu: bool = False,
 ) -> torch.Tensor:
-    """Triton ``predicted_gated_ffn`` (inputs already checked by the op); ``up_relu``: dReLU."""
+    """Triton ``predicted_gated_ffn`` (inputs already checked by the op,
+    :func:`~prosparse_fx.kernels.predicted.check_predicted_gated`).
+
+    Args:
+        x: ``[..., d]`` float32, float16 or bfloat16 (on CUDA, or CPU under the interpreter).
+        a: ``[rank, d]``; b: ``[d_ff, rank]``: the predictor's factors (any floating dtype).
+        cut: a neuron is predicted active where its estimate is above ``cut``.
+        w_gate, w_up: ``[d_ff, d]``; w_down_t: ``[d_ff, d_out]``; in ``x``'s dtype.
+        threshold: FATReLU t >= 0; up_relu: dReLU (ReLU on up; as in the exact dReLU kernels,
+            a down row whose x1 is 0 for every token is not read).
+
+    Returns:
+        ``[..., d_out]`` in ``x``'s dtype; more than 16 tokens, or none, run the reference.
+    """
     d = w_gate.shape[1]
     x2 = x.reshape(-1, d)
     if x2.shape[0] > MAX_TOKENS or x2.shape[0] == 0:
@@ -195,7 +208,21 @@ def predicted_plain_ffn(
     b2: torch.Tensor | None,
     threshold: float,
 ) -> torch.Tensor:
-    """Triton ``predicted_plain_ffn`` (inputs already checked by the op)."""
+    """Triton ``predicted_plain_ffn`` (inputs already checked by the op,
+    :func:`~prosparse_fx.kernels.predicted.check_predicted_plain`).
+
+    Args:
+        x: ``[..., d]`` float32, float16 or bfloat16.
+        a: ``[rank, d]``; b: ``[d_ff, rank]``; pred_bias: ``[d_ff]`` or ``None``: the
+            predictor's factors and bias (one floating dtype).
+        cut: a neuron is predicted active where its estimate is above ``cut``.
+        w1: ``[d_ff, d]``; b1: ``[d_ff]`` or ``None``; w2_t: ``[d_ff, d_out]``; b2: ``[d_out]``
+            or ``None``; in ``x``'s dtype.
+        threshold: FATReLU t >= 0.
+
+    Returns:
+        ``[..., d_out]`` in ``x``'s dtype; more than 16 tokens, or none, run the reference.
+    """
     d = w1.shape[1]
     x2 = x.reshape(-1, d)
     if x2.shape[0] > MAX_TOKENS or x2.shape[0] == 0:
