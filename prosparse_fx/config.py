@@ -74,6 +74,11 @@ class SparsifyConfig:
         substitution: the fraction of stage 0's steps over which the original activation
             blends into ReLU (:mod:`prosparse_fx.training.substitution`); 0: the abrupt swap of
             the paper (Sec. 3.1).
+        refit_windows: training windows whose tokens reconstruct each FFN's down_proj for the
+            swap, in closed form (:mod:`prosparse_fx.reconstruct`: ridge least squares to the
+            original FFN's output); 0: the paper's plain swap.
+        refit_ridge: the reconstruction's ridge weight, relative to the mean diagonal of
+            ``x1^T x1`` (> 0).
         train_texts: named offline texts (:data:`prosparse_fx.texts.TRAINABLE`) whose documents
             join the training text's training split (a more varied mix against forgetting);
             never the held-out or calibration parts.
@@ -113,6 +118,8 @@ class SparsifyConfig:
     distill: float = 0.0
     distill_temperature: float = 1.0
     substitution: float = 0.0
+    refit_windows: int = 0
+    refit_ridge: float = 0.01
     train_texts: list[str] = field(default_factory=list)
     eval_texts: list[str] = field(default_factory=lambda: list(OUT_OF_DOMAIN))
 
@@ -199,6 +206,12 @@ class SparsifyConfig:
             raise InputError(
                 "substitution (a smooth blend into ReLU) blends the gate's activation only, and "
                 "dReLU also puts a ReLU on up: set substitution = 0 with activation = 'drelu'"
+            )
+        if self.refit_windows > 0 and self.substitution > 0:
+            raise InputError(
+                "refit_windows reconstructs down_proj for the ReLU model at the swap, and "
+                "substitution then blends the original activation back in over stage 0: set "
+                "refit_windows = 0 or substitution = 0"
             )
         n = len(self.stages)
         if self.max_steps is not None and self.max_steps < n:
@@ -403,6 +416,8 @@ FIELD_RULES: dict[str, Whole | Real | OneOf | ListOf | Stages | TextNames] = {
     "distill": Real(0.0, 1.0, why="the KL's weight; the LM loss gets 1 - distill"),
     "distill_temperature": Real(0.0, 100.0, lo_open=True),
     "substitution": Real(0.0, 1.0, why="a fraction of stage 0"),
+    "refit_windows": Whole(0, 1_000_000),
+    "refit_ridge": Real(0.0, 1e6, lo_open=True, why="relative to the mean of diag(x1^T x1)"),
     "train_texts": TextNames(out_of_domain=False),
     "eval_texts": TextNames(out_of_domain=True),
 }
@@ -413,9 +428,9 @@ is a whole number, that it is finite, and its range."""
 PRESETS: dict[str, dict[str, Any]] = {
     # Ends in under 15 minutes on 2 CPU cores (measured; see README).
     "default": {},
-    # The long version: about 2.5 hours in the background on 2 CPU cores (sized from measured
-    # step times: ~16 s for 8 x 256 tokens with the teacher's forward; not yet run whole),
-    # resumable; 2.6x the default's steps at 4x the tokens per step, with the quality options.
+    # The long version: about 2.5 hours in the background on 2 CPU cores (run whole once:
+    # 2 h 36 min on an AMD EPYC, README), resumable; 2.6x the default's steps at 4x the tokens
+    # per step, with the quality options.
     "long": {
         "stages": [[0.0, 260], [0.05, 310], [0.12, 440], [0.12, 520]],
         "batch_size": 8,

@@ -24,6 +24,7 @@ from .data import (
     bos_token_id,
     load_documents,
     split_documents,
+    spread,
 )
 from .environment import autocast_dtype, check_device, peak_memory
 from .errors import InputError
@@ -36,6 +37,7 @@ from .models import (
     load_model,
     save_model,
 )
+from .reconstruct import check_refit_sites, fit_down_proj
 from .relufy import relufy_
 from .report import evaluation_dict, new_report, out_of_domain_entry, write_plots
 from .run_folder import REPORT, RunFolder
@@ -226,10 +228,25 @@ def _run(
             name: evaluation_dict(evaluate(model, w, sites=sites, batch_size=config.batch_size))
             for name, w in windows.out_of_domain.items()
         }
+        refit = None
+        if config.refit_windows > 0:  # measured on the original model, written after the swap
+            log.info("reconstructing down_proj on %d training windows", config.refit_windows)
+            refit = fit_down_proj(
+                model,
+                sites,
+                spread(windows.train, config.refit_windows),
+                activation=config.activation,
+                ridge=config.refit_ridge,
+                batch_size=config.batch_size,
+            )
         # ReLU substitution (Sec. 3.1), or dReLU (TurboSparse)
         sites = relufy_(model, config.activation, sites=sites)
         relu0 = evaluate(model, windows.held_out, sites=sites, batch_size=config.batch_size)
         report["relu_no_training"] = evaluation_dict(relu0)
+        if refit is not None:
+            refit.apply_(model, sites)
+            refitted = evaluate(model, windows.held_out, sites=sites, batch_size=config.batch_size)
+            report["refit"] = {**refit.to_dict(), "evaluation": evaluation_dict(refitted)}
 
     trainer = StageTrainer(
         model,
@@ -338,6 +355,8 @@ def _ffn_sites(model: Any, config: SparsifyConfig, *, resumed: bool) -> list[FFN
                 f"substitution blends SiLU/GELU into ReLU, and this model's FFNs compute "
                 f"{from_kinds}; set substitution = 0"
             )
+        if config.refit_windows > 0 and not resumed:
+            check_refit_sites(sites)
         plain = [s.path for s in sites if s.kind != "gated"]
         if config.activation == "drelu" and plain:
             raise ValueError(

@@ -75,7 +75,7 @@ def check_relu_family(sites: Sequence[FFNSite]) -> None:
         )
 
 
-def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight [out, in], bias)`` of an ``nn.Linear`` or a GPT-2 style ``Conv1D``."""
     weight = module.weight
     if isinstance(module, nn.Linear):
@@ -113,9 +113,9 @@ class SparseGatedFFN(nn.Module):
     ) -> None:
         super().__init__()
         self.up_relu = bool(up_relu)
-        w_gate, b_gate = _linear_weight(gate)
-        w_up, b_up = _linear_weight(up)
-        w_down, b_down = _linear_weight(down)
+        w_gate, b_gate = linear_weight(gate)
+        w_up, b_up = linear_weight(up)
+        w_down, b_down = linear_weight(down)
         if any(b is not None for b in (b_gate, b_up, b_down)):
             raise UnsupportedFFNError("gated FFNs with biases are not supported by the sparse op")
         if gate_up_split is not None:
@@ -199,8 +199,8 @@ class SparsePlainFFN(nn.Module):
 
     def __init__(self, fc1: nn.Module, fc2: nn.Module, threshold: float) -> None:
         super().__init__()
-        w1, b1 = _linear_weight(fc1)
-        w2, b2 = _linear_weight(fc2)
+        w1, b1 = linear_weight(fc1)
+        w2, b2 = linear_weight(fc2)
         self.w1 = nn.Parameter(w1.detach().contiguous(), requires_grad=False)
         self.b1 = None if b1 is None else nn.Parameter(b1.detach(), requires_grad=False)
         self.w2_t = nn.Parameter(w2.detach().T.contiguous(), requires_grad=False)
