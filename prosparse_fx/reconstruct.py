@@ -1,18 +1,19 @@
-"""Closed-form reconstruction of each FFN's down_proj for the ReLU substitution (issue 14).
+"""Closed-form reconstruction of each FFN's down_proj for an activation change (issue 14).
 
 Swapping SiLU/GELU for ReLU (ProSparse Sec. 3.1) drops the negative part of ``act(gate)``, and
 every layer's FFN output moves: SmolLM2-135M goes from perplexity 23.4 to 4888 before any
-training, and most of a short run is spent winning that back. Before the swap,
-:func:`fit_down_proj` measures, on calibration tokens run through the *original* model, what each
-FFN's down_proj receives after the swap (``x1_new = ReLU(gate(x)) * up(x)``, dReLU:
-``* ReLU(up(x))``, plain: ``ReLU(fc1(x))``) and what it should give (the original output without
-its bias, ``y = x1_old W_down^T``), and solves per site the ridge least-squares problem
+training, and most of a short run is spent winning that back. Shifting ReLU to FATReLU_t (Sec.
+3.3) moves it again. Before the change, :func:`fit_down_proj` measures, on calibration tokens run
+through the model as it is, what each FFN's down_proj receives after the change
+(``x1_new = FATReLU_t(gate(x)) * up(x)``, t = 0 for ReLU; dReLU: ``* ReLU(up(x))``; plain:
+``FATReLU_t(fc1(x))``) and what it should give (today's output without down's bias,
+``y = x1_old W_down^T``), and solves per site the ridge least-squares problem
 
     W' = argmin_W  mean_tokens ||x1_new W^T - y||^2 + lam ||W - W_down||^2,
     lam = ridge * mean(diag(A)),   A = mean_tokens x1_new^T x1_new,
 
 that is ``W'^T = (A + lam I)^-1 (B + lam W_down^T)`` with ``B = mean_tokens x1_new^T y``. The
-inputs are the original model's (teacher forcing: one forward pass for all layers). After
+inputs are the unchanged model's (teacher forcing: one forward pass for all layers). After
 :func:`~prosparse_fx.relufy_`, :meth:`DownProjRefit.apply_` writes ``W'`` into each down_proj;
 gate and up, biases included, are not changed. This is the layer-wise reconstruction of
 post-training pruning (OBS/SparseGPT's least-squares view) applied to the activation swap; the
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import check_threshold, fatrelu
 from .ffn import FFNSite, resolve_module
 from .sparse_modules import linear_weight
 from .taps import run_tapped
@@ -101,23 +103,31 @@ class DownProjRefit:
         }
 
 
-def check_refit_sites(sites: Sequence[FFNSite]) -> None:
+def check_refit_sites(
+    sites: Sequence[FFNSite],
+    activation: RefitActivation = "relu",
+    threshold: float | Sequence[float] = 0.0,
+) -> None:
     """Refuse sites :func:`fit_down_proj` cannot reconstruct, naming them and the way out.
 
     Raises:
         ValueError: a mixture-of-experts expert (its down_proj is a slice of a 3-D parameter,
             and its tokens are routed), an activation that is a function call (no module to
-            compute the original ``act(gate)``), or an FFN that is ReLU-family already (nothing
-            is swapped, so there is nothing to reconstruct).
+            compute today's ``act(gate)``), an FFN that computes the new activation already
+            (ReLU-family with the same threshold: nothing changes), or a dReLU FFN refitted for
+            ReLU.
     """
     problems = []
-    for s in sites:
+    ts = _thresholds(threshold, len(sites))
+    for s, t in zip(sites, ts):
         if s.expert is not None:
             problems.append(f"{s.path} expert {s.expert}: a mixture-of-experts expert")
         elif s.activation_module is None:
             problems.append(f"{s.path}: its activation is a function call")
-        elif s.activation not in ("silu", "gelu", "gelu_tanh"):
-            problems.append(f"{s.path}: its activation is {s.activation} already")
+        elif s.up_relu and activation != "drelu":
+            problems.append(f"{s.path}: it is dReLU; refit it with activation 'drelu'")
+        elif s.activation in ("relu", "fatrelu", "drelu") and (s.threshold or 0.0) == t:
+            problems.append(f"{s.path}: it computes {s.activation} at t = {t:g} already")
     if problems:
         raise ValueError(
             "cannot reconstruct down_proj for the ReLU substitution at "
@@ -132,19 +142,23 @@ def fit_down_proj(
     windows: torch.Tensor,
     *,
     activation: RefitActivation = "relu",
+    threshold: float | Sequence[float] = 0.0,
     ridge: float = 1e-2,
     batch_size: int = 4,
     memory_bytes: int = 2 << 30,
 ) -> DownProjRefit:
-    """Solve each site's down_proj for the model after the swap to ``activation`` (see the
-    module docstring). ``model`` is the original model (SiLU/GELU) and is not changed.
+    """Solve each site's down_proj for the model after its activation becomes ``activation``
+    with FATReLU ``threshold`` on the gate (see the module docstring). ``model`` is the model
+    before the change (SiLU/GELU before the swap, ReLU before the threshold shift) and is not
+    changed.
 
     Args:
-        model: the original model.
+        model: the model before the change.
         sites: its FFN sites (:func:`~prosparse_fx.find_ffn_sites`), gated or plain.
         windows: ``[N, T]`` int64 token ids (training text, not held-out text).
-        activation: ``"relu"`` or ``"drelu"`` (gated sites only), what replaces the original
-            activation at ``t = 0``.
+        activation: ``"relu"`` (FATReLU_t on the gate) or ``"drelu"`` (gated sites only: also
+            ReLU on up), what the FFNs compute after the change.
+        threshold: the FATReLU t >= 0 after the change, one or one per site (0: ReLU).
         ridge: the ridge weight relative to the mean diagonal of ``A``; > 0 (a neuron that
             ReLU never fires keeps its weights).
         batch_size: windows per forward.
@@ -156,10 +170,11 @@ def fit_down_proj(
 
     Raises:
         ValueError: sites :func:`check_refit_sites` refuses, ``"drelu"`` with a plain site, an
-            unknown ``activation``, a ridge that is not positive and finite, no tokens, or a
-            solution that is not finite.
+            unknown ``activation``, a bad threshold, a ridge that is not positive and finite,
+            no tokens, or a solution that is not finite.
     """
-    check_refit_sites(sites)
+    ts = _thresholds(threshold, len(sites))
+    check_refit_sites(sites, activation, ts)
     if activation not in ("relu", "drelu"):
         raise ValueError(f"activation must be 'relu' or 'drelu', got {activation!r}")
     if activation == "drelu" and any(s.kind != "gated" for s in sites):
@@ -170,13 +185,13 @@ def fit_down_proj(
         raise ValueError("no calibration tokens: give at least one window")
     started = time.time()
     results: list[SiteRefit] = []
-    for group in _groups(sites, memory_bytes):
-        stats = [_Stats(model, s, activation) for s in group]
+    for group in _groups(list(zip(sites, ts)), memory_bytes):
+        stats = [_Stats(model, s, activation, t) for s, t in group]
         with torch.no_grad():
             run_tapped(
                 model,
                 windows,
-                [s.up for s in group],
+                [s.up for s, _ in group],
                 lambda i, x, stats=stats: stats[i].add(x),
                 batch_size,
             )
@@ -186,16 +201,27 @@ def fit_down_proj(
     )
 
 
-def _groups(sites: Sequence[FFNSite], memory_bytes: int) -> list[list[FFNSite]]:
+def _thresholds(threshold: float | Sequence[float], n: int) -> list[float]:
+    if isinstance(threshold, (int, float)):
+        return [check_threshold(threshold)] * n
+    ts = [check_threshold(t) for t in threshold]
+    if len(ts) != n:
+        raise ValueError(f"got {len(ts)} thresholds for {n} FFN sites; give one or one per site")
+    return ts
+
+
+def _groups(
+    sites: Sequence[tuple[FFNSite, float]], memory_bytes: int
+) -> list[list[tuple[FFNSite, float]]]:
     """Consecutive sites whose statistics fit in ``memory_bytes`` together (one each at least)."""
-    groups: list[list[FFNSite]] = [[]]
+    groups: list[list[tuple[FFNSite, float]]] = [[]]
     used = 0
-    for s in sites:
+    for s, t in sites:
         need = 4 * (s.intermediate_size**2 + s.intermediate_size * s.hidden_size)
         if groups[-1] and used + need > memory_bytes:
             groups.append([])
             used = 0
-        groups[-1].append(s)
+        groups[-1].append((s, t))
         used += need
     return groups
 
@@ -204,9 +230,12 @@ class _Stats:
     """Running sums of one site: ``A = sum x1_new^T x1_new``, ``B = sum x1_new^T y``,
     ``sum ||y||^2`` and the count of tokens (float32, on the model's device)."""
 
-    def __init__(self, model: nn.Module, site: FFNSite, activation: RefitActivation) -> None:
+    def __init__(
+        self, model: nn.Module, site: FFNSite, activation: RefitActivation, threshold: float
+    ) -> None:
         self.site = site
         self.up_relu = activation == "drelu"
+        self.threshold = threshold
         self.act = resolve_module(model, site.activation_module or "")
         self.up_w, self.up_b = linear_weight(resolve_module(model, site.up))
         self.gate_w, self.gate_b = (
@@ -234,11 +263,12 @@ class _Stats:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
         g, u = self._pre(x)
+        new_g = fatrelu(g, self.threshold)
         if u is None:
-            old, new = self.act(g), torch.relu(g)
-        else:
-            old = self.act(g) * u
-            new = torch.relu(g) * (torch.relu(u) if self.up_relu else u)
+            old, new = self.act(g), new_g
+        else:  # a dReLU site's up linear applies its ReLU itself: not seen by F.linear
+            old = self.act(g) * (torch.relu(u) if self.site.up_relu else u)
+            new = new_g * (torch.relu(u) if self.up_relu else u)
         y = F.linear(old, self.down_w).float()
         new = new.float()
         self.a += new.T @ new

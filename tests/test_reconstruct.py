@@ -154,6 +154,30 @@ def test_after_the_swap_each_ffn_output_moves_as_little_as_reported() -> None:
             assert torch.equal(v, others[k]), k
 
 
+@pytest.mark.parametrize("activation", ["relu", "drelu"])
+def test_the_threshold_shift_of_a_relu_model_is_reconstructed_too(activation) -> None:
+    """Before the FATReLU shift: today's x1 is ReLU(gate) * up (dReLU: * ReLU(up), which the
+    up linear applies itself), the new one FATReLU_t(gate) * up, per-site t."""
+    model = _llama()
+    windows = _windows()
+    sites = relufy_(model, activation, sites=find_ffn_sites(model))
+    ts = [0.05, 0.2]
+    refit = fit_down_proj(model, sites, windows, activation=activation, threshold=ts)
+    for layer, x, site, t in zip(model.model.layers, _ffn_inputs(model, windows), refit.sites, ts):
+        mlp = layer.mlp
+        with torch.no_grad():
+            g = F.linear(x, mlp.gate_proj.weight.double())
+            u = F.linear(x, mlp.up_proj.weight.double())
+        u = torch.relu(u) if activation == "drelu" else u
+        w0 = mlp.down_proj.weight.detach().double()
+        y = (torch.relu(g) * u) @ w0.T
+        new = torch.where(g >= t, g, 0.0) * u
+        torch.testing.assert_close(
+            site.weight.double(), _ridge(new, y, w0, 1e-2), rtol=1e-4, atol=1e-5
+        )
+        assert site.error_after < site.error_before
+
+
 def test_a_fused_gate_up_linear_is_split_as_the_site_says() -> None:
     model = _phi3()
     windows = _windows()
@@ -219,8 +243,16 @@ def test_refusals_name_the_problem() -> None:
     with pytest.raises(ValueError, match="apply it to the model it was fitted on"):
         refit.apply_(gpt2, find_ffn_sites(gpt2))
     relu_sites = relufy_(model, "relu", sites=sites)
-    with pytest.raises(ValueError, match="relu already.*refit_windows = 0"):
+    with pytest.raises(ValueError, match="computes relu at t = 0 already.*refit_windows = 0"):
         fit_down_proj(model, relu_sites, windows)
+    with pytest.raises(ValueError, match="FATReLU threshold must be a finite number >= 0"):
+        fit_down_proj(model, relu_sites, windows, threshold=-0.1)
+    with pytest.raises(ValueError, match="got 3 thresholds for 2 FFN sites"):
+        fit_down_proj(model, relu_sites, windows, threshold=[0.1, 0.2, 0.3])
+    drelu = _llama()
+    drelu_sites = relufy_(drelu, "drelu", sites=find_ffn_sites(drelu))
+    with pytest.raises(ValueError, match="it is dReLU; refit it with activation 'drelu'"):
+        fit_down_proj(drelu, drelu_sites, windows, threshold=0.2)
     torch.manual_seed(0)
     moe = MixtralForCausalLM(
         MixtralConfig(
@@ -277,3 +309,33 @@ def test_the_main_job_reconstructs_after_the_swap_and_reports_it(
     assert refit["evaluation"]["perplexity"] > 0
     # the ReLU model without the refit is measured too, and differs
     assert refit["evaluation"]["perplexity"] != report["relu_no_training"]["perplexity"]
+
+
+def test_the_main_job_refuses_a_model_it_cannot_reconstruct_before_any_work() -> None:
+    """sparsify checks the sites when it finds them (before the baseline evaluation): a model
+    that is ReLU already, or one with mixture-of-experts experts, exits 2 naming the way out;
+    a resumed run (ReLU by construction, reconstructed already) is not checked again."""
+    from prosparse_fx.pipeline import _ffn_sites
+
+    config = SparsifyConfig(refit_windows=8)
+    assert len(_ffn_sites(_llama(), config, resumed=False)) == 2
+    relu = _llama()
+    relufy_(relu, "relu", sites=find_ffn_sites(relu))
+    with pytest.raises(InputError, match="computes relu at t = 0 already.*refit_windows = 0"):
+        _ffn_sites(relu, config, resumed=False)
+    assert len(_ffn_sites(relu, config, resumed=True)) == 2
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+        )
+    ).eval()
+    with pytest.raises(InputError, match="mixture-of-experts expert.*refit_windows = 0"):
+        _ffn_sites(moe, config, resumed=False)
