@@ -356,7 +356,7 @@ def _ffn_sites(model: Any, config: SparsifyConfig, *, resumed: bool) -> list[FFN
                 f"{from_kinds}; set substitution = 0"
             )
         if config.refit_windows > 0 and not resumed:
-            check_refit_sites(sites)
+            check_refit_sites(sites, config.activation)
         plain = [s.path for s in sites if s.kind != "gated"]
         if config.activation == "drelu" and plain:
             raise ValueError(

@@ -23,6 +23,7 @@ ProSparse paper does not use it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from typing import Literal
@@ -33,6 +34,7 @@ from torch import nn
 
 from .activations import check_threshold, fatrelu
 from .ffn import FFNSite, resolve_module
+from .predictors.calibrate import check_token_windows
 from .sparse_modules import linear_weight
 from .taps import run_tapped
 
@@ -66,13 +68,17 @@ class DownProjRefit:
     tokens: int
     ridge: float
     seconds: float
+    activation: RefitActivation = "relu"
+    thresholds: list[float] = dataclasses.field(default_factory=list)
 
     def apply_(self, model: nn.Module, sites: Sequence[FFNSite]) -> None:
         """Write each new down_proj weight into ``model`` (the model :func:`fit_down_proj`
         measured, after :func:`~prosparse_fx.relufy_`), in its dtype and on its device.
 
         Raises:
-            ValueError: ``sites`` are not the fitted ones, or a weight's shape differs.
+            ValueError: ``sites`` are not the fitted ones, a weight's shape differs, or a site
+                does not compute the activation and threshold the refit was fitted for (apply
+                it after ``relufy_`` with the same ones).
         """
         paths = [s.path for s in sites]
         if paths != [r.path for r in self.sites]:
@@ -80,6 +86,14 @@ class DownProjRefit:
                 f"the refit is for sites {[r.path for r in self.sites][:3]}..., not "
                 f"{paths[:3]}...; apply it to the model it was fitted on"
             )
+        kinds = ("drelu",) if self.activation == "drelu" else ("relu", "fatrelu")
+        for site, t in zip(sites, self.thresholds):
+            if site.activation not in kinds or (site.threshold or 0.0) != t:
+                raise ValueError(
+                    f"{site.path} computes {site.activation} at t = {site.threshold}, and the "
+                    f"refit is for {self.activation} at t = {t:g}; apply it after relufy_ with "
+                    "the activation and threshold it was fitted for"
+                )
         for site, refit in zip(sites, self.sites):
             weight, _ = linear_weight(resolve_module(model, site.down))
             if weight.shape != refit.weight.shape:
@@ -179,10 +193,16 @@ def fit_down_proj(
         raise ValueError(f"activation must be 'relu' or 'drelu', got {activation!r}")
     if activation == "drelu" and any(s.kind != "gated" for s in sites):
         raise ValueError("dReLU puts a ReLU on up_proj, and plain FFNs have none; use 'relu'")
-    if not (isinstance(ridge, (int, float)) and 0 < ridge < float("inf")):
+    finite_ridge = isinstance(ridge, (int, float)) and 0 < ridge < float("inf")
+    if isinstance(ridge, bool) or not finite_ridge:
         raise ValueError(f"ridge must be a finite number > 0, got {ridge!r}")
-    if windows.numel() == 0:
+    if isinstance(windows, torch.Tensor) and windows.numel() == 0:
         raise ValueError("no calibration tokens: give at least one window")
+    check_token_windows(model, windows, "windows")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model is on the meta device (no weights); load its weights first")
     started = time.time()
     results: list[SiteRefit] = []
     for group in _groups(list(zip(sites, ts)), memory_bytes):
@@ -197,11 +217,20 @@ def fit_down_proj(
             )
         results.extend(st.solve(ridge) for st in stats)
     return DownProjRefit(
-        results, int(windows.numel()), float(ridge), round(time.time() - started, 3)
+        results,
+        int(windows.numel()),
+        float(ridge),
+        round(time.time() - started, 3),
+        activation,
+        ts,
     )
 
 
 def _thresholds(threshold: float | Sequence[float], n: int) -> list[float]:
+    if isinstance(threshold, torch.Tensor) and threshold.dim() == 0:
+        threshold = float(threshold)
+    if isinstance(threshold, str):
+        raise ValueError(f"threshold must be a number or one per site, got {threshold!r}")
     if isinstance(threshold, (int, float)):
         return [check_threshold(threshold)] * n
     ts = [check_threshold(t) for t in threshold]
@@ -243,6 +272,17 @@ class _Stats:
         )
         self.down_w, _ = linear_weight(resolve_module(model, site.down))
         d_ff, d = site.intermediate_size, site.hidden_size
+        if tuple(self.down_w.shape) != (d, d_ff):
+            raise ValueError(
+                f"{site.down}: weight {tuple(self.down_w.shape)}, and the site says d = {d}, "
+                f"d_ff = {d_ff}; were the sites found on a different model?"
+            )
+        # one precision for every product (a bf16 model with an fp32 linear mixes dtypes)
+        self.up_w, self.down_w = self.up_w.float(), self.down_w.float()
+        self.up_b = None if self.up_b is None else self.up_b.float()
+        if self.gate_w is not None:
+            self.gate_w = self.gate_w.float()
+            self.gate_b = None if self.gate_b is None else self.gate_b.float()
         device = self.down_w.device
         self.a = torch.zeros(d_ff, d_ff, device=device)
         self.b = torch.zeros(d_ff, d, device=device)
@@ -261,19 +301,19 @@ class _Stats:
         return F.linear(x, self.gate_w, self.gate_b), F.linear(x, self.up_w, self.up_b)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
+        x = x.reshape(-1, x.shape[-1]).float()
         g, u = self._pre(x)
         new_g = fatrelu(g, self.threshold)
         if u is None:
             old, new = self.act(g), new_g
         else:  # a dReLU site's up linear applies its ReLU itself: not seen by F.linear
-            old = self.act(g) * (torch.relu(u) if self.site.up_relu else u)
+            old = self.act(g).float() * (torch.relu(u) if self.site.up_relu else u)
             new = new_g * (torch.relu(u) if self.up_relu else u)
-        y = F.linear(old, self.down_w).float()
+        y = F.linear(old.float(), self.down_w)
         new = new.float()
         self.a += new.T @ new
         self.b += new.T @ y
-        self.y2 += float((y * y).sum())
+        self.y2 += float((y.double() * y.double()).sum())
         self.n += new.shape[0]
 
     def solve(self, ridge: float) -> SiteRefit:
@@ -292,8 +332,14 @@ class _Stats:
                 "FFN's inputs or weights); set refit_windows = 0"
             )
 
-        def error(w: torch.Tensor) -> float:  # mean ||x1 w - y||^2 / mean ||y||^2
+        if not (math.isfinite(y2) and bool(torch.isfinite(a).all() and torch.isfinite(b).all())):
+            raise ValueError(
+                f"{self.site.down}: the FFN's outputs overflow float32 on these windows; set "
+                "refit_windows = 0"
+            )
+
+        def error(w: torch.Tensor) -> float:  # mean ||x1 w - y||^2 / mean ||y||^2, float32 sums
             sq = (w.T @ a @ w).trace() - 2 * (w.T @ b).trace() + y2
-            return float(sq / y2) if y2 > 0 else 0.0
+            return max(float(sq / y2), 0.0) if y2 > 0 else 0.0
 
         return SiteRefit(self.site.path, w_t.T.float().contiguous(), error(w0.T), error(w_t))

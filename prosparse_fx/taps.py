@@ -181,7 +181,7 @@ def run_tapped(
     """Run ``windows`` (``[N, T]`` token ids) through ``model`` in eval mode, ``batch_size``
     windows at a time on the model's device, with :func:`tap_inputs` calling ``fn``; the
     model's training mode is restored afterwards. Gradient mode is the caller's."""
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own, restored as it was
     model.eval()
     device = next(model.parameters()).device
     try:
@@ -189,7 +189,8 @@ def run_tapped(
             for batch in windows.split(batch_size):
                 model(input_ids=batch.to(device))
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def down_paths(sites: Sequence[FFNSite]) -> list[str | FFNSite]:

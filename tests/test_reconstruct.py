@@ -339,3 +339,55 @@ def test_the_main_job_refuses_a_model_it_cannot_reconstruct_before_any_work() ->
     ).eval()
     with pytest.raises(InputError, match="mixture-of-experts expert.*refit_windows = 0"):
         _ffn_sites(moe, config, resumed=False)
+
+
+def test_apply_refuses_a_model_that_does_not_compute_what_was_fitted() -> None:
+    """Found by review: a fit for FATReLU t or dReLU applied after relufy_ to ReLU, or to the
+    model before the swap, was written silently."""
+    windows = _windows()
+    for kwargs, swap in (
+        ({"threshold": 0.2}, ("relu", 0.0)),
+        ({"activation": "drelu"}, ("relu", 0.0)),
+        ({}, None),  # not swapped at all: the sites still compute SiLU
+    ):
+        model = _llama()
+        sites = find_ffn_sites(model)
+        refit = fit_down_proj(model, sites, windows, **kwargs)
+        new_sites = sites if swap is None else relufy_(model, swap[0], swap[1], sites=sites)
+        with pytest.raises(ValueError, match="apply it after relufy_ with the activation"):
+            refit.apply_(model, new_sites)
+    model = _llama()
+    sites = find_ffn_sites(model)
+    refit = fit_down_proj(model, sites, windows, threshold=0.2)
+    refit.apply_(model, relufy_(model, "fatrelu", 0.2, sites=sites))  # the matching one
+
+
+def test_bad_windows_sites_and_modes_are_named() -> None:
+    model = _llama()
+    sites = find_ffn_sites(model)
+    windows = _windows()
+    for bad in (windows[0], windows[None], windows.float(), windows + VOCAB, [[1, 2]]):
+        with pytest.raises(ValueError, match="windows"):
+            fit_down_proj(model, sites, bad)
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+        fit_down_proj(model, sites, windows, batch_size=0)
+    with pytest.raises(ValueError, match="ridge must be a finite number > 0"):
+        fit_down_proj(model, sites, windows, ridge=True)
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(ValueError, match="different model"):
+        fit_down_proj(model, find_ffn_sites(wide), windows)
+    # each module's own train/eval mode comes back as it was
+    model.train()
+    model.model.layers[0].eval()
+    fit_down_proj(model, sites, windows)
+    assert model.training and not model.model.layers[0].training
+    assert model.model.layers[1].training
