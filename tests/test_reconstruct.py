@@ -64,6 +64,21 @@ def _gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def _mixtral() -> MixtralForCausalLM:
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
+    return MixtralForCausalLM(cfg).eval()
+
+
 def _windows(n: int = 6, t: int = 12) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(1))
 
@@ -253,19 +268,7 @@ def test_refusals_name_the_problem() -> None:
     drelu_sites = relufy_(drelu, "drelu", sites=find_ffn_sites(drelu))
     with pytest.raises(ValueError, match="it is dReLU; refit it with activation 'drelu'"):
         fit_down_proj(drelu, drelu_sites, windows, threshold=0.2)
-    torch.manual_seed(0)
-    moe = MixtralForCausalLM(
-        MixtralConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            num_local_experts=2,
-            num_experts_per_tok=1,
-        )
-    ).eval()
+    moe = _mixtral()
     with pytest.raises(ValueError, match="mixture-of-experts expert"):
         fit_down_proj(moe, find_ffn_sites(moe), windows)
 
@@ -324,19 +327,7 @@ def test_the_main_job_refuses_a_model_it_cannot_reconstruct_before_any_work() ->
     with pytest.raises(InputError, match="computes relu at t = 0 already.*refit_windows = 0"):
         _ffn_sites(relu, config, resumed=False)
     assert len(_ffn_sites(relu, config, resumed=True)) == 2
-    torch.manual_seed(0)
-    moe = MixtralForCausalLM(
-        MixtralConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            num_local_experts=2,
-            num_experts_per_tok=1,
-        )
-    ).eval()
+    moe = _mixtral()
     with pytest.raises(InputError, match="mixture-of-experts expert.*refit_windows = 0"):
         _ffn_sites(moe, config, resumed=False)
 
