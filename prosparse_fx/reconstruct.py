@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import check_threshold, fatrelu
+from .activations import fatrelu
 from .ffn import FFNSite, resolve_module
 from .predictors.calibrate import check_token_windows
+from .relufy import thresholds_per_site
 from .sparse_modules import linear_weight
 from .taps import run_tapped
 
@@ -132,7 +133,7 @@ def check_refit_sites(
             ReLU.
     """
     problems = []
-    ts = _thresholds(threshold, len(sites))
+    ts = thresholds_per_site(threshold, len(sites))
     for s, t in zip(sites, ts):
         if s.expert is not None:
             problems.append(f"{s.path} expert {s.expert}: a mixture-of-experts expert")
@@ -187,7 +188,7 @@ def fit_down_proj(
             unknown ``activation``, a bad threshold, a ridge that is not positive and finite,
             no tokens, or a solution that is not finite.
     """
-    ts = _thresholds(threshold, len(sites))
+    ts = thresholds_per_site(threshold, len(sites))
     check_refit_sites(sites, activation, ts)
     if activation not in ("relu", "drelu"):
         raise ValueError(f"activation must be 'relu' or 'drelu', got {activation!r}")
@@ -196,8 +197,6 @@ def fit_down_proj(
     finite_ridge = isinstance(ridge, (int, float)) and 0 < ridge < float("inf")
     if isinstance(ridge, bool) or not finite_ridge:
         raise ValueError(f"ridge must be a finite number > 0, got {ridge!r}")
-    if isinstance(windows, torch.Tensor) and windows.numel() == 0:
-        raise ValueError("no calibration tokens: give at least one window")
     check_token_windows(model, windows, "windows")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
@@ -224,19 +223,6 @@ def fit_down_proj(
         activation,
         ts,
     )
-
-
-def _thresholds(threshold: float | Sequence[float], n: int) -> list[float]:
-    if isinstance(threshold, torch.Tensor) and threshold.dim() == 0:
-        threshold = float(threshold)
-    if isinstance(threshold, str):
-        raise ValueError(f"threshold must be a number or one per site, got {threshold!r}")
-    if isinstance(threshold, (int, float)):
-        return [check_threshold(threshold)] * n
-    ts = [check_threshold(t) for t in threshold]
-    if len(ts) != n:
-        raise ValueError(f"got {len(ts)} thresholds for {n} FFN sites; give one or one per site")
-    return ts
 
 
 def _groups(
@@ -321,6 +307,11 @@ class _Stats:
         a = self.a.double().cpu() / max(self.n, 1)
         b = self.b.double().cpu() / max(self.n, 1)
         y2 = self.y2 / max(self.n, 1)
+        if not (math.isfinite(y2) and bool(torch.isfinite(a).all() and torch.isfinite(b).all())):
+            raise ValueError(
+                f"{self.site.down}: the FFN's outputs overflow float32 on these windows; set "
+                "refit_windows = 0"
+            )
         lam = ridge * float(a.diagonal().mean())
         if lam <= 0:  # ReLU never fired on these tokens: keep the weights
             lam = ridge
@@ -330,12 +321,6 @@ class _Stats:
             raise ValueError(
                 f"{self.site.down}: the reconstructed weight is not finite (NaN or inf in the "
                 "FFN's inputs or weights); set refit_windows = 0"
-            )
-
-        if not (math.isfinite(y2) and bool(torch.isfinite(a).all() and torch.isfinite(b).all())):
-            raise ValueError(
-                f"{self.site.down}: the FFN's outputs overflow float32 on these windows; set "
-                "refit_windows = 0"
             )
 
         def error(w: torch.Tensor) -> float:  # mean ||x1 w - y||^2 / mean ||y||^2, float32 sums

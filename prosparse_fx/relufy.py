@@ -59,9 +59,16 @@ _UP_RELU_KEY = "prosparse_up_relu"
 def thresholds_per_site(threshold: float | Sequence[float], n_sites: int) -> list[float]:
     """One validated FATReLU threshold per site from a scalar or a per-layer sequence.
 
+    A 0-dim tensor counts as one float.
+
     Raises:
-        ValueError: a negative/non-finite threshold, or a sequence of the wrong length.
+        ValueError: a negative/non-finite threshold, a string, or a sequence of the wrong
+            length.
     """
+    if isinstance(threshold, torch.Tensor) and threshold.dim() == 0:
+        threshold = float(threshold)
+    if isinstance(threshold, str):
+        raise ValueError(f"threshold must be a number or one per site, got {threshold!r}")
     if isinstance(threshold, (int, float)):
         return [check_threshold(threshold)] * n_sites
     values = [check_threshold(t) for t in threshold]

@@ -247,7 +247,7 @@ def test_refusals_name_the_problem() -> None:
     for ridge in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="ridge must be a finite number > 0"):
             fit_down_proj(model, sites, windows, ridge=ridge)
-    with pytest.raises(ValueError, match="no calibration tokens"):
+    with pytest.raises(ValueError, match="windows must be a non-empty"):
         fit_down_proj(model, sites, windows[:0])
     with pytest.raises(ValueError, match="'relu' or 'drelu'"):
         fit_down_proj(model, sites, windows, activation="gelu")
@@ -262,7 +262,7 @@ def test_refusals_name_the_problem() -> None:
         fit_down_proj(model, relu_sites, windows)
     with pytest.raises(ValueError, match="FATReLU threshold must be a finite number >= 0"):
         fit_down_proj(model, relu_sites, windows, threshold=-0.1)
-    with pytest.raises(ValueError, match="got 3 thresholds for 2 FFN sites"):
+    with pytest.raises(ValueError, match="got 3 per-layer thresholds for 2 FFN sites"):
         fit_down_proj(model, relu_sites, windows, threshold=[0.1, 0.2, 0.3])
     drelu = _llama()
     drelu_sites = relufy_(drelu, "drelu", sites=find_ffn_sites(drelu))
